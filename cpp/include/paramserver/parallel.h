@@ -1,0 +1,14 @@
+// The core's only threading primitive: a blocking parallel loop for large batched calls.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace paramserver {
+
+// Runs fn(i) for every i in [0, count) on up to `num_threads` threads, the caller's included, and
+// returns when all are done. Iterations are split statically and interleaved (equal-cost items).
+// The first exception thrown by fn is rethrown in the caller after every thread has finished.
+void parallel_for(std::int64_t count, int num_threads, const std::function<void(std::int64_t)>& fn);
+
+}  // namespace paramserver

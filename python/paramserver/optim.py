@@ -1,0 +1,259 @@
+"""Optimizers applied by the servers, with the semantics of ``torch.optim``.
+
+An optimizer here is a *description*: a small immutable value that a worker passes when it declares
+a table. The servers apply it in the C++ core, one step per push, block by block (dense tables) or
+row by row (embedding tables), each with its own state and step count. Argument names, defaults and
+update rules are torch's (the single-tensor path of torch 2.x), and the tests hold the core to
+``torch.optim`` step by step.
+
+Every hyperparameter is validated in ``__init__``; a bad one raises :class:`ValueError` naming it.
+Instances are immutable, hashable and compare by value, so two workers declaring the same table with
+equal optimizers attach to one table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from paramserver import _core
+
+__all__ = ["Optimizer", "SGD", "Adagrad", "Adam", "AdamW", "optimizer_from_dict"]
+
+
+def _number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
+            high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or value > high or (high_open and value >= high):
+        bound = f"[{low}, {high})" if high_open else f">= {low}"
+        raise ValueError(f"Invalid {name} value: {value} (must be finite and {bound})")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+class Optimizer:
+    """Base class of the optimizer descriptions. Not instantiated directly."""
+
+    #: The core's optimizer kind; set by each subclass.
+    kind: ClassVar[_core.OptimizerKind]
+    #: Names of the constructor's hyperparameters, in order (``betas`` is one name).
+    _fields: ClassVar[tuple[str, ...]]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; create a new one")
+
+    def _set(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The hyperparameters as a dict of torch's argument names (``betas`` as a tuple)."""
+        return {name: getattr(self, name) for name in self._fields}
+
+    def to_config(self) -> _core.OptimizerConfig:
+        """The core's configuration object for this optimizer."""
+        config = _core.OptimizerConfig()
+        config.kind = self.kind
+        for name, value in self.hyperparameters().items():
+            if name == "betas":
+                config.beta1, config.beta2 = value
+            else:
+                setattr(config, name, value)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serializable description: ``{"name": "Adam", "lr": ..., ...}``."""
+        out: dict[str, Any] = {"name": type(self).__name__}
+        for name, value in self.hyperparameters().items():
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @property
+    def num_slots(self) -> int:
+        """Float32 state values the optimizer keeps per parameter element."""
+        return _core.num_slots(self.to_config())
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.hyperparameters() == other.hyperparameters()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(self.hyperparameters().items())))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, optionally with momentum (``torch.optim.SGD``).
+
+    For gradient :math:`g_t` of parameter :math:`\theta` at step :math:`t` (1-based)::
+
+        g = -g_t if maximize else g_t
+        g = g + weight_decay * theta                      # if weight_decay != 0
+        if momentum != 0:
+            b = g                       if t == 1         # no dampening on the first step
+            b = momentum * b + (1 - dampening) * g        otherwise
+            g = g + momentum * b        if nesterov else b
+        theta = theta - lr * g
+
+    Args:
+        lr: learning rate (default 1e-3, torch's).
+        momentum: momentum factor (default 0).
+        dampening: dampening for momentum (default 0).
+        weight_decay: L2 penalty (default 0).
+        nesterov: Nesterov momentum; requires momentum > 0 and dampening == 0.
+        maximize: ascend the objective instead of descending it.
+
+    State per element: the momentum buffer when momentum != 0, else none.
+    """
+
+    kind = _core.OptimizerKind.SGD
+    _fields = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+    def __init__(self, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *,
+                 maximize: bool = False) -> None:
+        lr = _number("learning rate", lr)
+        momentum = _number("momentum", momentum)
+        dampening = _number("dampening", dampening, low=-math.inf)
+        weight_decay = _number("weight_decay", weight_decay)
+        nesterov = _flag("nesterov", nesterov)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                f"Nesterov momentum requires momentum > 0 and dampening == 0, got "
+                f"momentum={momentum}, dampening={dampening}")
+        self._set(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                  nesterov=nesterov, maximize=_flag("maximize", maximize))
+
+
+class Adagrad(Optimizer):
+    r"""Adagrad (``torch.optim.Adagrad``).
+
+    At step :math:`t` (1-based)::
+
+        g = -g_t if maximize else g_t
+        g = g + weight_decay * theta                      # if weight_decay != 0
+        clr = lr / (1 + (t - 1) * lr_decay)
+        s = s + g * g                                     # s starts at initial_accumulator_value
+        theta = theta - clr * g / (sqrt(s) + eps)
+
+    Args:
+        lr: learning rate (default 1e-2).
+        lr_decay: learning-rate decay per step (default 0).
+        weight_decay: L2 penalty (default 0).
+        initial_accumulator_value: starting value of the sum of squares (default 0).
+        eps: added to the denominator (default 1e-10).
+        maximize: ascend the objective instead of descending it.
+
+    State per element: the sum of squared gradients.
+    """
+
+    kind = _core.OptimizerKind.Adagrad
+    _fields = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize")
+
+    def __init__(self, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
+                 maximize: bool = False) -> None:
+        self._set(lr=_number("learning rate", lr), lr_decay=_number("lr_decay", lr_decay),
+                  weight_decay=_number("weight_decay", weight_decay),
+                  initial_accumulator_value=_number("initial_accumulator_value",
+                                                    initial_accumulator_value),
+                  eps=_number("epsilon", eps), maximize=_flag("maximize", maximize))
+
+
+class _AdamBase(Optimizer):
+    _fields = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+    def __init__(self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 amsgrad: bool, maximize: bool) -> None:
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        betas = (_number("beta parameter at index 0", beta1, high=1.0, high_open=True),
+                 _number("beta parameter at index 1", beta2, high=1.0, high_open=True))
+        self._set(lr=_number("learning rate", lr), betas=betas, eps=_number("epsilon", eps),
+                  weight_decay=_number("weight_decay", weight_decay),
+                  amsgrad=_flag("amsgrad", amsgrad), maximize=_flag("maximize", maximize))
+
+
+class Adam(_AdamBase):
+    r"""Adam (``torch.optim.Adam``), with L2 weight decay added to the gradient.
+
+    At step :math:`t` (1-based; each block or embedding row counts its own steps)::
+
+        g = -g_t if maximize else g_t
+        g = g + weight_decay * theta                      # if weight_decay != 0
+        m = m + (1 - beta1) * (g - m)                     # torch's lerp
+        v = beta2 * v + (1 - beta2) * g * g
+        vmax = max(vmax, v)                               # if amsgrad; then v := vmax below
+        denom = sqrt(v) / sqrt(1 - beta2 ** t) + eps
+        theta = theta - lr / (1 - beta1 ** t) * m / denom
+
+    Args:
+        lr: learning rate (default 1e-3).
+        betas: (beta1, beta2), each in [0, 1) (default (0.9, 0.999)).
+        eps: added to the denominator (default 1e-8).
+        weight_decay: L2 penalty (default 0).
+        amsgrad: use the maximum of past second moments (default False).
+        maximize: ascend the objective instead of descending it.
+
+    State per element: exp_avg, exp_avg_sq (and max_exp_avg_sq with amsgrad).
+    """
+
+    kind = _core.OptimizerKind.Adam
+
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 maximize: bool = False) -> None:
+        super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize)
+
+
+class AdamW(_AdamBase):
+    r"""AdamW (``torch.optim.AdamW``): Adam with decoupled weight decay.
+
+    As :class:`Adam`, except that the gradient gets no L2 term and instead, before the update::
+
+        theta = theta * (1 - lr * weight_decay)
+
+    Args:
+        lr: learning rate (default 1e-3).
+        betas: (beta1, beta2), each in [0, 1) (default (0.9, 0.999)).
+        eps: added to the denominator (default 1e-8).
+        weight_decay: decoupled weight decay (default 1e-2, torch's).
+        amsgrad: use the maximum of past second moments (default False).
+        maximize: ascend the objective instead of descending it.
+    """
+
+    kind = _core.OptimizerKind.AdamW
+
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False) -> None:
+        super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize)
+
+
+_BY_NAME: dict[str, type[Optimizer]] = {cls.__name__: cls for cls in (SGD, Adagrad, Adam, AdamW)}
+
+
+def optimizer_from_dict(description: dict[str, Any]) -> Optimizer:
+    """Rebuild an optimizer from :meth:`Optimizer.to_dict` output; ``ValueError`` if malformed."""
+    values = dict(description)
+    name = values.pop("name", None)
+    cls = _BY_NAME.get(name)  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(_BY_NAME)}")
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ValueError(f"bad {name} description {description!r}: {exc}") from None
