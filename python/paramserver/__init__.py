@@ -1,11 +1,36 @@
 """paramserver: a parameter server for distributed machine learning.
 
 A C++ core holds sharded parameter blocks and applies ``torch.optim``-exact updates; servers expose
-it over gRPC; workers push gradients and pull weights through :func:`connect`.
+it over gRPC; workers push gradients and pull weights through :func:`connect`::
+
+    import paramserver as ps
+    with ps.connect() as client:                 # PARAMSERVER_SCHEDULER, set by `paramserver launch`
+        w = client.dense("fc1.weight", shape=(784, 256), optimizer=ps.Adam(lr=1e-3))
+        w.push(grad)
+        weights = w.pull()
 """
 
+from paramserver.client import Client, DenseTable, connect
+from paramserver.config import ClientConfig, SchedulerConfig, ServerConfig
+from paramserver.errors import (
+    InvalidRequestError,
+    NodeUnavailableError,
+    ParamServerError,
+    PSTimeoutError,
+    TableMismatchError,
+    TableNotFoundError,
+)
 from paramserver.optim import SGD, Adagrad, Adam, AdamW, Optimizer
+from paramserver.scheduler import Scheduler
+from paramserver.server import Server
 
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Optimizer", "__version__"]
+__all__ = [
+    "SGD", "Adagrad", "Adam", "AdamW", "Optimizer",
+    "Client", "DenseTable", "connect",
+    "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig",
+    "ParamServerError", "InvalidRequestError", "NodeUnavailableError", "PSTimeoutError",
+    "TableMismatchError", "TableNotFoundError",
+    "__version__",
+]

@@ -1,0 +1,165 @@
+"""The ``paramserver`` command: scheduler, server, launch and status.
+
+The only place that reads flags; it builds the config objects every node class receives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from paramserver import __version__
+
+__all__ = ["main"]
+
+
+def _write_ready(path: str | None, **info: object) -> None:
+    """Announce a node is serving: atomically write JSON to ``path`` (read by the launcher)."""
+    if not path:
+        return
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(dict(info, pid=os.getpid())))
+    tmp.replace(path)
+
+
+def _serve_until_signal(node, name: str) -> int:
+    """Block until SIGINT/SIGTERM, then stop ``node`` gracefully; exit code 0."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if node.wait(0):  # stopped from elsewhere
+            return 0
+    print(f"{name}: stopping", flush=True)
+    node.stop(grace=1.0)
+    return 0
+
+
+def _cmd_scheduler(args: argparse.Namespace) -> int:
+    from paramserver.config import SchedulerConfig
+    from paramserver.scheduler import Scheduler
+
+    config = SchedulerConfig(host=args.host, port=args.port, num_servers=args.num_servers,
+                             num_workers=args.num_workers,
+                             heartbeat_interval=args.heartbeat_interval,
+                             heartbeat_timeout=args.heartbeat_timeout)
+    scheduler = Scheduler(config).start()
+    print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers)",
+          flush=True)
+    _write_ready(args.ready_file, address=scheduler.address)
+    return _serve_until_signal(scheduler, "scheduler")
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from paramserver.config import ServerConfig
+    from paramserver.server import Server
+
+    config = ServerConfig(scheduler=args.scheduler, host=args.host, port=args.port,
+                          advertise=args.advertise or "", rank=args.rank, threads=args.threads,
+                          apply_threads=args.apply_threads, timeout=args.timeout)
+    server = Server(config).start()
+    print(f"server-{server.rank} serving on {server.address}", flush=True)
+    _write_ready(args.ready_file, address=server.address, rank=server.rank)
+    return _serve_until_signal(server, f"server-{server.rank}")
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from paramserver.launch import LaunchConfig, launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    config = LaunchConfig(command=command, num_servers=args.num_servers,
+                          num_workers=args.num_workers, host=args.host, port=args.port,
+                          heartbeat_interval=args.heartbeat_interval,
+                          heartbeat_timeout=args.heartbeat_timeout,
+                          startup_timeout=args.startup_timeout)
+    return launch(config)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from paramserver.status import fetch_status, format_status
+
+    status = fetch_status(args.scheduler, timeout=args.timeout)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paramserver",
+                                     description="A parameter server for distributed training.")
+    parser.add_argument("--version", action="version", version=f"paramserver {__version__}")
+    parser.add_argument("--log-level", default="WARNING",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def heartbeat_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S",
+                       help="seconds between node heartbeats (default 1)")
+        p.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="S",
+                       help="seconds of silence before a node is marked dead (default 10)")
+
+    p = sub.add_parser("scheduler", help="run the scheduler of a job")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9090, help="0 picks a free port")
+    p.add_argument("--num-servers", type=int, required=True)
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="workers the job expects (default: as the workers say)")
+    heartbeat_flags(p)
+    p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
+    p.set_defaults(fn=_cmd_scheduler)
+
+    p = sub.add_parser("server", help="run a parameter server")
+    p.add_argument("--scheduler", required=True, metavar="HOST:PORT")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 (default) picks a free port")
+    p.add_argument("--advertise", metavar="HOST:PORT",
+                   help="address workers should use, if not host:port")
+    p.add_argument("--rank", type=int, default=-1, help="rank to ask for (default: any free)")
+    p.add_argument("--threads", type=int, default=16, help="concurrent request handlers")
+    p.add_argument("--apply-threads", type=int, default=2,
+                   help="core threads used within one large request")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the scheduler")
+    p.add_argument("--ready-file", help="write {address, rank, pid} as JSON here once serving")
+    p.set_defaults(fn=_cmd_server)
+
+    p = sub.add_parser("launch", help="run a whole job on this machine",
+                       usage="paramserver launch [options] -- CMD [ARGS...]")
+    p.add_argument("--num-servers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="scheduler port (default: any free)")
+    heartbeat_flags(p)
+    p.add_argument("--startup-timeout", type=float, default=60.0,
+                   help="seconds allowed for the scheduler and servers to start")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command, after --")
+    p.set_defaults(fn=_cmd_launch)
+
+    p = sub.add_parser("status", help="show the nodes, tables and traffic of a job")
+    p.add_argument("--scheduler", required=True, metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(fn=_cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``paramserver`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from paramserver.errors import ParamServerError
+
+    try:
+        return args.fn(args)
+    except (ParamServerError, ValueError) as exc:
+        print(f"paramserver {args.cmd}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Exceptions raised by paramserver.
+
+Every error a worker sees is a :class:`ParamServerError`; its message names the node, the address and
+what was asked, so a failure in a job of many processes can be traced from one line.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ParamServerError",
+    "InvalidRequestError",
+    "TableNotFoundError",
+    "TableMismatchError",
+    "NodeUnavailableError",
+    "PSTimeoutError",
+]
+
+
+class ParamServerError(Exception):
+    """Base class of all paramserver errors."""
+
+
+class InvalidRequestError(ParamServerError, ValueError):
+    """A request was rejected because of what it carried (shape, dtype, value, id); nothing changed."""
+
+
+class TableNotFoundError(ParamServerError, KeyError):
+    """A table name is not declared (on this client, the scheduler or a server)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TableMismatchError(ParamServerError, ValueError):
+    """A table was declared again with a different shape, kind, optimizer or initializer."""
+
+
+class NodeUnavailableError(ParamServerError, ConnectionError):
+    """A scheduler or server could not be reached, or is marked dead by the scheduler."""
+
+
+class PSTimeoutError(ParamServerError, TimeoutError):
+    """Waiting for something (servers to register, a barrier, a table) took longer than allowed."""

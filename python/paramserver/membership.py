@@ -1,0 +1,134 @@
+"""A node's membership in a job: registration with the scheduler, heartbeats, departure.
+
+Used by servers and workers alike. Registration retries while the scheduler is unreachable (nodes of
+a job may start in any order) until ``timeout``, then fails naming the scheduler's address.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from paramserver import rpc
+from paramserver.errors import NodeUnavailableError, PSTimeoutError
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
+
+__all__ = ["Membership"]
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    """Registers one node with the scheduler and keeps it alive with heartbeats.
+
+    Args:
+        scheduler: ``host:port`` of the scheduler.
+        role: ``pb.SERVER`` or ``pb.WORKER``.
+        address: the ``host:port`` a server serves on ("" for workers).
+        requested_rank: rank to ask for, -1 for any.
+        num_workers: job size a worker expects (0: unknown).
+        timeout: seconds to keep trying to reach the scheduler, and the deadline of each call.
+        stats: called before each heartbeat for a server's statistics (None for workers).
+
+    Raises (from the constructor):
+        NodeUnavailableError: the scheduler stayed unreachable for ``timeout`` seconds.
+        TableMismatchError: the rank is held by a live node, or the job is full.
+    """
+
+    def __init__(self, scheduler: str, role: int, *, address: str = "", requested_rank: int = -1,
+                 num_workers: int = 0, timeout: float = 30.0,
+                 stats: Callable[[], pb.ServerStats] | None = None) -> None:
+        self.scheduler = scheduler
+        self._timeout = timeout
+        self._stats = stats
+        self._channel = rpc.make_channel(scheduler)
+        self.stub = pb_grpc.SchedulerStub(self._channel)
+        request = pb.RegisterRequest(role=role, address=address, requested_rank=requested_rank,
+                                     num_workers=num_workers, pid=os.getpid(),
+                                     hostname=socket.gethostname())
+        self.reply = self._register(request)
+        self.rank: int = self.reply.rank
+        self.node_id: str = self.reply.node_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"ps-heartbeat-{self.node_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _register(self, request: pb.RegisterRequest) -> pb.RegisterReply:
+        deadline = time.monotonic() + self._timeout
+        delay = 0.05
+        while True:
+            try:
+                return self.stub.Register(request, timeout=max(0.1, deadline - time.monotonic()),
+                                          wait_for_ready=True)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise rpc.translate(error, "register", "scheduler", self.scheduler) from None
+                if time.monotonic() + delay >= deadline:
+                    self._channel.close()
+                    raise NodeUnavailableError(
+                        f"scheduler at {self.scheduler} unreachable: could not register within "
+                        f"{self._timeout:.1f} s ({error.details()})") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _beat(self) -> None:
+        interval = self.reply.heartbeat_interval
+        warned = False
+        while not self._stop.wait(interval):
+            request = pb.HeartbeatRequest(node_id=self.node_id)
+            if self._stats is not None:
+                request.stats.CopyFrom(self._stats())
+            try:
+                reply = self.stub.Heartbeat(request, timeout=max(interval, 1.0))
+                if not reply.known and not warned:
+                    log.warning("scheduler at %s no longer knows %s (was it restarted?)",
+                                self.scheduler, self.node_id)
+                    warned = True
+            except grpc.RpcError as error:
+                if not warned:
+                    log.warning("heartbeat of %s to scheduler at %s failed: %s", self.node_id,
+                                self.scheduler, error.details())
+                    warned = True
+            except ValueError:  # the channel was closed under us during shutdown
+                return
+
+    def call(self, method: str, request: object, *, timeout: float | None = None,
+             what: str | None = None) -> object:
+        """Call scheduler RPC ``method`` with a deadline; errors name the scheduler's address."""
+        return rpc.call(getattr(self.stub, method), request, timeout=timeout or self._timeout,
+                        what=what or method, node="scheduler", address=self.scheduler)
+
+    def cluster(self, wait_for_servers: bool = False, timeout: float | None = None) -> pb.ClusterView:
+        """The scheduler's view of the job; optionally wait until every server has registered."""
+        timeout = self._timeout if timeout is None else timeout
+        try:
+            return self.stub.GetCluster(
+                pb.ClusterRequest(wait_for_servers=wait_for_servers, timeout=timeout),
+                timeout=timeout + 5.0)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise PSTimeoutError(f"waiting for servers at scheduler {self.scheduler}: "
+                                     f"{error.details()}") from None
+            raise rpc.translate(error, "get cluster", "scheduler", self.scheduler) from None
+
+    def close(self, deregister: bool = True) -> None:
+        """Stop heartbeats and (by default) tell the scheduler this node left cleanly."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        if deregister:
+            try:
+                self.stub.Deregister(pb.DeregisterRequest(node_id=self.node_id), timeout=2.0)
+            except grpc.RpcError:
+                pass  # the scheduler may already be gone at the end of a job
+        self._channel.close()

@@ -1,0 +1,124 @@
+"""gRPC plumbing shared by every node: channels, servers, health, and error translation.
+
+Every remote call goes through :func:`call`, which sets a deadline and turns a ``grpc.RpcError``
+into a :class:`~paramserver.errors.ParamServerError` that names the node, its address and what was
+asked: never a bare ``_InactiveRpcError``, never a call without a deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from paramserver.errors import (
+    InvalidRequestError,
+    NodeUnavailableError,
+    ParamServerError,
+    PSTimeoutError,
+    TableMismatchError,
+    TableNotFoundError,
+)
+
+__all__ = ["MAX_MESSAGE_BYTES", "make_channel", "make_server", "bind", "serve_health", "call",
+           "translate", "abort_on"]
+
+#: Hard cap on one message. Requests are cut into ~4 MB messages, so this is only a safety margin.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Loopback and LAN peers: do not let a dead peer hold a channel forever.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+T = TypeVar("T")
+
+
+def make_channel(address: str) -> grpc.Channel:
+    """An insecure channel to ``host:port`` with paramserver's message-size limits."""
+    return grpc.insecure_channel(address, options=_OPTIONS)
+
+
+def make_server(threads: int) -> grpc.Server:
+    """A thread-pool gRPC server with paramserver's limits; ``threads`` concurrent handlers."""
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
+                                                  thread_name_prefix="ps-rpc"),
+                       options=_OPTIONS, maximum_concurrent_rpcs=None)
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Bind ``host:port`` (port 0: any free port) and return the port actually bound."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise NodeUnavailableError(f"cannot listen on {host}:{port} (address in use or invalid)")
+    return bound
+
+
+def serve_health(server: grpc.Server) -> health.HealthServicer:
+    """Add the standard gRPC health service (NOT_SERVING until :func:`set_serving`)."""
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    return servicer
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ParamServerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: TableNotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: TableMismatchError,
+    grpc.StatusCode.FAILED_PRECONDITION: TableMismatchError,
+    grpc.StatusCode.UNAVAILABLE: NodeUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: PSTimeoutError,
+}
+
+
+def translate(error: grpc.RpcError, what: str, node: str, address: str) -> ParamServerError:
+    """The paramserver exception for a failed call ``what`` to ``node`` at ``address``."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    cls = _BY_CODE.get(code, ParamServerError)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return cls(f"{node} at {address} is unreachable during {what}: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return cls(f"{what} on {node} at {address} timed out: {details}")
+    return cls(f"{what} on {node} at {address} failed: {details}")
+
+
+def call(method: Callable[..., T], request: Any, *, timeout: float, what: str, node: str,
+         address: str) -> T:
+    """Invoke a unary stub method with a deadline, translating failures (see :func:`translate`)."""
+    try:
+        return method(request, timeout=timeout)
+    except grpc.RpcError as error:
+        raise translate(error, what, node, address) from None
+
+
+def abort_on(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+    """Run ``fn``; turn the errors a bad request causes into a gRPC status with the reason.
+
+    ``ValueError``/``TypeError`` -> INVALID_ARGUMENT, ``IndexError`` -> OUT_OF_RANGE,
+    :class:`TableNotFoundError` -> NOT_FOUND, :class:`TableMismatchError` -> ALREADY_EXISTS,
+    :class:`PSTimeoutError` -> DEADLINE_EXCEEDED. Anything else propagates (an internal error).
+    """
+    try:
+        return fn()
+    except TableNotFoundError as exc:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    except TableMismatchError as exc:
+        context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+    except PSTimeoutError as exc:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    except NodeUnavailableError as exc:
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    except (ValueError, TypeError) as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except IndexError as exc:
+        context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+    raise AssertionError("unreachable")  # context.abort always raises

@@ -1,0 +1,222 @@
+"""A parameter server: holds shards of every table in the C++ core and serves pushes and pulls.
+
+Each request is checked whole before any state is touched: unknown tables, blocks held elsewhere,
+payloads of the wrong length and non-finite gradients are rejected with INVALID_ARGUMENT /
+NOT_FOUND / OUT_OF_RANGE and a message naming the table, and the server keeps serving unchanged.
+The tensor bytes of a request are handed to the core without a copy; the core applies updates with
+the GIL released, so requests for different blocks proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from paramserver import _core, rpc
+from paramserver.config import ServerConfig
+from paramserver.errors import TableMismatchError, TableNotFoundError
+from paramserver.membership import Membership
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
+from paramserver.wire import FLOAT, describe_spec, floats, optimizer_from_spec, specs_match
+
+__all__ = ["Server"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _DenseShard:
+    spec: pb.TableSpec
+    blocks: tuple[int, ...]
+    table: _core.DenseTable
+    updates: int = 0
+
+
+class _Shards:
+    """The tables this server holds, and the checks and operations on them."""
+
+    def __init__(self, node: str, apply_threads: int) -> None:
+        self.node = node
+        self._apply_threads = apply_threads
+        self._dense: dict[str, _DenseShard] = {}
+        self._lock = threading.Lock()
+        self.push_requests = 0
+        self.pull_requests = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def create(self, request: pb.CreateTableRequest) -> bool:
+        spec = request.spec
+        if spec.kind != pb.TableSpec.DENSE:
+            raise ValueError(f"table {spec.name!r}: kind {spec.kind} is not served by this server")
+        optimizer = optimizer_from_spec(spec.optimizer)
+        size = int(np.prod(spec.shape, dtype=np.int64))
+        blocks = tuple(request.blocks)
+        with self._lock:
+            existing = self._dense.get(spec.name)
+            if existing is not None:
+                if specs_match(existing.spec, spec) and existing.blocks == blocks:
+                    return False
+                raise TableMismatchError(
+                    f"table {spec.name!r} exists on {self.node} as {describe_spec(existing.spec)} "
+                    f"with blocks {list(existing.blocks)}; asked for {describe_spec(spec)} with "
+                    f"blocks {list(blocks)}")
+            # The core validates sizes and block ids; its errors arrive as ValueError.
+            table = _core.DenseTable(size, spec.block_size, optimizer.to_config(), list(blocks))
+            self._dense[spec.name] = _DenseShard(spec, blocks, table)
+            return True
+
+    def _shard(self, name: str) -> _DenseShard:
+        shard = self._dense.get(name)
+        if shard is None:
+            raise TableNotFoundError(f"no table {name!r} on {self.node}")
+        return shard
+
+    def handle(self, request: pb.DataRequest) -> pb.DataReply:
+        """Validate every slice of a request, then apply it; reply with values if asked."""
+        op = request.op
+        if op not in (pb.PUSH, pb.PULL, pb.PUSH_PULL, pb.ASSIGN):
+            raise ValueError(f"unknown op {op}")
+        if request.sparse:
+            raise ValueError("embedding slices are not served by this server")
+        writes = op != pb.PULL
+        work = []
+        for piece in request.dense:
+            shard = self._shard(piece.table)
+            blocks = np.array(piece.blocks, dtype=np.int64)
+            length = 0
+            for b in piece.blocks:
+                if not shard.table.holds(b):
+                    raise IndexError(f"table {piece.table!r}: block {b} is not held by {self.node} "
+                                     f"(it holds {len(shard.blocks)} of {shard.table.num_blocks})")
+                length += shard.table.block_length(b)
+            data = None
+            if writes:
+                data = floats(piece.data)
+                if data.size != length:
+                    raise ValueError(
+                        f"table {piece.table!r}: blocks {list(piece.blocks)} hold {length} "
+                        f"elements, the request carries {data.size}")
+                if op != pb.ASSIGN and not np.isfinite(data).all():
+                    bad = int(np.flatnonzero(~np.isfinite(data))[0])
+                    raise ValueError(f"table {piece.table!r}: gradient is not finite "
+                                     f"({data[bad]} in the blocks {list(piece.blocks)})")
+            elif piece.data:
+                raise ValueError(f"table {piece.table!r}: a pull carries no data")
+            work.append((shard, blocks, data, length))
+        reply = pb.DataReply()
+        for shard, blocks, data, length in work:
+            if op == pb.ASSIGN:
+                shard.table.assign_many(blocks, data)
+            elif writes:
+                shard.table.apply_many(blocks, data, self._apply_threads)
+                shard.updates += len(blocks)
+            if op in (pb.PULL, pb.PUSH_PULL):
+                out = np.empty(length, dtype=FLOAT)
+                shard.table.read_many(blocks, out, self._apply_threads)
+                reply.dense.append(pb.DenseSlice(table=shard.spec.name, blocks=blocks.tolist(),
+                                                 data=out.tobytes()))
+        with self._lock:
+            nbytes_in = sum(len(p.data) for p in request.dense)
+            nbytes_out = sum(len(p.data) for p in reply.dense)
+            self.bytes_in += nbytes_in
+            self.bytes_out += nbytes_out
+            if writes and op != pb.ASSIGN:
+                self.push_requests += 1
+            if op in (pb.PULL, pb.PUSH_PULL):
+                self.pull_requests += 1
+        return reply
+
+    def stats(self) -> pb.ServerStats:
+        with self._lock:
+            out = pb.ServerStats(push_requests=self.push_requests, pull_requests=self.pull_requests,
+                                 bytes_in=self.bytes_in, bytes_out=self.bytes_out)
+            for name, shard in sorted(self._dense.items()):
+                out.tables.append(pb.TableStats(name=name, blocks=len(shard.blocks),
+                                                bytes=shard.table.bytes(), updates=shard.updates))
+            return out
+
+
+class _ParameterServerService(pb_grpc.ParameterServerServicer):
+    def __init__(self, shards: _Shards) -> None:
+        self._shards = shards
+
+    def CreateTable(self, request: pb.CreateTableRequest, context: grpc.ServicerContext) -> pb.CreateTableReply:
+        return pb.CreateTableReply(created=rpc.abort_on(context, lambda: self._shards.create(request)))
+
+    def Exchange(self, request: pb.DataRequest, context: grpc.ServicerContext) -> pb.DataReply:
+        return rpc.abort_on(context, lambda: self._shards.handle(request))
+
+    def ExchangeStream(self, request_iterator: Iterator[pb.DataRequest],
+                       context: grpc.ServicerContext) -> Iterator[pb.DataReply]:
+        for request in request_iterator:
+            yield rpc.abort_on(context, lambda: self._shards.handle(request))
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
+        return self._shards.stats()
+
+
+class Server:
+    """A parameter-server node.
+
+    ``start()`` binds, serves, registers with the scheduler (retrying until ``config.timeout``) and
+    starts heartbeats carrying this server's statistics; then ``rank`` and ``address`` are set.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._server = rpc.make_server(config.threads)
+        self._port = rpc.bind(self._server, config.host, config.port)
+        self.address = config.advertise or f"{config.host}:{self._port}"
+        self._shards = _Shards(f"server at {self.address}", config.apply_threads)
+        pb_grpc.add_ParameterServerServicer_to_server(_ParameterServerService(self._shards),
+                                                      self._server)
+        self._health = rpc.serve_health(self._server)
+        self._membership: Membership | None = None
+        self.rank = -1
+
+    def start(self) -> Server:
+        """Serve, register with the scheduler and start heartbeats. Raises NodeUnavailableError
+        if the scheduler cannot be reached within ``config.timeout`` seconds."""
+        self._server.start()
+        try:
+            self._membership = Membership(self.config.scheduler, pb.SERVER, address=self.address,
+                                          requested_rank=self.config.rank,
+                                          timeout=self.config.timeout, stats=self._shards.stats)
+        except Exception:
+            self._server.stop(0)
+            raise
+        self.rank = self._membership.rank
+        self._shards.node = f"server-{self.rank} at {self.address}"
+        self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)
+        log.info("server-%d serving on %s", self.rank, self.address)
+        return self
+
+    def stats(self) -> pb.ServerStats:
+        """Request counts, bytes and per-table sizes of this server."""
+        return self._shards.stats()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout`` seconds pass); True if it stopped."""
+        # grpc returns True when the wait timed out.
+        return not self._server.wait_for_termination(timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Leave the job (deregister), then stop serving after ``grace`` seconds for calls in flight."""
+        if self._membership is not None:
+            self._membership.close()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
