@@ -131,7 +131,13 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
             out.write(f"[launch] {message}\n")
             out.flush()
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with tempfile.TemporaryDirectory(prefix="paramserver-launch-") as tmp:
             deadline = time.monotonic() + config.startup_timeout
@@ -170,10 +176,11 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
         return 127
     except KeyboardInterrupt:
         say("interrupted; stopping every process")
-        return 130
+        return 128 + (received[0] if received else signal.SIGINT)
     finally:
         _stop_all(procs, config.grace)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _supervise(nodes: list[_Proc], workers: list[_Proc], say) -> int:
@@ -215,6 +222,3 @@ def _stop_all(procs: list[_Proc], grace: float) -> None:
             pass
         proc.join_output(2.0)
 
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt

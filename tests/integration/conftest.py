@@ -1,0 +1,140 @@
+"""Fixtures that run real scheduler and server processes on loopback (port 0).
+
+Every process is started in its own process group and killed at teardown, whatever the test did.
+Heartbeats are fast (0.2 s, dead after 1.5 s) so failure detection is testable in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+
+HEARTBEAT_INTERVAL = 0.2
+HEARTBEAT_TIMEOUT = 1.5
+PS = [sys.executable, "-m", "paramserver"]
+
+
+def start_node(args: list[str], ready_file: Path, log: Path) -> tuple[subprocess.Popen, dict]:
+    """Start ``paramserver ARGS --ready-file F``; wait for F; return the process and F's JSON."""
+    out = open(log, "w")
+    proc = subprocess.Popen(PS + args + ["--ready-file", str(ready_file)], stdout=out,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    out.close()
+
+    def ready() -> dict | None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{log.read_text()}")
+        return json.loads(ready_file.read_text()) if ready_file.exists() else None
+
+    return proc, wait_for(ready, 30, f"{args[0]} to write {ready_file}")
+
+
+def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Kill a node's whole process group and reap it."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@dataclass
+class Cluster:
+    """A running scheduler and servers; ``scheduler`` is its ``host:port``."""
+
+    scheduler: str
+    scheduler_proc: subprocess.Popen
+    servers: list[subprocess.Popen] = field(default_factory=list)
+    server_addresses: list[str] = field(default_factory=list)
+
+    def connect(self, **kwargs):
+        import paramserver as ps
+        kwargs.setdefault("timeout", 20.0)
+        return ps.connect(self.scheduler, **kwargs)
+
+
+def _start_cluster(tmp_path: Path, num_servers: int, num_workers: int = 0) -> Cluster:
+    sched, info = start_node(
+        ["scheduler", "--port", "0", "--num-servers", str(num_servers),
+         "--num-workers", str(num_workers),
+         "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
+         "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)],
+        tmp_path / "scheduler.json", tmp_path / "scheduler.log")
+    cluster = Cluster(info["address"], sched)
+    try:
+        for rank in range(num_servers):
+            proc, sinfo = start_node(["server", "--scheduler", cluster.scheduler, "--rank",
+                                      str(rank)], tmp_path / f"server-{rank}.json",
+                                     tmp_path / f"server-{rank}.log")
+            cluster.servers.append(proc)
+            cluster.server_addresses.append(sinfo["address"])
+    except BaseException:
+        _stop_cluster(cluster)
+        raise
+    return cluster
+
+
+def _stop_cluster(cluster: Cluster) -> None:
+    for proc in cluster.servers + [cluster.scheduler_proc]:
+        kill(proc)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A scheduler and 2 servers, workers unspecified."""
+    c = _start_cluster(tmp_path, 2)
+    try:
+        yield c
+    finally:
+        _stop_cluster(c)
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator:
+    """Start clusters of any size: ``cluster_factory(num_servers, num_workers)``."""
+    started: list[Cluster] = []
+
+    def make(num_servers: int = 2, num_workers: int = 0) -> Cluster:
+        sub = tmp_path / f"c{len(started)}"
+        sub.mkdir()
+        started.append(_start_cluster(sub, num_servers, num_workers))
+        return started[-1]
+
+    try:
+        yield make
+    finally:
+        for c in started:
+            _stop_cluster(c)
+
+
+def run_worker(cluster: Cluster, code: str, rank: int, num_workers: int,
+               timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new Python process as worker ``rank``; fail the test if it fails."""
+    env = dict(os.environ, PARAMSERVER_SCHEDULER=cluster.scheduler, PARAMSERVER_RANK=str(rank),
+               PARAMSERVER_NUM_WORKERS=str(num_workers))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def spawn_worker(cluster: Cluster, code: str, rank: int, num_workers: int) -> subprocess.Popen:
+    """Start ``code`` as worker ``rank`` without waiting (read its output with communicate())."""
+    env = dict(os.environ, PARAMSERVER_SCHEDULER=cluster.scheduler, PARAMSERVER_RANK=str(rank),
+               PARAMSERVER_NUM_WORKERS=str(num_workers))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+

@@ -1,0 +1,173 @@
+"""The paramserver command: scheduler and server start and stop, status, launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import paramserver as ps
+from tests.conftest import wait_for
+from tests.integration.conftest import PS, start_node
+
+LAUNCH_TIMEOUT = 120
+
+
+def test_scheduler_and_server_stop_cleanly_on_sigterm(tmp_path):
+    sched, info = start_node(["scheduler", "--port", "0", "--num-servers", "1"],
+                             tmp_path / "s.json", tmp_path / "s.log")
+    server, sinfo = start_node(["server", "--scheduler", info["address"]], tmp_path / "v.json",
+                               tmp_path / "v.log")
+    try:
+        assert sinfo["rank"] == 0 and sinfo["pid"] == server.pid
+        for proc in (server, sched):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        assert "stopping" in (tmp_path / "v.log").read_text()
+    finally:
+        for proc in (server, sched):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_server_without_scheduler_exits_with_error_naming_it(tmp_path):
+    result = subprocess.run(PS + ["server", "--scheduler", "127.0.0.1:1", "--timeout", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "scheduler at 127.0.0.1:1 unreachable" in result.stderr
+
+
+def test_status_reports_nodes_tables_and_traffic(cluster):
+    with cluster.connect() as client:
+        t = client.dense("layer.weight", shape=(64, 1000), optimizer=ps.Adam(lr=0.01),
+                         block_size=10_000)
+        for _ in range(3):
+            t.push(np.ones((64, 1000), np.float32))
+        t.pull()
+
+        def status_json() -> dict:
+            out = subprocess.run(PS + ["status", "--scheduler", cluster.scheduler, "--json"],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+            return json.loads(out)
+
+        # Server statistics travel with heartbeats: wait until they show the pushes.
+        status = wait_for(lambda: (s := status_json()) and
+                          sum(x["push_requests"] for x in s["servers"]) >= 6 and s,
+                          15, "status to show 3 pushes on 2 servers")
+        roles = sorted((n["role"], n["rank"]) for n in status["nodes"])
+        assert roles == [("server", 0), ("server", 1), ("worker", 0)]
+        assert all(n["alive"] for n in status["nodes"])
+        assert {n["address"] for n in status["nodes"] if n["role"] == "server"} == set(
+            cluster.server_addresses)
+        table = status["tables"][0]
+        assert table["name"] == "layer.weight" and table["shape"] == [64, 1000]
+        assert table["optimizer"]["name"] == "Adam" and table["optimizer"]["lr"] == 0.01
+        assert table["blocks_per_server"] == [4, 3]  # 7 blocks of 10,000 balanced by bytes
+        # Adam keeps 2 state values per element: values + state = 3 x 4 bytes per element.
+        assert sum(table["bytes_per_server"]) == 64_000 * 12
+        assert [s["push_requests"] for s in status["servers"]] == [3, 3]
+        assert sum(s["bytes_in"] for s in status["servers"]) == 3 * 64_000 * 4
+        text = subprocess.run(PS + ["status", "--scheduler", cluster.scheduler],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+        assert "layer.weight" in text and "blocks s0:4 s1:3" in text and "worker-0" in text
+
+
+def test_status_of_unreachable_scheduler_is_an_error_not_a_hang():
+    result = subprocess.run(PS + ["status", "--scheduler", "127.0.0.1:1", "--timeout", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "scheduler at 127.0.0.1:1" in result.stderr
+
+
+def launch(*args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run(PS + ["launch", "--heartbeat-interval", "0.2", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+WORKER_ENV = ("import os; print('ENV', os.environ['PARAMSERVER_RANK'], "
+              "os.environ['PARAMSERVER_NUM_WORKERS'], os.environ['PARAMSERVER_SCHEDULER'])")
+
+
+def test_launch_runs_workers_with_their_environment_and_prefixed_output():
+    result = launch("--num-servers", "2", "--num-workers", "3", "--", sys.executable, "-c",
+                    WORKER_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    envs = sorted(line for line in lines if " ENV " in line)
+    assert [line.split()[:4] for line in envs] == [
+        ["[worker", "0]", "ENV", "0"], ["[worker", "1]", "ENV", "1"], ["[worker", "2]", "ENV", "2"]]
+    assert all(line.split()[4] == "3" for line in envs)
+    assert len({line.split()[5] for line in envs}) == 1  # one scheduler address for all
+    assert any(line.startswith("[server 1] server-1 serving on") for line in lines)
+    assert "[launch] all 3 workers finished" in result.stdout
+
+
+def test_launch_exits_with_the_first_failing_workers_code():
+    code = "import os, sys, time; r = int(os.environ['PARAMSERVER_RANK']); time.sleep(0.5 * r); sys.exit(0 if r == 0 else 3 + r)"
+    result = launch("--num-servers", "1", "--num-workers", "3", "--", sys.executable, "-c", code)
+    assert result.returncode == 4, result.stdout
+    assert "[launch] worker 1 failed with exit code 4" in result.stdout
+
+
+def test_launch_with_a_missing_command_fails_clearly():
+    result = launch("--num-workers", "1", "--", "/nonexistent/worker")
+    assert result.returncode == 127
+    assert "cannot run '/nonexistent/worker'" in result.stdout
+
+
+def _descendants_after(proc: subprocess.Popen, count: int) -> list[psutil.Process]:
+    parent = psutil.Process(proc.pid)
+    return wait_for(lambda: (kids := parent.children(recursive=True)) and len(kids) >= count
+                    and kids, 60, f"{count} processes under the launcher")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_launch_stops_every_process_on_interrupt(tmp_path, sig, code):
+    # Workers that would run for a minute, each with a child of its own.
+    worker = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(60)']); print('up', flush=True); time.sleep(60)")
+    proc = subprocess.Popen(PS + ["launch", "--num-servers", "2", "--num-workers", "2", "--",
+                                  sys.executable, "-c", worker],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # scheduler + 2 servers + 2 workers + 2 grandchildren
+        kids = _descendants_after(proc, 7)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == code, out
+        assert "interrupted; stopping every process" in out
+        gone, alive = psutil.wait_procs(kids, timeout=10)
+        assert not alive, f"left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_launch_stops_everything_when_a_server_dies():
+    worker = "import time; print('up', flush=True); time.sleep(60)"
+    proc = subprocess.Popen(PS + ["launch", "--num-servers", "2", "--num-workers", "1", "--",
+                                  sys.executable, "-c", worker],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        kids = _descendants_after(proc, 4)
+        server = next(k for k in kids if "server" in k.cmdline() and "--rank" in k.cmdline()
+                      and k.cmdline()[k.cmdline().index("--rank") + 1] == "1")
+        os.kill(server.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 137, out
+        assert "server 1 exited with code 137 while workers were running" in out
+        gone, alive = psutil.wait_procs(kids, timeout=10)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
