@@ -116,7 +116,6 @@ class _Shards:
                 shard.table.assign_many(blocks, data)
             elif writes:
                 shard.table.apply_many(blocks, data, self._apply_threads)
-                shard.updates += len(blocks)
             if op in (pb.PULL, pb.PUSH_PULL):
                 out = np.empty(length, dtype=FLOAT)
                 shard.table.read_many(blocks, out, self._apply_threads)
@@ -129,6 +128,8 @@ class _Shards:
             self.bytes_out += nbytes_out
             if writes and op != pb.ASSIGN:
                 self.push_requests += 1
+                for shard, blocks, _, _ in work:
+                    shard.updates += len(blocks)
             if op in (pb.PULL, pb.PUSH_PULL):
                 self.pull_requests += 1
         return reply

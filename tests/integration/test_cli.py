@@ -9,7 +9,9 @@ import subprocess
 import sys
 import time
 
+import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import psutil
 import pytest
 
@@ -27,6 +29,11 @@ def test_scheduler_and_server_stop_cleanly_on_sigterm(tmp_path):
                                tmp_path / "v.log")
     try:
         assert sinfo["rank"] == 0 and sinfo["pid"] == server.pid
+        for address in (info["address"], sinfo["address"]):  # the standard health service
+            with grpc.insecure_channel(address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
         for proc in (server, sched):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
