@@ -79,7 +79,7 @@ def test_malformed_requests_to_a_server_are_rejected_and_state_is_unchanged(clus
             assert match in info.value.details()
 
         rejected(pb.DataRequest(op=pb.PUSH, dense=[pb.DenseSlice(table="zz", blocks=[0])]),
-                 grpc.StatusCode.NOT_FOUND, "no table 'zz' on server-0")
+                 grpc.StatusCode.NOT_FOUND, "no dense table 'zz' on server-0")
         rejected(pb.DataRequest(op=pb.PUSH, dense=[pb.DenseSlice(table="w", blocks=[99],
                                                                  data=b"\0" * 120)]),
                  grpc.StatusCode.OUT_OF_RANGE, "block 99 is not held by server-0")
