@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from paramserver import rpc
-from paramserver.config import DEFAULT_BLOCK_SIZE, ClientConfig
+from paramserver.config import ClientConfig
 from paramserver.errors import (
     InvalidRequestError,
     NodeUnavailableError,
@@ -31,7 +31,7 @@ from paramserver.errors import (
 )
 from paramserver.membership import Membership
 from paramserver.optim import Optimizer
-from paramserver.partition import BlockLayout
+from paramserver.partition import BlockLayout, default_block_size
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.plan import DensePlan, DenseRef, EmbeddingRef, SparsePlan
@@ -247,7 +247,7 @@ class Client:
     # -- tables ---------------------------------------------------------------------------------
 
     def dense(self, name: str, shape: Sequence[int] | int, optimizer: Optimizer,
-              init: Init = None, *, block_size: int = DEFAULT_BLOCK_SIZE) -> DenseTable:
+              init: Init = None, *, block_size: int | None = None) -> DenseTable:
         """Declare a dense float32 table, or attach to it if it exists; return its handle.
 
         Args:
@@ -257,7 +257,9 @@ class Client:
             init: initial values: None (zeros), an array of ``shape``, or a callable taking the
                 shape and returning such an array. Used only by the worker that creates the
                 table; when several declare it at once, exactly one initialization wins.
-            block_size: elements per block (default 256Ki = 1 MiB).
+            block_size: elements per block. Default: the tensor split evenly over the servers,
+                in blocks of 16Ki to 256Ki elements (64 KiB to 1 MiB), so a mid-size tensor
+                still uses every server. Workers must agree on it (the default always does).
 
         Raises:
             TableMismatchError: the table exists with another shape, optimizer or block size.
@@ -268,6 +270,8 @@ class Client:
         if not isinstance(optimizer, Optimizer):
             raise InvalidRequestError(f"table {name!r}: optimizer must be a paramserver optimizer "
                                       f"(e.g. paramserver.Adam()), got {optimizer!r}")
+        if block_size is None:
+            block_size = default_block_size(int(np.prod(shape_t)), self.num_servers)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise InvalidRequestError(f"table {name!r}: block_size must be a positive int, "
                                       f"got {block_size!r}")
