@@ -33,6 +33,34 @@ double unit_open_low(std::uint64_t bits) {
   return static_cast<double>((bits >> 11) + 1) * kTwoPow53Inv;
 }
 
+// Series coefficients. Each is a quotient of exactly representable doubles (every factorial up to
+// 22! is), folded by the compiler with IEEE division: the same bits on every compiler and platform.
+// Multiplying by them (instead of dividing in the loop) makes a normal pair ~4x cheaper.
+constexpr double kAtanhCoef[] = {1.0,        1.0 / 3.0,  1.0 / 5.0,  1.0 / 7.0,
+                                 1.0 / 9.0,  1.0 / 11.0, 1.0 / 13.0, 1.0 / 15.0,
+                                 1.0 / 17.0, 1.0 / 19.0, 1.0 / 21.0, 1.0 / 23.0};
+// (-1)^k / (2k+1)!  and  (-1)^k / (2k)!, k = 0..9
+constexpr double kSinCoef[] = {1.0,
+                               -1.0 / 6.0,
+                               1.0 / 120.0,
+                               -1.0 / 5040.0,
+                               1.0 / 362880.0,
+                               -1.0 / 39916800.0,
+                               1.0 / 6227020800.0,
+                               -1.0 / 1307674368000.0,
+                               1.0 / 355687428096000.0,
+                               -1.0 / 121645100408832000.0};
+constexpr double kCosCoef[] = {1.0,
+                               -1.0 / 2.0,
+                               1.0 / 24.0,
+                               -1.0 / 720.0,
+                               1.0 / 40320.0,
+                               -1.0 / 3628800.0,
+                               1.0 / 479001600.0,
+                               -1.0 / 87178291200.0,
+                               1.0 / 20922789888000.0,
+                               -1.0 / 6402373705728000.0};
+
 // Natural logarithm of x in (0, 1] with double arithmetic only: x = m * 2^e with m in
 // [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.172, summed to
 // s^23 (truncation error < 1e-18, far below float32 resolution).
@@ -45,20 +73,21 @@ double det_log(double x) {
   }
   const double s = (m - 1.0) / (m + 1.0);
   const double s2 = s * s;
-  double series = 1.0 / 23.0;
-  for (int k = 21; k >= 1; k -= 2) series = 1.0 / k + s2 * series;
+  double series = kAtanhCoef[11];
+  for (int k = 10; k >= 0; --k) series = kAtanhCoef[k] + s2 * series;
   return static_cast<double>(e) * kLn2 + 2.0 * s * series;
 }
 
-// sin and cos of phi in [0, pi/4] by Taylor series (truncation error < 1e-19).
+// sin and cos of phi in [0, pi/4] by Taylor series to phi^19 and phi^18 (truncation error < 1e-19).
 void sincos_small(double phi, double* s, double* c) {
   const double p2 = phi * phi;
-  double ss = 0.0, cc = 0.0;
-  // Horner over the terms up to phi^19 / 19! and phi^18 / 18!.
-  for (int k = 19; k >= 3; k -= 2) ss = (1.0 - ss) * p2 / (static_cast<double>(k) * (k - 1));
-  *s = phi * (1.0 - ss);
-  for (int k = 18; k >= 2; k -= 2) cc = (1.0 - cc) * p2 / (static_cast<double>(k) * (k - 1));
-  *c = 1.0 - cc;
+  double ss = kSinCoef[9], cc = kCosCoef[9];
+  for (int k = 8; k >= 0; --k) {
+    ss = kSinCoef[k] + p2 * ss;
+    cc = kCosCoef[k] + p2 * cc;
+  }
+  *s = phi * ss;
+  *c = cc;
 }
 
 // sin and cos of 2 pi u for u in [0, 1): the octant comes from u's bits exactly, the rest from the
