@@ -53,9 +53,11 @@ class EmbeddingTable {
   EmbeddingTable& operator=(const EmbeddingTable&) = delete;
 
   static constexpr std::size_t kDefaultStripes = 32;
-  // Batches with fewer than this many elements (ids x dim) run on the calling thread only: below
-  // it, starting a thread costs more than it saves (measured in benchmarks/bench_embedding.py).
-  static constexpr std::size_t kParallelMinElements = 32768;
+  // Batches with fewer than this many elements (ids x dim) run on the calling thread only.
+  // parallel_for starts a thread per call (tens of microseconds, far more on a busy machine),
+  // and a 4,096 x 64 batch takes ~0.2-0.8 ms on one thread: benchmarks/bench_embedding.py found
+  // 2 threads slower at dim <= 64 and faster only from 4,096 x 256 (Adagrad) up.
+  static constexpr std::size_t kParallelMinElements = std::size_t{1} << 20;
 
   std::size_t dim() const { return dim_; }
   const OptimizerConfig& optimizer() const { return optimizer_; }
