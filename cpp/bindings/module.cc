@@ -11,6 +11,7 @@ using paramserver::OptimizerKind;
 
 namespace paramserver::bindings {
 void bind_dense(py::module_& m);
+void bind_embedding(py::module_& m);
 }  // namespace paramserver::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -42,4 +43,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("num_slots", &paramserver::num_slots, py::arg("config"));
 
   paramserver::bindings::bind_dense(m);
+  paramserver::bindings::bind_embedding(m);
 }

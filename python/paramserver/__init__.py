@@ -10,7 +10,8 @@ it over gRPC; workers push gradients and pull weights through :func:`connect`::
         weights = w.pull()
 """
 
-from paramserver.client import Client, DenseTable, connect
+from paramserver import init
+from paramserver.client import Client, DenseTable, EmbeddingTable, connect
 from paramserver.config import ClientConfig, SchedulerConfig, ServerConfig
 from paramserver.errors import (
     InvalidRequestError,
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "Adagrad", "Adam", "AdamW", "Optimizer",
-    "Client", "DenseTable", "connect",
+    "init", "Client", "DenseTable", "EmbeddingTable", "connect",
     "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig",
     "ParamServerError", "InvalidRequestError", "NodeUnavailableError", "PSTimeoutError",
     "TableMismatchError", "TableNotFoundError",

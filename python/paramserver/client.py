@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from paramserver import rpc
-from paramserver.config import DEFAULT_BLOCK_SIZE, ClientConfig
+from paramserver.config import ClientConfig
 from paramserver.errors import (
     InvalidRequestError,
     NodeUnavailableError,
@@ -31,12 +31,21 @@ from paramserver.errors import (
 )
 from paramserver.membership import Membership
 from paramserver.optim import Optimizer
-from paramserver.partition import BlockLayout
+from paramserver.partition import BlockLayout, default_block_size
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.wire import FLOAT, DenseItem, optimizer_from_spec, optimizer_to_spec, pack_requests
+from paramserver.plan import DensePlan, DenseRef, EmbeddingRef, SparsePlan
+from paramserver.wire import (
+    FLOAT,
+    DenseItem,
+    SparseItem,
+    initializer_to_json,
+    optimizer_from_spec,
+    optimizer_to_spec,
+    pack_requests,
+)
 
-__all__ = ["Client", "DenseTable", "connect"]
+__all__ = ["Client", "DenseTable", "EmbeddingTable", "connect"]
 
 #: What ``init=`` accepts: None (zeros), an array of the table's shape, or a callable of the shape.
 Init = Union[None, np.ndarray, Callable[[tuple[int, ...]], Any]]
@@ -49,15 +58,6 @@ class _ServerRef:
     stub: pb_grpc.ParameterServerStub
 
 
-@dataclass(frozen=True)
-class _TableRef:
-    name: str
-    shape: tuple[int, ...]
-    optimizer: Optimizer
-    layout: BlockLayout
-    by_server: dict[int, list[int]]
-
-
 class DenseTable:
     """A handle on one dense table, returned by :meth:`Client.dense`.
 
@@ -65,7 +65,7 @@ class DenseTable:
     or ``timeout`` passed, except the ``*_async`` ones, which return futures.
     """
 
-    def __init__(self, client: Client, ref: _TableRef) -> None:
+    def __init__(self, client: Client, ref: DenseRef) -> None:
         self._client = client
         self._ref = ref
 
@@ -113,6 +113,65 @@ class DenseTable:
         return f"DenseTable({self.name!r}, shape={self.shape}, optimizer={self.optimizer!r})"
 
 
+class EmbeddingTable:
+    """A handle on one embedding table, returned by :meth:`Client.embedding`.
+
+    Rows are keyed by any 64-bit id and created on first touch with the table's deterministic
+    initializer. Thread safe; methods block until the servers answered, except ``*_async``.
+    """
+
+    def __init__(self, client: Client, ref: EmbeddingRef) -> None:
+        self._client = client
+        self._ref = ref
+
+    @property
+    def name(self) -> str:
+        """The table's name."""
+        return self._ref.name
+
+    @property
+    def dim(self) -> int:
+        """Floats per row."""
+        return self._ref.dim
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The optimizer the servers apply to each pushed row."""
+        return self._ref.optimizer
+
+    def pull(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids`` (int64 or uint64, any shape): float32 of shape ``(*ids.shape, dim)``.
+
+        Rows not seen before are created with the initializer. int64 ids are taken as the uint64
+        of the same bits, so -1 and 2**64 - 1 name the same row.
+        """
+        return self._client.pull({self.name: ids})[self.name]
+
+    def push(self, ids: np.ndarray, grads: np.ndarray) -> None:
+        """One optimizer step per distinct id; ``grads`` is float32 ``(*ids.shape, dim)`` and the
+        gradients of repeated ids are summed first."""
+        self._client.push({self.name: (ids, grads)})
+
+    def push_pull(self, ids: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """Push, then return the rows of ``ids`` after the update, in one round trip."""
+        return self._client.push_pull({self.name: (ids, grads)})[self.name]
+
+    def pull_async(self, ids: np.ndarray) -> Future[np.ndarray]:
+        """:meth:`pull` in the background."""
+        return self._client._submit(self.pull, ids)
+
+    def push_async(self, ids: np.ndarray, grads: np.ndarray) -> Future[None]:
+        """:meth:`push` in the background; do not modify the arrays until the future is done."""
+        return self._client._submit(self.push, ids, grads)
+
+    def num_rows(self) -> int:
+        """Rows held across all servers (asks every server now)."""
+        return sum(self._client._table_stats(self.name, "rows").values())
+
+    def __repr__(self) -> str:
+        return f"EmbeddingTable({self.name!r}, dim={self.dim}, optimizer={self.optimizer!r})"
+
+
 class Client:
     """A worker's connection to a job. Use :func:`connect` to make one.
 
@@ -144,7 +203,7 @@ class Client:
                 self._channels.append(channel)
                 self._servers[node.rank] = _ServerRef(node.rank, node.address,
                                                       pb_grpc.ParameterServerStub(channel))
-        self._tables: dict[str, _TableRef] = {}
+        self._tables: dict[str, DenseRef] = {}
         self._lock = threading.Lock()
         self._fanout = ThreadPoolExecutor(max_workers=max(1, len(self._servers)),
                                           thread_name_prefix="ps-fanout")
@@ -188,7 +247,7 @@ class Client:
     # -- tables ---------------------------------------------------------------------------------
 
     def dense(self, name: str, shape: Sequence[int] | int, optimizer: Optimizer,
-              init: Init = None, *, block_size: int = DEFAULT_BLOCK_SIZE) -> DenseTable:
+              init: Init = None, *, block_size: int | None = None) -> DenseTable:
         """Declare a dense float32 table, or attach to it if it exists; return its handle.
 
         Args:
@@ -198,7 +257,9 @@ class Client:
             init: initial values: None (zeros), an array of ``shape``, or a callable taking the
                 shape and returning such an array. Used only by the worker that creates the
                 table; when several declare it at once, exactly one initialization wins.
-            block_size: elements per block (default 256Ki = 1 MiB).
+            block_size: elements per block. Default: the tensor split evenly over the servers,
+                in blocks of 16Ki to 256Ki elements (64 KiB to 1 MiB), so a mid-size tensor
+                still uses every server. Workers must agree on it (the default always does).
 
         Raises:
             TableMismatchError: the table exists with another shape, optimizer or block size.
@@ -209,6 +270,8 @@ class Client:
         if not isinstance(optimizer, Optimizer):
             raise InvalidRequestError(f"table {name!r}: optimizer must be a paramserver optimizer "
                                       f"(e.g. paramserver.Adam()), got {optimizer!r}")
+        if block_size is None:
+            block_size = default_block_size(int(np.prod(shape_t)), self.num_servers)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise InvalidRequestError(f"table {name!r}: block_size must be a positive int, "
                                       f"got {block_size!r}")
@@ -217,10 +280,60 @@ class Client:
                             block_size=block_size, optimizer=optimizer_to_spec(optimizer))
         placement = self._declare(spec, values)
         layout = BlockLayout(int(np.prod(shape_t)), block_size, tuple(placement.block_servers))
-        ref = _TableRef(name, shape_t, optimizer, layout, layout.blocks_by_server())
+        ref = DenseRef(name, shape_t, optimizer, layout, layout.blocks_by_server())
         with self._lock:
             self._tables[name] = ref
         return DenseTable(self, ref)
+
+    def embedding(self, name: str, dim: int, optimizer: Optimizer, init: Any = None, *,
+                  seed: int = 0) -> EmbeddingTable:
+        """Declare an embedding table, or attach to it if it exists; return its handle.
+
+        Args:
+            name: the table's name, unique in the job.
+            dim: floats per row.
+            optimizer: applied to each pushed row, with its own state and step count per row.
+            init: a ``paramserver.init`` initializer for new rows (default ``init.zeros()``).
+            seed: initializer seed; a row's initial values depend only on (init, seed, id).
+
+        Raises:
+            TableMismatchError: the table exists with another dim, optimizer, init or seed.
+            InvalidRequestError: a bad dim, optimizer, init or seed.
+        """
+        from paramserver import init as initializers
+
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise InvalidRequestError(f"table {name!r}: dim must be a positive int, got {dim!r}")
+        if not isinstance(optimizer, Optimizer):
+            raise InvalidRequestError(f"table {name!r}: optimizer must be a paramserver optimizer "
+                                      f"(e.g. paramserver.Adagrad()), got {optimizer!r}")
+        init = initializers.zeros() if init is None else init
+        if not isinstance(init, initializers.Initializer):
+            raise InvalidRequestError(f"table {name!r}: init must be a paramserver.init "
+                                      f"initializer (e.g. ps.init.normal(0.0, 0.01)), got {init!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+                0 <= seed < 2**64):
+            raise InvalidRequestError(f"table {name!r}: seed must be an int in [0, 2**64), "
+                                      f"got {seed!r}")
+        spec = pb.TableSpec(name=name, kind=pb.TableSpec.EMBEDDING, dim=int(dim),
+                            optimizer=optimizer_to_spec(optimizer),
+                            initializer_json=initializer_to_json(init), seed=int(seed))
+        placement = self._declare(spec, None)
+        ref = EmbeddingRef(name, int(dim), optimizer, init, int(seed), placement.num_servers)
+        with self._lock:
+            self._tables[name] = ref
+        return EmbeddingTable(self, ref)
+
+    def _table_stats(self, name: str, field: str) -> dict[int, int]:
+        """``field`` of table ``name`` in every server's statistics, asked now: {rank: value}."""
+        results = self._on_servers(
+            {server: None for server in self._servers.values()},
+            lambda server, _: (server.rank, self._unary(server, server.stub.Stats,
+                                                        pb.StatsRequest(), "stats")))
+        out = {}
+        for rank, stats in results:
+            out[rank] = next((getattr(t, field) for t in stats.tables if t.name == name), 0)
+        return out
 
     def _declare(self, spec: pb.TableSpec, values: np.ndarray | None) -> pb.TablePlacement:
         deadline = time.monotonic() + self.config.timeout
@@ -245,6 +358,11 @@ class Client:
 
     def _initialize(self, placement: pb.TablePlacement, values: np.ndarray | None) -> None:
         spec = placement.spec
+        if spec.kind == pb.TableSpec.EMBEDDING:  # a shard on every server; rows come on demand
+            self._on_servers({s: None for s in self._servers.values()}, lambda server, _: self._unary(
+                server, server.stub.CreateTable, pb.CreateTableRequest(spec=spec),
+                f"create table {spec.name!r}"))
+            return
         layout = BlockLayout(int(np.prod(spec.shape)), spec.block_size,
                              tuple(placement.block_servers))
         by_server = layout.blocks_by_server()
@@ -256,52 +374,63 @@ class Client:
         self._on_servers({s: None for s in self._servers.values() if s.rank in by_server},
                          lambda server, _: create(server))
         if values is not None:
-            ref = _TableRef(spec.name, tuple(spec.shape), Optimizer.__new__(Optimizer), layout,
+            ref = DenseRef(spec.name, tuple(spec.shape), Optimizer.__new__(Optimizer), layout,
                             by_server)
             self._exchange(pb.ASSIGN, {spec.name: values}, {spec.name: ref}, "initialize")
 
-    def table(self, name: str) -> DenseTable:
+    def table(self, name: str) -> DenseTable | EmbeddingTable:
         """The handle of a table this client declared; TableNotFoundError otherwise."""
-        return DenseTable(self, self._ref(name))
+        ref = self._ref(name)
+        return DenseTable(self, ref) if isinstance(ref, DenseRef) else EmbeddingTable(self, ref)
 
-    def _ref(self, name: str) -> _TableRef:
+    def _ref(self, name: str) -> DenseRef | EmbeddingRef:
         ref = self._tables.get(name)
         if ref is None:
             raise TableNotFoundError(
                 f"table {name!r} is not declared on this client (declared: "
-                f"{sorted(self._tables)}); call client.dense({name!r}, ...) first")
+                f"{sorted(self._tables)}); call client.dense({name!r}, ...) or client.embedding({name!r}, ...) first")
         return ref
 
     # -- data path ------------------------------------------------------------------------------
 
-    def pull(self, names: Iterable[str]) -> dict[str, np.ndarray]:
-        """Current values of several tables, one RPC per server: ``{name: array}``."""
-        names = [names] if isinstance(names, str) else list(names)
-        refs = {name: self._ref(name) for name in names}
-        return self._exchange(pb.PULL, dict.fromkeys(names), refs, "pull")
+    def pull(self, tables: Iterable[str] | Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+        """Current values of several tables in one RPC per server.
 
-    def push(self, grads: Mapping[str, np.ndarray]) -> None:
-        """One optimizer step on each table with its gradient, one RPC per server.
-
-        Every gradient is checked (declared table, float32, exact shape, finite) before anything
-        is sent: a bad one raises InvalidRequestError naming the table and nothing is applied.
+        ``tables`` is a list of dense table names, or a dict mapping dense names to None and
+        embedding names to their ids. Returns ``{name: array}`` (embedding rows shaped
+        ``(*ids.shape, dim)``).
         """
-        refs = {name: self._ref(name) for name in grads}
-        self._exchange(pb.PUSH, dict(grads), refs, "push")
+        if isinstance(tables, str):
+            tables = [tables]
+        entries = dict(tables) if isinstance(tables, Mapping) else dict.fromkeys(tables)
+        return self._exchange(pb.PULL, entries, self._refs(entries), "pull")
 
-    def push_pull(self, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Push, then return each table's values after the update, in one round trip."""
-        refs = {name: self._ref(name) for name in grads}
-        return self._exchange(pb.PUSH_PULL, dict(grads), refs, "push_pull")
+    def push(self, grads: Mapping[str, Any]) -> None:
+        """One optimizer step on each table, one RPC per server for all of them.
+
+        ``grads`` maps a dense table to its gradient and an embedding table to ``(ids, grads)``.
+        Every entry is checked (declared table, float32, exact shape, finite, integer ids) before
+        anything is sent: a bad one raises InvalidRequestError naming the table, nothing applied.
+        """
+        self._exchange(pb.PUSH, dict(grads), self._refs(grads), "push")
+
+    def push_pull(self, grads: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Push as :meth:`push`, then return each table's values (embedding: the pushed ids'
+        rows) after the update, in one round trip."""
+        return self._exchange(pb.PUSH_PULL, dict(grads), self._refs(grads), "push_pull")
+
+    def _refs(self, names: Iterable[str]) -> dict[str, DenseRef | EmbeddingRef]:
+        return {name: self._ref(name) for name in names}
 
     def push_async(self, grads: Mapping[str, np.ndarray]) -> Future[None]:
         """:meth:`push` in the background (in order with other async calls of this client).
         The arrays must not be modified until the future is done."""
         return self._submit(self.push, grads)
 
-    def pull_async(self, names: Iterable[str]) -> Future[dict[str, np.ndarray]]:
+    def pull_async(self, tables: Iterable[str] | Mapping[str, np.ndarray | None]
+                   ) -> Future[dict[str, np.ndarray]]:
         """:meth:`pull` in the background; the future's result is the dict."""
-        return self._submit(self.pull, list(names))
+        return self._submit(self.pull, dict(tables) if isinstance(tables, Mapping) else list(tables))
 
     def push_pull_async(self, grads: Mapping[str, np.ndarray]) -> Future[dict[str, np.ndarray]]:
         """:meth:`push_pull` in the background."""
@@ -312,21 +441,20 @@ class Client:
             raise ParamServerError(f"client {self.node_id} is closed")
         return self._async.submit(fn, *args)
 
-    def _exchange(self, op: int, tensors: dict[str, np.ndarray | None],
-                  refs: dict[str, _TableRef], what: str) -> dict[str, np.ndarray]:
-        sends = op != pb.PULL
-        flats: dict[str, np.ndarray] = {}
-        if sends:
-            for name, value in tensors.items():
-                flats[name] = _check_tensor(refs[name], value, check_finite=op != pb.ASSIGN)
-        items: dict[int, list[DenseItem]] = {}
-        for name, ref in refs.items():
-            flat = flats.get(name)
-            for server, blocks in ref.by_server.items():
-                ranges = [ref.layout.block_range(b) for b in blocks]
-                items.setdefault(server, []).append(DenseItem(
-                    name, blocks, [stop - start for start, stop in ranges],
-                    [flat[start:stop] for start, stop in ranges] if flat is not None else []))
+    def _exchange(self, op: int, entries: dict[str, Any], refs: dict[str, Any],
+                  what: str) -> dict[str, np.ndarray]:
+        """Send one call's tables to the servers (one RPC each, all at once); reassemble reads.
+
+        ``entries`` maps a dense table to its array (None in pulls) and an embedding table to its
+        ids (pulls) or ``(ids, grads)``. Every entry is validated before anything is sent.
+        """
+        plans = {name: (DensePlan if isinstance(ref, DenseRef) else SparsePlan)(ref, op,
+                                                                                  entries[name])
+                 for name, ref in refs.items()}
+        items: dict[int, list[DenseItem | SparseItem]] = {}
+        for plan in plans.values():
+            for server, item in plan.items().items():
+                items.setdefault(server, []).append(item)
         label = f"{what} of {sorted(refs)}"
         replies = self._on_servers(
             {self._servers[s]: pack_requests(op, its, self.config.message_bytes, self.node_id)
@@ -334,19 +462,13 @@ class Client:
             lambda server, requests: self._send(server, requests, label))
         if op not in (pb.PULL, pb.PUSH_PULL):
             return {}
-        out = {name: np.empty(int(np.prod(ref.shape)), dtype=FLOAT) for name, ref in refs.items()}
         for server_replies in replies:
             for reply in server_replies:
                 for piece in reply.dense:
-                    layout = refs[piece.table].layout
-                    target = out[piece.table]
-                    data = np.frombuffer(piece.data, dtype=FLOAT)
-                    pos = 0
-                    for b in piece.blocks:
-                        start, stop = layout.block_range(b)
-                        target[start:stop] = data[pos:pos + stop - start]
-                        pos += stop - start
-        return {name: out[name].reshape(ref.shape) for name, ref in refs.items()}
+                    plans[piece.table].absorb(piece)
+                for piece in reply.sparse:
+                    plans[piece.table].absorb(piece)
+        return {name: plan.result() for name, plan in plans.items()}
 
     def _on_servers(self, work: dict[_ServerRef, Any],
                     fn: Callable[[_ServerRef, Any], Any]) -> list[Any]:
@@ -452,27 +574,6 @@ def _init_values(name: str, shape: tuple[int, ...], init: Init) -> np.ndarray:
     if not np.isfinite(array).all():
         raise InvalidRequestError(f"table {name!r}: init contains NaN or infinity")
     return array
-
-
-def _check_tensor(ref: _TableRef, value: Any, *, check_finite: bool) -> np.ndarray:
-    if not isinstance(value, np.ndarray):
-        raise InvalidRequestError(f"table {ref.name!r}: expected a numpy float32 array of shape "
-                                  f"{ref.shape}, got {type(value).__name__}")
-    if value.dtype != np.float32:
-        raise InvalidRequestError(f"table {ref.name!r}: expected dtype float32, got {value.dtype} "
-                                  f"(convert with .astype(np.float32))")
-    if value.shape != ref.shape:
-        raise InvalidRequestError(f"table {ref.name!r}: expected shape {ref.shape}, got "
-                                  f"{value.shape}")
-    flat = np.ascontiguousarray(value).reshape(-1)
-    if flat.dtype.byteorder == ">":
-        flat = flat.astype(FLOAT)
-    # A float64 sum propagates NaN/inf and cannot overflow on finite float32 input: one cheap pass.
-    if check_finite and not np.isfinite(np.add.reduce(flat, dtype=np.float64)):
-        bad = int(np.flatnonzero(~np.isfinite(flat))[0])
-        raise InvalidRequestError(f"table {ref.name!r}: gradient is not finite ({flat[bad]} at "
-                                  f"flat index {bad}); nothing was pushed")
-    return flat
 
 
 def connect(scheduler: str | None = None, *, rank: int | None = None,

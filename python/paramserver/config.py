@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["SchedulerConfig", "ServerConfig", "ClientConfig", "DEFAULT_BLOCK_SIZE",
-           "DEFAULT_MESSAGE_BYTES"]
+           "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES"]
 
 #: Elements per dense block by default: 256Ki float32 = 1 MiB, so one message carries 1-4 blocks.
 DEFAULT_BLOCK_SIZE = 256 * 1024
+#: Smallest default block: 16Ki float32 = 64 KiB, below which per-block overhead dominates.
+MIN_BLOCK_SIZE = 16 * 1024
 #: Target payload bytes of one gRPC message (PERF.md: 1-4 MB messages move 3-5x faster than 16 MB+).
 DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
 

@@ -61,6 +61,9 @@ class LaunchConfig:
                              f"{self.num_workers}")
 
 
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 class LaunchError(RuntimeError):
     """The job could not start (a node failed to come up in time)."""
 
@@ -123,7 +126,15 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     lock = threading.Lock()
     procs: list[_Proc] = []
-    base_env = dict(os.environ, PYTHONUNBUFFERED="1", **config.env)
+    base_env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Workers run with this interpreter's environment first on PATH, so `python` in the worker
+    # command is the Python (and the paramserver) that runs the launcher.
+    base_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + base_env.get("PATH", "")
+    # N processes each starting one BLAS/OpenMP thread per core oversubscribe the machine (seen:
+    # 2.7x slower training on 2 cores); like torchrun, default to one thread per process.
+    for var in _THREAD_VARIABLES:
+        base_env.setdefault(var, "1")
+    base_env.update(config.env)
     node = [sys.executable, "-m", "paramserver"]
 
     def say(message: str) -> None:

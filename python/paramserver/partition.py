@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["num_blocks", "assign_blocks", "BlockLayout", "server_of_ids"]
+from paramserver.config import DEFAULT_BLOCK_SIZE, MIN_BLOCK_SIZE
+
+__all__ = ["num_blocks", "default_block_size", "assign_blocks", "BlockLayout", "server_of_ids"]
 
 
 def num_blocks(num_elements: int, block_size: int) -> int:
@@ -20,6 +22,17 @@ def num_blocks(num_elements: int, block_size: int) -> int:
         raise ValueError(f"need num_elements > 0 and block_size > 0, got {num_elements}, "
                          f"{block_size}")
     return -(-num_elements // block_size)
+
+
+def default_block_size(num_elements: int, num_servers: int) -> int:
+    """Elements per block for a tensor when the user does not say.
+
+    The tensor split evenly over the servers, clamped to [MIN_BLOCK_SIZE, DEFAULT_BLOCK_SIZE]: a big
+    tensor gets 1 MiB blocks (whole blocks per ~4 MiB message), a mid-size one (a 784x256 layer)
+    still spreads over every server, and a small one (a bias) stays one block.
+    """
+    share = -(-num_elements // max(1, num_servers))
+    return max(MIN_BLOCK_SIZE, min(DEFAULT_BLOCK_SIZE, share))
 
 
 def assign_blocks(num_elements: int, block_size: int, server_load: list[int]) -> list[int]:

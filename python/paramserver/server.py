@@ -23,7 +23,16 @@ from paramserver.errors import TableMismatchError, TableNotFoundError
 from paramserver.membership import Membership
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.wire import FLOAT, describe_spec, floats, optimizer_from_spec, specs_match
+from paramserver.partition import server_of_ids
+from paramserver.wire import (
+    FLOAT,
+    describe_spec,
+    floats,
+    ids_view,
+    initializer_from_json,
+    optimizer_from_spec,
+    specs_match,
+)
 
 __all__ = ["Server"]
 
@@ -38,13 +47,27 @@ class _DenseShard:
     updates: int = 0
 
 
+@dataclass
+class _SparseShard:
+    spec: pb.TableSpec
+    table: _core.EmbeddingTable
+    updates: int = 0
+
+
 class _Shards:
-    """The tables this server holds, and the checks and operations on them."""
+    """The tables this server holds, and the checks and operations on them.
+
+    ``rank`` and ``num_servers`` are set once the server has registered; an embedding id is served
+    only by the server its hash maps to.
+    """
 
     def __init__(self, node: str, apply_threads: int) -> None:
         self.node = node
+        self.rank = 0
+        self.num_servers = 1
         self._apply_threads = apply_threads
         self._dense: dict[str, _DenseShard] = {}
+        self._sparse: dict[str, _SparseShard] = {}
         self._lock = threading.Lock()
         self.push_requests = 0
         self.pull_requests = 0
@@ -53,84 +76,130 @@ class _Shards:
 
     def create(self, request: pb.CreateTableRequest) -> bool:
         spec = request.spec
-        if spec.kind != pb.TableSpec.DENSE:
-            raise ValueError(f"table {spec.name!r}: kind {spec.kind} is not served by this server")
         optimizer = optimizer_from_spec(spec.optimizer)
-        size = int(np.prod(spec.shape, dtype=np.int64))
         blocks = tuple(request.blocks)
         with self._lock:
-            existing = self._dense.get(spec.name)
+            existing = self._dense.get(spec.name) or self._sparse.get(spec.name)
             if existing is not None:
-                if specs_match(existing.spec, spec) and existing.blocks == blocks:
+                same_blocks = getattr(existing, "blocks", ()) == blocks
+                if specs_match(existing.spec, spec) and same_blocks:
                     return False
                 raise TableMismatchError(
-                    f"table {spec.name!r} exists on {self.node} as {describe_spec(existing.spec)} "
-                    f"with blocks {list(existing.blocks)}; asked for {describe_spec(spec)} with "
-                    f"blocks {list(blocks)}")
-            # The core validates sizes and block ids; its errors arrive as ValueError.
-            table = _core.DenseTable(size, spec.block_size, optimizer.to_config(), list(blocks))
-            self._dense[spec.name] = _DenseShard(spec, blocks, table)
+                    f"table {spec.name!r} exists on {self.node} as {describe_spec(existing.spec)}; "
+                    f"asked for {describe_spec(spec)}")
+            if spec.kind == pb.TableSpec.DENSE:
+                size = int(np.prod(spec.shape, dtype=np.int64))
+                # The core validates sizes and block ids; its errors arrive as ValueError.
+                table = _core.DenseTable(size, spec.block_size, optimizer.to_config(), list(blocks))
+                self._dense[spec.name] = _DenseShard(spec, blocks, table)
+            elif spec.kind == pb.TableSpec.EMBEDDING:
+                init = initializer_from_json(spec.initializer_json)
+                self._sparse[spec.name] = _SparseShard(spec, _core.EmbeddingTable(
+                    spec.dim, optimizer.to_config(), init.to_config(), spec.seed))
+            else:
+                raise ValueError(f"table {spec.name!r}: unknown kind {spec.kind}")
             return True
 
-    def _shard(self, name: str) -> _DenseShard:
+    def _dense_shard(self, name: str) -> _DenseShard:
         shard = self._dense.get(name)
         if shard is None:
-            raise TableNotFoundError(f"no table {name!r} on {self.node}")
+            kind = " (it is an embedding table)" if name in self._sparse else ""
+            raise TableNotFoundError(f"no dense table {name!r} on {self.node}{kind}")
         return shard
+
+    def _sparse_shard(self, name: str) -> _SparseShard:
+        shard = self._sparse.get(name)
+        if shard is None:
+            kind = " (it is a dense table)" if name in self._dense else ""
+            raise TableNotFoundError(f"no embedding table {name!r} on {self.node}{kind}")
+        return shard
+
+    def _check_dense(self, op: int, piece: pb.DenseSlice) -> tuple:
+        shard = self._dense_shard(piece.table)
+        blocks = np.array(piece.blocks, dtype=np.int64)
+        length = 0
+        for b in piece.blocks:
+            if not shard.table.holds(b):
+                raise IndexError(f"table {piece.table!r}: block {b} is not held by {self.node} "
+                                 f"(it holds {len(shard.blocks)} of {shard.table.num_blocks})")
+            length += shard.table.block_length(b)
+        data = self._check_data(op, piece.table, piece.data, length,
+                                f"blocks {list(piece.blocks)} hold")
+        return shard, blocks, data, length
+
+    def _check_sparse(self, op: int, piece: pb.SparseSlice) -> tuple:
+        shard = self._sparse_shard(piece.table)
+        if op == pb.ASSIGN:
+            raise ValueError(f"table {piece.table!r}: embedding rows cannot be assigned")
+        ids = ids_view(piece.ids)
+        if self.num_servers > 1:
+            wrong = np.flatnonzero(server_of_ids(ids, self.num_servers) != self.rank)
+            if wrong.size:
+                raise ValueError(f"table {piece.table!r}: id {int(ids[wrong[0]])} belongs to "
+                                 f"server-{int(server_of_ids(ids[wrong[:1]], self.num_servers)[0])}"
+                                 f", not {self.node}")
+        dim = shard.spec.dim
+        data = self._check_data(op, piece.table, piece.data, ids.size * dim,
+                                f"{ids.size} rows of dim {dim} hold")
+        return shard, ids, None if data is None else data.reshape(ids.size, dim)
+
+    @staticmethod
+    def _check_data(op: int, table: str, payload: bytes, length: int,
+                    what: str) -> np.ndarray | None:
+        if op == pb.PULL:
+            if payload:
+                raise ValueError(f"table {table!r}: a pull carries no data")
+            return None
+        data = floats(payload)
+        if data.size != length:
+            raise ValueError(f"table {table!r}: {what} {length} elements, the request carries "
+                             f"{data.size}")
+        # A float64 sum propagates NaN/inf and cannot overflow on finite float32: one cheap pass.
+        if op != pb.ASSIGN and not np.isfinite(np.add.reduce(data, dtype=np.float64)):
+            bad = int(np.flatnonzero(~np.isfinite(data))[0])
+            raise ValueError(f"table {table!r}: gradient is not finite ({data[bad]} at element "
+                             f"{bad} of the slice)")
+        return data
 
     def handle(self, request: pb.DataRequest) -> pb.DataReply:
         """Validate every slice of a request, then apply it; reply with values if asked."""
         op = request.op
         if op not in (pb.PUSH, pb.PULL, pb.PUSH_PULL, pb.ASSIGN):
             raise ValueError(f"unknown op {op}")
-        if request.sparse:
-            raise ValueError("embedding slices are not served by this server")
-        writes = op != pb.PULL
-        work = []
-        for piece in request.dense:
-            shard = self._shard(piece.table)
-            blocks = np.array(piece.blocks, dtype=np.int64)
-            length = 0
-            for b in piece.blocks:
-                if not shard.table.holds(b):
-                    raise IndexError(f"table {piece.table!r}: block {b} is not held by {self.node} "
-                                     f"(it holds {len(shard.blocks)} of {shard.table.num_blocks})")
-                length += shard.table.block_length(b)
-            data = None
-            if writes:
-                data = floats(piece.data)
-                if data.size != length:
-                    raise ValueError(
-                        f"table {piece.table!r}: blocks {list(piece.blocks)} hold {length} "
-                        f"elements, the request carries {data.size}")
-                if op != pb.ASSIGN and not np.isfinite(data).all():
-                    bad = int(np.flatnonzero(~np.isfinite(data))[0])
-                    raise ValueError(f"table {piece.table!r}: gradient is not finite "
-                                     f"({data[bad]} in the blocks {list(piece.blocks)})")
-            elif piece.data:
-                raise ValueError(f"table {piece.table!r}: a pull carries no data")
-            work.append((shard, blocks, data, length))
+        dense = [self._check_dense(op, piece) for piece in request.dense]
+        sparse = [self._check_sparse(op, piece) for piece in request.sparse]
+        # Everything is valid: from here on nothing raises on the request's content.
         reply = pb.DataReply()
-        for shard, blocks, data, length in work:
+        reads = op in (pb.PULL, pb.PUSH_PULL)
+        for shard, blocks, data, length in dense:
             if op == pb.ASSIGN:
                 shard.table.assign_many(blocks, data)
-            elif writes:
+            elif data is not None:
                 shard.table.apply_many(blocks, data, self._apply_threads)
-            if op in (pb.PULL, pb.PUSH_PULL):
+            if reads:
                 out = np.empty(length, dtype=FLOAT)
                 shard.table.read_many(blocks, out, self._apply_threads)
                 reply.dense.append(pb.DenseSlice(table=shard.spec.name, blocks=blocks.tolist(),
                                                  data=out.tobytes()))
+        for shard, ids, rows in sparse:
+            if rows is not None:
+                shard.table.push(ids, rows, self._apply_threads)
+            if reads:
+                reply.sparse.append(pb.SparseSlice(
+                    table=shard.spec.name, ids=ids.tobytes(),
+                    data=shard.table.pull(ids, None, self._apply_threads).tobytes()))
         with self._lock:
-            nbytes_in = sum(len(p.data) for p in request.dense)
-            nbytes_out = sum(len(p.data) for p in reply.dense)
-            self.bytes_in += nbytes_in
-            self.bytes_out += nbytes_out
-            if writes and op != pb.ASSIGN:
+            self.bytes_in += sum(len(p.data) for p in request.dense) + sum(
+                len(p.ids) + len(p.data) for p in request.sparse)
+            self.bytes_out += sum(len(p.data) for p in reply.dense) + sum(
+                len(p.ids) + len(p.data) for p in reply.sparse)
+            if op in (pb.PUSH, pb.PUSH_PULL):
                 self.push_requests += 1
-                for shard, blocks, _, _ in work:
+                for shard, blocks, _, _ in dense:
                     shard.updates += len(blocks)
-            if op in (pb.PULL, pb.PUSH_PULL):
+                for shard, ids, _ in sparse:
+                    shard.updates += ids.size
+            if reads:
                 self.pull_requests += 1
         return reply
 
@@ -140,6 +209,9 @@ class _Shards:
                                  bytes_in=self.bytes_in, bytes_out=self.bytes_out)
             for name, shard in sorted(self._dense.items()):
                 out.tables.append(pb.TableStats(name=name, blocks=len(shard.blocks),
+                                                bytes=shard.table.bytes(), updates=shard.updates))
+            for name, shard in sorted(self._sparse.items()):
+                out.tables.append(pb.TableStats(name=name, rows=shard.table.num_rows(),
                                                 bytes=shard.table.bytes(), updates=shard.updates))
             return out
 
@@ -195,6 +267,8 @@ class Server:
             raise
         self.rank = self._membership.rank
         self._shards.node = f"server-{self.rank} at {self.address}"
+        self._shards.rank = self.rank
+        self._shards.num_servers = self._membership.reply.num_servers
         self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)
         log.info("server-%d serving on %s", self.rank, self.address)
         return self

@@ -27,9 +27,9 @@ def table(cluster):
 def test_bad_gradients_raise_and_change_nothing(table):
     client, t = table
     ones = np.ones((10, 10), np.float32)
-    with pytest.raises(ps.InvalidRequestError, match=r"'w': expected shape \(10, 10\), got \(10, 9\)"):
+    with pytest.raises(ps.InvalidRequestError, match=r"'w': expected a gradient of shape \(10, 10\), got \(10, 9\)"):
         t.push(np.zeros((10, 9), np.float32))
-    with pytest.raises(ps.InvalidRequestError, match="'w': expected dtype float32, got float64"):
+    with pytest.raises(ps.InvalidRequestError, match="'w': expected a gradient of dtype float32, got float64"):
         t.push(np.zeros((10, 10)))
     bad = np.zeros((10, 10), np.float32)
     bad[7, 3] = np.nan
@@ -38,7 +38,7 @@ def test_bad_gradients_raise_and_change_nothing(table):
     bad[7, 3] = np.inf
     with pytest.raises(ps.InvalidRequestError, match="not finite"):
         t.push_pull(bad)
-    with pytest.raises(ps.InvalidRequestError, match="expected a numpy float32 array"):
+    with pytest.raises(ps.InvalidRequestError, match="expected a gradient as a numpy float32 array"):
         t.push([[0.0] * 10] * 10)
     with pytest.raises(ps.TableNotFoundError, match="'nope' is not declared"):
         client.push({"nope": ones, "w": ones})  # one bad table: nothing is pushed
@@ -79,7 +79,7 @@ def test_malformed_requests_to_a_server_are_rejected_and_state_is_unchanged(clus
             assert match in info.value.details()
 
         rejected(pb.DataRequest(op=pb.PUSH, dense=[pb.DenseSlice(table="zz", blocks=[0])]),
-                 grpc.StatusCode.NOT_FOUND, "no table 'zz' on server-0")
+                 grpc.StatusCode.NOT_FOUND, "no dense table 'zz' on server-0")
         rejected(pb.DataRequest(op=pb.PUSH, dense=[pb.DenseSlice(table="w", blocks=[99],
                                                                  data=b"\0" * 120)]),
                  grpc.StatusCode.OUT_OF_RANGE, "block 99 is not held by server-0")

@@ -1,0 +1,173 @@
+"""How one call's tensors are cut for the servers, and how the replies are put back together.
+
+A worker's push, pull or push_pull names any mix of dense and embedding tables. Each table gets a
+plan: it validates the caller's arrays (before anything is sent), yields one item per server, and,
+for reads, reassembles the servers' replies into the caller's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from paramserver.errors import InvalidRequestError
+from paramserver.optim import Optimizer
+from paramserver.partition import BlockLayout, server_of_ids
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.wire import FLOAT, DenseItem, SparseItem, ids_view
+
+__all__ = ["DenseRef", "EmbeddingRef", "DensePlan", "SparsePlan"]
+
+
+@dataclass(frozen=True)
+class DenseRef:
+    """What a client knows of a dense table: shape, optimizer and block placement."""
+
+    name: str
+    shape: tuple[int, ...]
+    optimizer: Optimizer
+    layout: BlockLayout
+    by_server: dict[int, list[int]]
+
+
+@dataclass(frozen=True)
+class EmbeddingRef:
+    """What a client knows of an embedding table: row width, optimizer and server count."""
+
+    name: str
+    dim: int
+    optimizer: Optimizer
+    initializer: Any
+    seed: int
+    num_servers: int
+
+
+def _finite(name: str, flat: np.ndarray) -> None:
+    # A float64 sum propagates NaN/inf and cannot overflow on finite float32: one cheap pass.
+    if not np.isfinite(np.add.reduce(flat, dtype=np.float64)):
+        bad = int(np.flatnonzero(~np.isfinite(flat))[0])
+        raise InvalidRequestError(f"table {name!r}: gradient is not finite ({flat[bad]} at flat "
+                                  f"index {bad}); nothing was pushed")
+
+
+def _float32(name: str, value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise InvalidRequestError(f"table {name!r}: expected {what} as a numpy float32 array of "
+                                  f"shape {shape}, got {type(value).__name__}")
+    if value.dtype != np.float32:
+        raise InvalidRequestError(f"table {name!r}: expected {what} of dtype float32, got "
+                                  f"{value.dtype} (convert with .astype(np.float32))")
+    if value.shape != shape:
+        raise InvalidRequestError(f"table {name!r}: expected {what} of shape {shape}, got "
+                                  f"{value.shape}")
+    flat = np.ascontiguousarray(value).reshape(-1)
+    return flat.astype(FLOAT) if flat.dtype.byteorder == ">" else flat
+
+
+class DensePlan:
+    """One dense table in one call: whole blocks to the servers holding them."""
+
+    def __init__(self, ref: DenseRef, op: int, value: Any) -> None:
+        self.ref = ref
+        self._flat = None
+        if op != pb.PULL:
+            self._flat = _float32(ref.name, value, ref.shape,
+                                  "values" if op == pb.ASSIGN else "a gradient")
+            if op != pb.ASSIGN:
+                _finite(ref.name, self._flat)
+        self._out: np.ndarray | None = None
+
+    def items(self) -> dict[int, DenseItem]:
+        layout, flat = self.ref.layout, self._flat
+        out = {}
+        for server, blocks in self.ref.by_server.items():
+            ranges = [layout.block_range(b) for b in blocks]
+            out[server] = DenseItem(self.ref.name, blocks, [b - a for a, b in ranges],
+                                    [] if flat is None else [flat[a:b] for a, b in ranges])
+        return out
+
+    def absorb(self, piece: pb.DenseSlice) -> None:
+        if self._out is None:
+            self._out = np.empty(self.ref.layout.num_elements, dtype=FLOAT)
+        data = np.frombuffer(piece.data, dtype=FLOAT)
+        pos = 0
+        for b in piece.blocks:
+            start, stop = self.ref.layout.block_range(b)
+            self._out[start:stop] = data[pos:pos + stop - start]
+            pos += stop - start
+
+    def result(self) -> np.ndarray:
+        assert self._out is not None
+        return self._out.reshape(self.ref.shape)
+
+
+class SparsePlan:
+    """One embedding table in one call: distinct ids to the servers their hash names.
+
+    Duplicate ids are removed before sending (their gradients summed, in order of appearance, as
+    the server would) and the answer is scattered back to every position of the caller's ids.
+    """
+
+    def __init__(self, ref: EmbeddingRef, op: int, value: Any) -> None:
+        self.ref = ref
+        if op == pb.ASSIGN:
+            raise InvalidRequestError(f"table {ref.name!r}: embedding rows cannot be assigned")
+        grads = None
+        if op == pb.PULL:
+            ids = value
+        else:
+            if not isinstance(value, tuple) or len(value) != 2:
+                raise InvalidRequestError(
+                    f"table {ref.name!r}: an embedding push takes (ids, grads), got "
+                    f"{type(value).__name__}")
+            ids, grads = value
+        self._shape = _ids_shape(ref.name, ids)
+        flat_ids = np.ascontiguousarray(ids).reshape(-1).view(np.uint64)
+        self._uniq, self._inverse = np.unique(flat_ids, return_inverse=True)
+        self._summed = None
+        if grads is not None:
+            flat = _float32(ref.name, grads, self._shape + (ref.dim,), "gradients")
+            _finite(ref.name, flat)
+            rows = flat.reshape(-1, ref.dim)
+            if self._uniq.size == flat_ids.size:
+                # No duplicates: reorder to the sorted distinct ids without summing.
+                self._summed = np.empty_like(rows)
+                self._summed[self._inverse] = rows
+            else:
+                self._summed = np.zeros((self._uniq.size, ref.dim), dtype=FLOAT)
+                np.add.at(self._summed, self._inverse, rows)
+        self._rows: np.ndarray | None = None
+
+    def items(self) -> dict[int, SparseItem]:
+        owner = server_of_ids(self._uniq, self.ref.num_servers)
+        out = {}
+        for server in range(self.ref.num_servers):
+            sel = np.flatnonzero(owner == server)
+            if sel.size:
+                out[server] = SparseItem(self.ref.name, self._uniq[sel], self.ref.dim,
+                                         None if self._summed is None else self._summed[sel])
+        return out
+
+    def absorb(self, piece: pb.SparseSlice) -> None:
+        if self._rows is None:
+            self._rows = np.empty((self._uniq.size, self.ref.dim), dtype=FLOAT)
+        ids = ids_view(piece.ids)
+        # The distinct ids are sorted, so a reply's ids find their rows by binary search.
+        self._rows[np.searchsorted(self._uniq, ids)] = np.frombuffer(
+            piece.data, dtype=FLOAT).reshape(ids.size, self.ref.dim)
+
+    def result(self) -> np.ndarray:
+        if self._rows is None:  # no ids at all
+            return np.empty(self._shape + (self.ref.dim,), dtype=FLOAT)
+        return self._rows[self._inverse].reshape(self._shape + (self.ref.dim,))
+
+
+def _ids_shape(name: str, ids: Any) -> tuple[int, ...]:
+    if not isinstance(ids, np.ndarray):
+        raise InvalidRequestError(f"table {name!r}: ids must be a numpy int64 or uint64 array, "
+                                  f"got {type(ids).__name__}")
+    if ids.dtype not in (np.int64, np.uint64):
+        raise InvalidRequestError(f"table {name!r}: ids must be int64 or uint64, got {ids.dtype}")
+    return ids.shape

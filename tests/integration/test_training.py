@@ -1,0 +1,78 @@
+"""End to end: train the MLP example on real data through a launched job and check what it learned.
+
+Runs ``python -m paramserver launch --num-servers 2 --num-workers 2 -- python examples/mlp.py
+--dataset digits`` (scikit-learn's 8x8 digits, a few seconds) as a subprocess and parses the
+``RESULT {...}`` line that rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the digits dataset ships with scikit-learn")
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mlp.py"
+#: Seconds one launched job may take; the digits run takes about 3 s on 2 busy cores.
+JOB_TIMEOUT = 45.0
+#: The digits run reaches about 97% (distributed and single-process); 90% leaves room for the
+#: nondeterminism of asynchronous updates while still failing if training does not work.
+MIN_ACCURACY = 0.90
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout
+        if isinstance(output, bytes):
+            output = output.decode(errors="replace")
+        pytest.fail(f"{' '.join(args)} did not finish within {JOB_TIMEOUT} s; output so far:\n"
+                    f"{output}")
+
+
+def _launch(*example_args: str) -> subprocess.CompletedProcess[str]:
+    return _run([sys.executable, "-m", "paramserver", "launch", "--num-servers", "2",
+                 "--num-workers", "2", "--", sys.executable, str(EXAMPLE), "--dataset", "digits",
+                 *example_args])
+
+
+def _result(proc: subprocess.CompletedProcess[str]) -> dict:
+    results = [line.split("RESULT ", 1)[1] for line in proc.stdout.splitlines()
+               if "RESULT {" in line]
+    assert len(results) == 1, (f"expected one RESULT line (rank 0), found {len(results)}:\n"
+                               f"{proc.stdout}\n{proc.stderr}")
+    return json.loads(results[0])
+
+
+def test_distributed_training_learns_digits() -> None:
+    proc = _launch("--seed", "0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = _result(proc)
+    assert result["mode"] == "distributed"
+    assert result["num_workers"] == 2 and result["num_servers"] == 2
+    assert result["test_accuracy"] >= MIN_ACCURACY, result
+    # Both workers trained their shards: each printed its last epoch.
+    for rank in (0, 1):
+        assert f"rank {rank}: epoch {result['epochs']}/{result['epochs']}" in proc.stdout
+
+
+def test_unmet_target_accuracy_fails_the_launch() -> None:
+    proc = _launch("--epochs", "1", "--target-accuracy", "1.01")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    result = _result(proc)
+    assert 0.0 < result["test_accuracy"] <= 1.0
+    assert "below the target" in proc.stdout + proc.stderr
+
+
+def test_local_reference_learns_digits() -> None:
+    proc = _run([sys.executable, str(EXAMPLE), "--dataset", "digits", "--local", "--seed", "0"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = _result(proc)
+    assert result["mode"] == "local"
+    assert result["test_accuracy"] >= MIN_ACCURACY, result
