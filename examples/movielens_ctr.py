@@ -2,9 +2,11 @@
 
 Task: predict whether a user rates a movie 4 or 5 (55% of the ratings) from sparse id features
 (user, movie, demographics, zip, genres, release year) and hashed crosses (user x genre, movie x age
-bucket, ...). Every id is a 64-bit hash of (field, value) (see ``movielens_data.py``). The ratings are
-sorted by time and the latest 20% are the test set, so most test users were never seen in training:
-the model has to generalize through the movie and demographic features.
+bucket, ...). Every id is a 64-bit hash of (field, value) (see ``movielens_data.py``). The ratings
+are sorted by time; the test set is each user's latest 20% (``--split user``, the default) or the
+latest 20% of all ratings (``--split global``). The global split is mostly a cold-start task (85%
+of its test ratings are by users with no training rating) on which nothing here gets past AUC
+~0.70; the per-user split asks the usual question, a known user's next ratings, and reaches ~0.79.
 
 Model (forward and backward written by hand in numpy)::
 
@@ -16,7 +18,8 @@ Model (forward and backward written by hand in numpy)::
 One embedding table per field (14 tables), each row holding the field value's first-order weight in
 column 0 and its k-dim factor after it: a table per field lets the job report how many rows each
 feature grows (the crosses dominate), and one row per id halves the ids on the wire compared with
-separate first-order tables. Embedding rows train with Adagrad, the dense MLP and bias with Adam.
+separate first-order tables. Ids are salted by field, so the 14 tables could be merged into one
+without collisions. Embedding rows train with Adagrad, the dense MLP and bias with Adam.
 
 Run it distributed (every worker trains on its rank-strided shard of the training part; each step
 is one pull and one push, each a single RPC per server carrying all 14 tables and the dense
@@ -29,7 +32,8 @@ or as the single-process reference, same model, same update rules, tables held i
     python examples/movielens_ctr.py --local
 
 The last line of rank 0 is ``RESULT {json}`` (test AUC, log-loss, training time, rows per table).
-Exit status: 0, or 2 when ``--target-auc`` is given and not reached, or 1 when the data is missing.
+Exit status: 0; 2 when ``--target-auc`` is given and not reached (``paramserver launch`` passes a
+worker's failing code on); 3 when the data is not installed (``pip install --no-deps recbole``).
 """
 
 from __future__ import annotations
@@ -40,14 +44,21 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from movielens_data import FIELDS, SPLITS, Dataset, DatasetMissingError, Field, auc, load
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # movielens_data.py sits next to this file
+from movielens_data import (  # noqa: E402
+    FIELDS, SPLITS, Dataset, DatasetMissingError, Field, auc, load)
 
 DENSE_TABLES = ("bias", "mlp.w1", "mlp.b1", "mlp.w2")
+#: Exit code when the test AUC is below --target-auc.
+EXIT_BELOW_TARGET = 2
+#: Exit code when the MovieLens files (the recbole wheel) are not installed.
+EXIT_NO_DATA = 3
 
 
 @dataclass(frozen=True)
@@ -268,7 +279,8 @@ class DeepFM:
     """First-order weights + FM + MLP over per-field embeddings, on any client with the
     paramserver API (``paramserver.Client`` or :class:`LocalClient`)."""
 
-    def __init__(self, client: Any, api: Any, cfg: Config, fields: tuple[str, ...] = FIELDS) -> None:
+    def __init__(self, client: Any, api: Any, cfg: Config,
+                 fields: tuple[str, ...] = FIELDS) -> None:
         self.client, self.cfg, self.fields = client, cfg, fields
         k, h, nf = cfg.dim, cfg.hidden, len(fields)
         self.tables = {
@@ -326,7 +338,8 @@ class DeepFM:
         g_pre = (g[:, None] * values["mlp.w2"][:, 0]) * (pre > 0)
         grads["mlp.w1"] = x.T @ g_pre
         grads["mlp.b1"] = g_pre.sum(axis=0)
-        g_v = g[:, None, None] * (s[:, None, :] - v) + (g_pre @ values["mlp.w1"].T).reshape(b, nf, k)
+        g_v = (g[:, None, None] * (s[:, None, :] - v)                 # FM: d/dv_f = s - v_f
+               + (g_pre @ values["mlp.w1"].T).reshape(b, nf, k))
         g_e = np.concatenate([np.broadcast_to(g[:, None, None], (b, nf, 1)), g_v], axis=2)
         for i, f in enumerate(self.fields):
             lk = lookups[f]
@@ -342,7 +355,7 @@ class DeepFM:
                 for name, val in grads.items()}
 
     def train_step(self, data: Dataset, rows: np.ndarray) -> float:
-        """One step on examples ``rows``: one pull, forward, backward, one push. Returns the loss."""
+        """One step on ``rows``: one pull, forward, backward, one push; returns the loss."""
         lookups = self.lookups(data, rows)
         values = self.pull(lookups)
         logits, cache = self.forward(values, lookups)
@@ -382,7 +395,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
                    help="time-ordered split: each user's latest 20%% (user) or the latest 20%% of "
                         "all ratings (global, mostly unseen users)")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step per worker")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="examples per step per worker")
     p.add_argument("--dim", type=int, default=d.dim, help="factor size k")
     p.add_argument("--hidden", type=int, default=d.hidden, help="MLP hidden units")
     p.add_argument("--emb-lr", type=float, default=d.emb_lr, help="Adagrad learning rate")
@@ -440,7 +454,8 @@ def run(args: argparse.Namespace, cfg: Config, data: Dataset) -> dict[str, Any] 
         train_seconds = time.perf_counter() - t0
         if rank != 0:
             return None
-        rows = {f: int(t.num_rows()) for f, t in model.tables.items()}  # before eval touches new ids
+        # Count before evaluating: pulling test ids creates rows for ids training never saw.
+        rows = {f: int(t.num_rows()) for f, t in model.tables.items()}
         test = data.test
         logits = model.predict(data, test)
         y = data.labels[test]
@@ -449,8 +464,8 @@ def run(args: argparse.Namespace, cfg: Config, data: Dataset) -> dict[str, Any] 
             "test_auc": round(auc(y, logits), 5),
             "test_logloss": round(_logloss(y, logits), 5),
             "train_seconds": round(train_seconds, 2),
-            "workers": workers,
-            "servers": client.num_servers,
+            "num_workers": workers,
+            "num_servers": client.num_servers,
             "train_examples": int(data.train.size),
             "split": data.split,
             "test_examples": int(test.size),
@@ -468,18 +483,18 @@ def main(argv: list[str] | None = None) -> int:
         data = load(split=args.split)
     except DatasetMissingError as exc:
         print(f"movielens_ctr: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_NO_DATA
     result = run(args, cfg, data)
     if result is None:
         return 0
-    result["total_seconds"] = round(time.perf_counter() - t0, 2)
+    result["wall_seconds"] = round(time.perf_counter() - t0, 2)
     print(f"test AUC {result['test_auc']:.4f}  log-loss {result['test_logloss']:.4f}  "
           f"train {result['train_seconds']:.1f} s  rows {result['total_rows']}", flush=True)
     print("RESULT " + json.dumps(result, sort_keys=True), flush=True)
     if args.target_auc is not None and result["test_auc"] < args.target_auc:
         print(f"test AUC {result['test_auc']:.4f} is below the target {args.target_auc}",
               file=sys.stderr)
-        return 2
+        return EXIT_BELOW_TARGET
     return 0
 
 

@@ -45,9 +45,9 @@ class DatasetMissingError(RuntimeError):
 class Field:
     """One feature field for a set of examples.
 
-    ``ids`` is uint64 ``(n, width)``; ``weights`` is float32 ``(n, width)``: ``1/count`` on the valid
-    slots of a row (so a weighted sum is the mean over the row's ids), 0 on padding slots, whose id
-    is 0 and never looked up.
+    ``ids`` is uint64 ``(n, width)``; ``weights`` is float32 ``(n, width)``: ``1/count`` on the
+    valid slots of a row (so a weighted sum is the mean over the row's ids), 0 on padding slots,
+    whose id is 0 and never looked up.
     """
 
     ids: np.ndarray
@@ -66,8 +66,9 @@ SPLITS = ("user", "global")
 class Dataset:
     """All 100,000 ratings, sorted by timestamp (stable), as features and labels.
 
-    ``fields`` maps each name of :data:`FIELDS` to its :class:`Field`; ``labels`` is float32 (1 where
-    rating >= 4); ``train`` and ``test`` are increasing example indices (see :func:`split_rows`).
+    ``fields`` maps each name of :data:`FIELDS` to its :class:`Field`; ``labels`` is float32 (1
+    where rating >= 4); ``train`` and ``test`` are increasing example indices (see
+    :func:`split_rows`).
     """
 
     fields: dict[str, Field]
@@ -140,7 +141,7 @@ def _read_table(path: str) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-# -- hashing ----------------------------------------------------------------------------------------
+# -- hashing ---------------------------------------------------------------------------------------
 
 _U64 = np.uint64
 
@@ -182,7 +183,7 @@ def _hash_values(field: str, values: list[str]) -> np.ndarray:
     return out
 
 
-# -- features ---------------------------------------------------------------------------------------
+# -- features --------------------------------------------------------------------------------------
 
 def _age_bucket(age: str) -> str:
     try:
@@ -278,7 +279,7 @@ def load(data_dir: str | None = None, split: str = "user", test_fraction: float 
     return Dataset(fields, labels, timestamps, train, test, split)
 
 
-# -- metric -----------------------------------------------------------------------------------------
+# -- metric ----------------------------------------------------------------------------------------
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve: the Mann-Whitney statistic with average ranks for tied scores.
