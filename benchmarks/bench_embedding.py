@@ -1,4 +1,5 @@
-"""Embedding table throughput and memory, in-process, beside torch.nn.Embedding(sparse=True).
+"""Embedding table throughput and memory, in-process and through servers, beside torch.
+
 
 Scenarios (one function each, so a "through servers" section can be added beside them):
 
@@ -8,6 +9,9 @@ Scenarios (one function each, so a "through servers" section can be added beside
   forward lookup, push builds the sparse gradient and runs the optimizer step (SGD and Adagrad).
 * ``memory_core``: process RSS growth and ``bytes()`` after creating 1M rows of dim 64 with
   Adagrad, against the raw row-and-state bytes (dim x 4 x (1 + slots)).
+* ``through_servers``: a worker (this process) pulls, pushes, pulls then pushes, and push_pulls
+  the same batches through 1 and 2 server processes over gRPC on loopback; and the server's RSS
+  growth after 1M rows of dim 64 with Adagrad pushed through it.
 
 Rows/s counts requested ids (4,096 per batch, duplicates included); figures are the median over
 repetitions. After timing, the benchmark checks that paramserver and torch hold the same rows
@@ -51,10 +55,11 @@ class Settings:
     repeats: int = 5                  # timed passes; the median is reported
     memory_rows: int = 1_000_000
     memory_dim: int = 64
+    servers: tuple[int, ...] = (1, 2)
 
 
 QUICK = Settings(universe=5_000, dims=(16,), distinct=(0.3,), optimizers=("Adagrad",),
-                 threads=(1, 2), batches=2, repeats=2, memory_rows=20_000)
+                 threads=(1, 2), batches=2, repeats=2, memory_rows=20_000, servers=(1,))
 
 
 def _optimizer(name: str) -> ps.Optimizer:
@@ -232,6 +237,94 @@ def in_process(settings: Settings) -> dict[str, Any]:
     return {"throughput": results, "memory": memory, "checks": checks}
 
 
+def _server_rss(pids: list[int]) -> int:
+    import psutil
+
+    return sum(psutil.Process(pid).memory_info().rss for pid in pids)
+
+
+def through_servers(settings: Settings) -> dict[str, Any]:
+    """The runtime half: one worker, 1 and 2 servers, rows/s per worker; server memory."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from local_cluster import LocalCluster
+
+    rng = np.random.default_rng(1)
+    ids64 = rng.integers(0, 2**64, settings.universe, dtype=np.uint64)
+    results = []
+    for servers in settings.servers:
+        with LocalCluster(servers) as cluster, ps.connect(cluster.address, timeout=60) as client:
+            for dim in settings.dims:
+                grads = rng.standard_normal((BATCH, dim)).astype(np.float32)
+                for distinct in settings.distinct:
+                    batches = [ids64[b] for b in make_batches(settings, distinct, seed=dim)]
+                    emb = client.embedding(f"e{dim}_{distinct}", dim=dim,
+                                           optimizer=ps.Adagrad(lr=0.1),
+                                           init=ps.init.normal(0.0, 0.01))
+                    emb.pull(ids64)  # every row exists: steady state, not creation
+
+                    def pull() -> None:
+                        for ids in batches:
+                            emb.pull(ids)
+
+                    def push() -> None:
+                        for ids in batches:
+                            emb.push(ids, grads)
+
+                    def pull_then_push() -> None:
+                        for ids in batches:
+                            emb.pull(ids)
+                            emb.push(ids, grads)
+
+                    def push_pull() -> None:
+                        for ids in batches:
+                            emb.push_pull(ids, grads)
+
+                    rows = BATCH * len(batches)
+                    results.append({
+                        "servers": servers, "workers": 1, "dim": dim, "distinct": distinct,
+                        "optimizer": "Adagrad",
+                        "pull_rows_per_s": _median_rate(pull, rows, settings.repeats),
+                        "push_rows_per_s": _median_rate(push, rows, settings.repeats),
+                        "pull_then_push_rows_per_s": _median_rate(pull_then_push, rows,
+                                                                  settings.repeats),
+                        "push_pull_rows_per_s": _median_rate(push_pull, rows, settings.repeats)})
+    # Server memory: 1M rows of dim 64 with Adagrad pushed through one server.
+    dim, n = settings.memory_dim, settings.memory_rows
+    with LocalCluster(1) as cluster, ps.connect(cluster.address, timeout=120) as client:
+        emb = client.embedding("memory", dim=dim, optimizer=ps.Adagrad(lr=0.1),
+                               init=ps.init.normal(0.0, 0.01))
+        emb.pull(np.arange(10, dtype=np.uint64))  # the server's first request: buffers, imports
+        before = _server_rss(cluster.server_pids)
+        step = 65_536
+        grads = np.full((step, dim), 0.5, np.float32)
+        for first in range(0, n, step):
+            count = min(step, n - first)
+            ids = np.arange(first, first + count, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+            emb.push(ids, grads[:count])
+        held = emb.num_rows()
+        growth = _server_rss(cluster.server_pids) - before
+    if held != n + 9:  # id 0 is both a warm-up id and the first pushed id
+        raise AssertionError(f"expected {n + 9} rows on the server, it holds {held}")
+    raw = n * dim * 4 * 2
+    memory = {"rows": held, "dim": dim, "optimizer": "Adagrad", "raw_bytes": raw,
+              "server_rss_growth_bytes": growth, "server_rss_growth_per_raw": growth / raw}
+    return {"throughput": results, "memory": memory}
+
+
+def _targets(report: dict[str, Any]) -> dict[str, Any]:
+    servers = report["through_servers"]
+    one = [r for r in servers["throughput"]
+           if r["servers"] == 1 and r["dim"] == 64 and r["distinct"] == 1.0]
+    rate = one[0]["pull_then_push_rows_per_s"] if one else None
+    mem = servers["memory"]["server_rss_growth_per_raw"]
+    return {
+        "pull_then_push_4096x64_one_server_rows_per_s": {
+            "value": rate, "target": 1e6, "met": rate is not None and rate >= 1e6},
+        "server_memory_1M_rows_dim64_adagrad_per_raw": {
+            "value": mem, "target": 1.3, "met": mem <= 1.3},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -248,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "numpy": np.__version__},
         "in_process": in_process(settings),
-        # A "through_servers" section (workers -> gRPC -> servers) is added by the runtime's bench.
+        "through_servers": through_servers(settings),
     }
+    report["targets"] = _targets(report)
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()
@@ -265,6 +359,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['impl']:<34}{r['dim']:>5}{r['distinct']:>6.1f}{r['optimizer']:>9}{r['threads']:>4}"
               f"{r['pull_rows_per_s'] / 1e6:>13.2f}{r['push_rows_per_s'] / 1e6:>13.2f}"
               f"{r['pull_push_rows_per_s'] / 1e6:>11.2f}")
+    print(f"\nthrough servers (1 worker)\n{'servers':>8}{'dim':>5}{'dist':>6}{'pull':>10}"
+          f"{'push':>10}{'pull,push':>11}{'push_pull':>11}   (M rows/s)")
+    for r in report["through_servers"]["throughput"]:
+        print(f"{r['servers']:>8}{r['dim']:>5}{r['distinct']:>6.1f}"
+              f"{r['pull_rows_per_s'] / 1e6:>10.2f}{r['push_rows_per_s'] / 1e6:>10.2f}"
+              f"{r['pull_then_push_rows_per_s'] / 1e6:>11.2f}"
+              f"{r['push_pull_rows_per_s'] / 1e6:>11.2f}")
+    mem = report["through_servers"]["memory"]
+    print(f"server RSS growth at {mem['rows']:,} rows: {mem['server_rss_growth_bytes'] / 1e6:.0f} MB"
+          f" ({mem['server_rss_growth_per_raw']:.2f}x raw)")
+    for name, t in report["targets"].items():
+        print(f"target {name}: {t['value']} (target {t['target']}) {'MET' if t['met'] else 'NOT met'}")
     return 0
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import paramserver as ps
-from embedding_helpers import EDGE_IDS, initial_rows, make_table
+from tests.unit.embedding_helpers import EDGE_IDS, initial_rows, make_table
 
 INITS = [ps.init.zeros(), ps.init.uniform(-0.5, 0.25), ps.init.normal(0.1, 0.02)]
 

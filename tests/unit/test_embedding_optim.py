@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import paramserver as ps
-from embedding_helpers import id_pool, initial_rows, make_table
+from tests.unit.embedding_helpers import id_pool, initial_rows, make_table
 
 DIM = 6
 PUSHES = 30

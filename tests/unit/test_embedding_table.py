@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import paramserver as ps
-from embedding_helpers import EDGE_IDS, make_table
+from tests.unit.embedding_helpers import EDGE_IDS, make_table
 from paramserver import _core
 
 

@@ -1,0 +1,90 @@
+"""A job on this machine for benchmarks: the scheduler in this process, servers as processes.
+
+Servers must be separate processes (each holds the GIL while it parses requests); the scheduler is
+on the control path only, so it can share the benchmark's process. Everything is stopped on every
+path, including an exception during start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import paramserver as ps
+
+
+class LocalCluster:
+    """A scheduler and ``num_servers`` server processes; a context manager.
+
+    Attributes:
+        address: the scheduler's ``host:port``.
+        server_pids: pid of each server, by rank.
+    """
+
+    def __init__(self, num_servers: int, num_workers: int = 0, server_args: tuple[str, ...] = (),
+                 startup_timeout: float = 60.0) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="paramserver-bench-")
+        self._procs: list[subprocess.Popen] = []
+        self.server_pids: list[int] = []
+        self._scheduler = ps.Scheduler(ps.SchedulerConfig(
+            port=0, num_servers=num_servers, num_workers=num_workers)).start()
+        try:
+            files = []
+            for rank in range(num_servers):
+                ready = Path(self._tmp.name) / f"server{rank}.json"
+                files.append(ready)
+                with open(Path(self._tmp.name) / f"server{rank}.log", "w") as log:
+                    self._procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "paramserver", "server", "--scheduler",
+                         self.address, "--rank", str(rank), "--ready-file", str(ready),
+                         *server_args],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                        start_new_session=True))
+            deadline = time.monotonic() + startup_timeout
+            while not all(f.exists() for f in files):
+                for rank, proc in enumerate(self._procs):
+                    if proc.poll() is not None:
+                        log = (Path(self._tmp.name) / f"server{rank}.log").read_text()
+                        raise RuntimeError(f"server {rank} exited with {proc.returncode}:\n{log}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"servers did not start within {startup_timeout} s")
+                time.sleep(0.05)
+            self.server_pids = [json.loads(f.read_text())["pid"] for f in files]
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def address(self) -> str:
+        """The scheduler's ``host:port``."""
+        return self._scheduler.address
+
+    def stop(self) -> None:
+        """Stop the servers (SIGTERM, then SIGKILL after 5 s) and the scheduler."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._procs = []
+        self._scheduler.stop(grace=0)
+        self._tmp.cleanup()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
