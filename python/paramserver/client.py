@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Union
@@ -34,9 +34,13 @@ from paramserver.optim import Optimizer
 from paramserver.partition import BlockLayout
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.wire import FLOAT, DenseItem, optimizer_from_spec, optimizer_to_spec, pack_requests
+from paramserver.wire import (FLOAT, DenseItem, decode_reply, iter_requests, optimizer_from_spec,
+                              optimizer_to_spec)
 
 __all__ = ["Client", "DenseTable", "connect"]
+
+#: Messages of one large request in flight at once per server (see Client._send).
+_IN_FLIGHT = 64
 
 #: What ``init=`` accepts: None (zeros), an array of the table's shape, or a callable of the shape.
 Init = Union[None, np.ndarray, Callable[[tuple[int, ...]], Any]]
@@ -47,6 +51,10 @@ class _ServerRef:
     rank: int
     address: str
     stub: pb_grpc.ParameterServerStub
+    # Exchange / ExchangeStream on serialized bytes: the client encodes DataRequests and decodes
+    # DataReplies itself (paramserver.wire), copying tensor payloads once instead of 3-4 times.
+    exchange: Any = None
+    exchange_stream: Any = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ class Client:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
+        rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
         self._membership = Membership(config.scheduler, pb.WORKER, requested_rank=config.rank,
                                       num_workers=config.num_workers, timeout=config.timeout)
         try:
@@ -142,8 +151,12 @@ class Client:
             if node.role == pb.SERVER and not node.left:
                 channel = rpc.make_channel(node.address)
                 self._channels.append(channel)
-                self._servers[node.rank] = _ServerRef(node.rank, node.address,
-                                                      pb_grpc.ParameterServerStub(channel))
+                self._servers[node.rank] = _ServerRef(
+                    node.rank, node.address, pb_grpc.ParameterServerStub(channel),
+                    channel.unary_unary("/paramserver.v1.ParameterServer/Exchange",
+                                        _registered_method=True),
+                    channel.stream_stream("/paramserver.v1.ParameterServer/ExchangeStream",
+                                          _registered_method=True))
         self._tables: dict[str, _TableRef] = {}
         self._lock = threading.Lock()
         self._fanout = ThreadPoolExecutor(max_workers=max(1, len(self._servers)),
@@ -329,7 +342,7 @@ class Client:
                     [flat[start:stop] for start, stop in ranges] if flat is not None else []))
         label = f"{what} of {sorted(refs)}"
         replies = self._on_servers(
-            {self._servers[s]: pack_requests(op, its, self.config.message_bytes, self.node_id)
+            {self._servers[s]: iter_requests(op, its, self.config.message_bytes, self.node_id)
              for s, its in items.items()},
             lambda server, requests: self._send(server, requests, label))
         if op not in (pb.PULL, pb.PUSH_PULL):
@@ -337,7 +350,7 @@ class Client:
         out = {name: np.empty(int(np.prod(ref.shape)), dtype=FLOAT) for name, ref in refs.items()}
         for server_replies in replies:
             for reply in server_replies:
-                for piece in reply.dense:
+                for piece in decode_reply(reply):
                     layout = refs[piece.table].layout
                     target = out[piece.table]
                     data = np.frombuffer(piece.data, dtype=FLOAT)
@@ -369,14 +382,39 @@ class Client:
             raise first_error
         return results
 
-    def _send(self, server: _ServerRef, requests: list[pb.DataRequest],
-              label: str) -> list[pb.DataReply]:
-        if len(requests) == 1:
-            return [self._unary(server, server.stub.Exchange, requests[0], label)]
+    def _send(self, server: _ServerRef, requests: tuple[int, Iterator[bytes]],
+              label: str) -> list[bytes]:
+        count, messages = requests
+        if count == 1:  # small requests: one unary call per server
+            return [self._unary(server, server.exchange, next(messages), label)]
+        # A large request: every message as its own unary call, all in flight at once, each sent
+        # as soon as it is encoded. Measured faster than ExchangeStream, whose messages a sync
+        # gRPC server hands one by one between threads, and it lets the server apply chunks in
+        # parallel (different blocks, each with its own lock). Each message is whole blocks and
+        # is validated whole, as a stream message was. Every call is awaited before returning or
+        # raising, so none outlives this one.
+        calls, replies, error = [], [], None
         try:
-            return list(server.stub.ExchangeStream(iter(requests), timeout=self.config.timeout))
-        except grpc.RpcError as error:
+            for message in messages:
+                if len(calls) - len(replies) >= _IN_FLIGHT:
+                    try:
+                        replies.append(calls[len(replies)].result())
+                    except grpc.RpcError as exc:
+                        replies.append(None)
+                        error = error or exc
+                calls.append(server.exchange.future(message, timeout=self.config.timeout))
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
+        for call in calls[len(replies):]:
+            try:
+                replies.append(call.result())
+            except grpc.RpcError as exc:
+                error = error or exc
+        if error is not None:
             raise self._server_error(error, server, label) from None
+        return replies
 
     def _unary(self, server: _ServerRef, method: Callable[..., Any], request: Any,
                label: str) -> Any:
@@ -467,8 +505,10 @@ def _check_tensor(ref: _TableRef, value: Any, *, check_finite: bool) -> np.ndarr
     flat = np.ascontiguousarray(value).reshape(-1)
     if flat.dtype.byteorder == ">":
         flat = flat.astype(FLOAT)
-    # A float64 sum propagates NaN/inf and cannot overflow on finite float32 input: one cheap pass.
-    if check_finite and not np.isfinite(np.add.reduce(flat, dtype=np.float64)):
+    # One cheap pass: the float32 sum is finite only if every element is (NaN and inf propagate);
+    # it can also overflow on finite input, so a non-finite sum is confirmed element by element.
+    # (Measured: half the time of a float64 sum, which costs ~2 ms on a 16 MB push.)
+    if check_finite and not np.isfinite(flat.sum()) and not np.isfinite(flat).all():
         bad = int(np.flatnonzero(~np.isfinite(flat))[0])
         raise InvalidRequestError(f"table {ref.name!r}: gradient is not finite ({flat[bad]} at "
                                   f"flat index {bad}); nothing was pushed")
@@ -486,7 +526,7 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
         rank: worker rank to ask for; default ``$PARAMSERVER_RANK`` or any free rank.
         num_workers: job size; default ``$PARAMSERVER_NUM_WORKERS`` or what the scheduler knows.
         timeout: seconds for each remote call and for waiting on servers, tables and barriers.
-        message_bytes: payload bytes per gRPC message (default 4 MiB).
+        message_bytes: payload bytes per gRPC message (default 2 MiB).
 
     Raises:
         ParamServerError: no scheduler given and ``PARAMSERVER_SCHEDULER`` unset.

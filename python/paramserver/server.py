@@ -23,7 +23,8 @@ from paramserver.errors import TableMismatchError, TableNotFoundError
 from paramserver.membership import Membership
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.wire import FLOAT, describe_spec, floats, optimizer_from_spec, specs_match
+from paramserver.wire import (FLOAT, RequestView, decode_request, describe_spec, encode_reply, floats,
+                              optimizer_from_spec, specs_match)
 
 __all__ = ["Server"]
 
@@ -78,8 +79,24 @@ class _Shards:
             raise TableNotFoundError(f"no table {name!r} on {self.node}")
         return shard
 
-    def handle(self, request: pb.DataRequest) -> pb.DataReply:
+    def handle(self, request: pb.DataRequest | RequestView) -> pb.DataReply:
         """Validate every slice of a request, then apply it; reply with values if asked."""
+        reply = pb.DataReply()
+        for table, blocks, values in self.handle_slices(request):
+            reply.dense.add(table=table, blocks=blocks, data=values.tobytes())
+        return reply
+
+    def handle_bytes(self, message: bytes) -> bytes:
+        """:meth:`handle` on serialized DataRequest bytes, returning serialized DataReply bytes.
+
+        The data path: payloads are viewed in the received bytes and the reply is encoded with one
+        copy of the values (see paramserver.wire), instead of protobuf's three or four copies.
+        """
+        return encode_reply(self.handle_slices(decode_request(message)))
+
+    def handle_slices(self, request: pb.DataRequest | RequestView
+                      ) -> list[tuple[str, list[int], np.ndarray]]:
+        """:meth:`handle`'s work: the reply as ``(table, blocks, values)`` slices."""
         op = request.op
         if op not in (pb.PUSH, pb.PULL, pb.PUSH_PULL, pb.ASSIGN):
             raise ValueError(f"unknown op {op}")
@@ -110,7 +127,7 @@ class _Shards:
             elif piece.data:
                 raise ValueError(f"table {piece.table!r}: a pull carries no data")
             work.append((shard, blocks, data, length))
-        reply = pb.DataReply()
+        reply = []
         for shard, blocks, data, length in work:
             if op == pb.ASSIGN:
                 shard.table.assign_many(blocks, data)
@@ -120,11 +137,10 @@ class _Shards:
             if op in (pb.PULL, pb.PUSH_PULL):
                 out = np.empty(length, dtype=FLOAT)
                 shard.table.read_many(blocks, out, self._apply_threads)
-                reply.dense.append(pb.DenseSlice(table=shard.spec.name, blocks=blocks.tolist(),
-                                                 data=out.tobytes()))
+                reply.append((shard.spec.name, blocks.tolist(), out))
         with self._lock:
             nbytes_in = sum(len(p.data) for p in request.dense)
-            nbytes_out = sum(len(p.data) for p in reply.dense)
+            nbytes_out = sum(values.nbytes for _, _, values in reply)
             self.bytes_in += nbytes_in
             self.bytes_out += nbytes_out
             if writes and op != pb.ASSIGN:
@@ -150,13 +166,34 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
     def CreateTable(self, request: pb.CreateTableRequest, context: grpc.ServicerContext) -> pb.CreateTableReply:
         return pb.CreateTableReply(created=rpc.abort_on(context, lambda: self._shards.create(request)))
 
-    def Exchange(self, request: pb.DataRequest, context: grpc.ServicerContext) -> pb.DataReply:
-        return rpc.abort_on(context, lambda: self._shards.handle(request))
+    # Exchange and ExchangeStream are registered on raw bytes (see _data_handlers): the request
+    # is decoded inside abort_on, so a malformed message is INVALID_ARGUMENT naming the problem.
+    def Exchange(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
 
-    def ExchangeStream(self, request_iterator: Iterator[pb.DataRequest],
-                       context: grpc.ServicerContext) -> Iterator[pb.DataReply]:
+    def ExchangeStream(self, request_iterator: Iterator[bytes],
+                       context: grpc.ServicerContext) -> Iterator[bytes]:
         for request in request_iterator:
-            yield rpc.abort_on(context, lambda: self._shards.handle(request))
+            yield rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
+
+
+def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
+    """Register the ParameterServer service: the generated handlers for the control methods, and
+    Exchange/ExchangeStream without (de)serializers, on the wire bytes, which paramserver.wire
+    encodes and decodes without protobuf's copies of the payload."""
+    handlers = {
+        "CreateTable": grpc.unary_unary_rpc_method_handler(
+            service.CreateTable, request_deserializer=pb.CreateTableRequest.FromString,
+            response_serializer=pb.CreateTableReply.SerializeToString),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            service.Stats, request_deserializer=pb.StatsRequest.FromString,
+            response_serializer=pb.ServerStats.SerializeToString),
+        "Exchange": grpc.unary_unary_rpc_method_handler(service.Exchange),
+        "ExchangeStream": grpc.stream_stream_rpc_method_handler(service.ExchangeStream),
+    }
+    name = "paramserver.v1.ParameterServer"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)  # as the generated code does
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
         return self._shards.stats()
@@ -171,12 +208,12 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
         self._server = rpc.make_server(config.threads)
         self._port = rpc.bind(self._server, config.host, config.port)
         self.address = config.advertise or f"{config.host}:{self._port}"
         self._shards = _Shards(f"server at {self.address}", config.apply_threads)
-        pb_grpc.add_ParameterServerServicer_to_server(_ParameterServerService(self._shards),
-                                                      self._server)
+        _add_service(_ParameterServerService(self._shards), self._server)
         self._health = rpc.serve_health(self._server)
         self._membership: Membership | None = None
         self.rank = -1
