@@ -166,7 +166,7 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
     def CreateTable(self, request: pb.CreateTableRequest, context: grpc.ServicerContext) -> pb.CreateTableReply:
         return pb.CreateTableReply(created=rpc.abort_on(context, lambda: self._shards.create(request)))
 
-    # Exchange and ExchangeStream are registered on raw bytes (see _data_handlers): the request
+    # Exchange and ExchangeStream are registered on raw bytes (see _add_service): the request
     # is decoded inside abort_on, so a malformed message is INVALID_ARGUMENT naming the problem.
     def Exchange(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
@@ -175,6 +175,9 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
                        context: grpc.ServicerContext) -> Iterator[bytes]:
         for request in request_iterator:
             yield rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
+        return self._shards.stats()
 
 
 def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
@@ -194,9 +197,6 @@ def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
     name = "paramserver.v1.ParameterServer"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)  # as the generated code does
-
-    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
-        return self._shards.stats()
 
 
 class Server:

@@ -180,7 +180,16 @@ def _slice_head(outer_tag: bytes, pos: int, table: str, blocks: list[int], data_
     if not data_len:
         return outer_tag + _uvarint(len(body)) + body
     data_hdr = b"\x1a" + _uvarint(data_len)
-    for k in range(_ALIGN):
+    k = 0
+    for _ in range(3):  # k changes the length prefix, whose size rarely changes: 1-2 rounds
+        pad = _PAD_TAG + _SMALL_VARINTS[k] + bytes(k)
+        head = b"".join([outer_tag, _uvarint(len(body) + len(pad) + len(data_hdr) + data_len),
+                         body, pad, data_hdr])
+        miss = -(pos + len(head)) % _ALIGN
+        if not miss:
+            return head
+        k = (k + miss) % _ALIGN
+    for k in range(_ALIGN):  # not reached in practice; always terminates
         pad = _PAD_TAG + _SMALL_VARINTS[k] + bytes(k)
         head = b"".join([outer_tag, _uvarint(len(body) + len(pad) + len(data_hdr) + data_len),
                          body, pad, data_hdr])
@@ -254,6 +263,8 @@ class RequestView:
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and buf[pos] < 0x80:  # one byte: tags, small lengths and block ids
+        return buf[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= end:
