@@ -7,6 +7,8 @@ asked: never a bare ``_InactiveRpcError``, never a call without a deadline.
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any, TypeVar
@@ -23,10 +25,10 @@ from paramserver.errors import (
     TableNotFoundError,
 )
 
-__all__ = ["MAX_MESSAGE_BYTES", "make_channel", "make_server", "bind", "serve_health", "call",
+__all__ = ["MAX_MESSAGE_BYTES", "tune_malloc", "make_channel", "make_server", "bind", "serve_health", "call",
            "translate", "abort_on"]
 
-#: Hard cap on one message. Requests are cut into ~4 MB messages, so this is only a safety margin.
+#: Hard cap on one message. Requests are cut into ~2 MB messages, so this is only a safety margin.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _OPTIONS = [
@@ -38,6 +40,37 @@ _OPTIONS = [
 ]
 
 T = TypeVar("T")
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> None:
+    """Let glibc malloc reuse the memory of freed megabyte-sized buffers (once per process).
+
+    Why: every message of the data path allocates a few 1-4 MB buffers (the encoded message,
+    gRPC's copy, the received bytes, a pull's values) and frees them a moment later. By default
+    glibc serves such sizes with fresh mmap()s and returns freed heap tops to the kernel, so every
+    message pays a page fault per 4 KiB touched, which under KVM costs more than the copies
+    themselves: measured here, a 16 MB pull went from 0.46 to 0.7-0.8 GB/s with these settings.
+    Allocations up to 32 MiB (glibc's own dynamic ceiling) come from the heap and up to 256 MiB of
+    free heap is kept for reuse. Skipped off glibc, when the process set MALLOC_MMAP_THRESHOLD_ /
+    MALLOC_TRIM_THRESHOLD_ itself, or when PARAMSERVER_TUNE_MALLOC=0.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    if (os.environ.get("PARAMSERVER_TUNE_MALLOC", "1") == "0"
+            or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    mallopt(m_trim_threshold, 256 * 1024 * 1024)
 
 
 def make_channel(address: str) -> grpc.Channel:

@@ -1,14 +1,16 @@
 """Conversions between Python values and the protocol's messages.
 
-Tensors travel as raw little-endian bytes; on the way in they are viewed, never copied, with
-:func:`floats`. Requests are cut into messages of about ``message_bytes`` that carry whole blocks.
+Tensors travel as raw little-endian bytes; on the way in they are viewed, not copied, with
+:func:`floats` and :func:`ids_view`. Requests are cut into messages of about ``message_bytes`` that
+carry whole blocks and whole rows, and the data messages are encoded and decoded by hand (same
+wire format as protobuf) so a payload is copied once on each side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,8 +18,10 @@ import numpy as np
 from paramserver.optim import Adagrad, Adam, AdamW, Optimizer, SGD
 from paramserver.v1 import paramserver_pb2 as pb
 
-__all__ = ["FLOAT", "floats", "optimizer_to_spec", "optimizer_from_spec", "describe_spec",
-           "specs_match", "initializer_to_json", "initializer_from_json", "DenseItem", "SparseItem", "pack_requests", "ids_view"]
+__all__ = ["FLOAT", "floats", "ids_view", "optimizer_to_spec", "optimizer_from_spec",
+           "initializer_to_json", "initializer_from_json", "describe_spec", "specs_match",
+           "DenseItem", "SparseItem", "iter_requests", "encode_reply", "decode_request",
+           "decode_reply", "RequestView", "SliceView", "SparseView"]
 
 #: The wire dtype of tensors: float32, little-endian.
 FLOAT = np.dtype("<f4")
@@ -27,17 +31,27 @@ _KINDS = {SGD: pb.OptimizerSpec.SGD, Adagrad: pb.OptimizerSpec.ADAGRAD,
 
 
 def floats(data: bytes) -> np.ndarray:
-    """A read-only float32 view of wire bytes (no copy); ValueError if the length is not 4k."""
+    """A read-only float32 view of wire bytes (no copy unless misaligned); ValueError if the
+    length is not 4k."""
     if len(data) % 4:
         raise ValueError(f"tensor payload of {len(data)} bytes is not a whole number of float32")
-    return np.frombuffer(data, dtype=FLOAT)
+    array = np.frombuffer(data, dtype=FLOAT)
+    if not array.flags.aligned:
+        # The C++ kernels need float-aligned data. Our encoder aligns payloads (see _ALIGN); a
+        # message from another protobuf writer may not be, and pays one copy.
+        array = array.copy()
+    return array
 
 
 def ids_view(data: bytes) -> np.ndarray:
-    """A read-only uint64 view of wire id bytes (no copy); ValueError if the length is not 8k."""
+    """A read-only uint64 view of wire id bytes (no copy unless misaligned); ValueError if the
+    length is not 8k."""
     if len(data) % 8:
         raise ValueError(f"id payload of {len(data)} bytes is not a whole number of uint64")
-    return np.frombuffer(data, dtype="<u8")
+    array = np.frombuffer(data, dtype="<u8")
+    # The core needs aligned ids; embedding slices are not padded (ids are small), so a
+    # misaligned one pays a copy.
+    return array if array.flags.aligned else array.copy()
 
 
 def optimizer_to_spec(opt: Optimizer) -> pb.OptimizerSpec:
@@ -122,43 +136,31 @@ class SparseItem:
     rows: np.ndarray | None = None
 
 
-def pack_requests(op: int, items: list[DenseItem | SparseItem], message_bytes: int,
-                  node_id: str) -> list[pb.DataRequest]:
-    """Cut ``items`` into DataRequests of about ``message_bytes`` at most.
+Run = tuple[Any, int, int]
 
-    Dense items travel as whole blocks, embedding items as whole rows. Small tables share a
-    message; a large one is split at block / row boundaries; a block larger than ``message_bytes``
-    travels alone. Data is copied once, straight into the message. Always returns at least one
-    request.
+
+def _plan_messages(items: list[DenseItem | SparseItem], message_bytes: int) -> list[list[Run]]:
+    """Cut ``items`` into messages of about ``message_bytes`` at most: for each message, the
+    ``(item, i, j)`` runs it carries (blocks ``item.blocks[i:j]`` or rows ``item.ids[i:j]``).
+
+    Small tables share a message; a large one is split at block / row boundaries; a block larger
+    than ``message_bytes`` travels alone. Always at least one (maybe empty) message.
     """
-    requests = [pb.DataRequest(op=op, node_id=node_id)]
+    messages: list[list[Run]] = [[]]
     size = 0
-
-    def room() -> int:
-        return message_bytes - size
-
-    def next_message() -> None:
-        nonlocal size
-        requests.append(pb.DataRequest(op=op, node_id=node_id))
-        size = 0
-
     for item in items:
         if isinstance(item, SparseItem):
-            # Ids plus (for writes, and in the reply for reads) a row of dim floats each.
-            row_bytes = 8 + 4 * item.dim
+            row_bytes = 8 + 4 * item.dim  # the id and, in a write or its reply, the row
             i = 0
             while i < len(item.ids):
-                take = min(len(item.ids) - i, max(room() // row_bytes, 0))
-                if take == 0:
-                    if size == 0:
-                        take = 1  # a row wider than a message still travels
-                    else:
-                        next_message()
+                take = min(len(item.ids) - i, (message_bytes - size) // row_bytes)
+                if take <= 0:
+                    if size:
+                        messages.append([])
+                        size = 0
                         continue
-                ids = item.ids[i:i + take]
-                data = b"" if item.rows is None else item.rows[i:i + take].tobytes()
-                requests[-1].sparse.append(pb.SparseSlice(table=item.table, ids=ids.tobytes(),
-                                                          data=data))
+                    take = 1  # a row wider than a message still travels
+                messages[-1].append((item, i, i + take))
                 size += take * row_bytes
                 i += take
             continue
@@ -170,11 +172,266 @@ def pack_requests(op: int, items: list[DenseItem | SparseItem], message_bytes: i
                 take += item.lengths[j] * 4
                 j += 1
             if j == i:  # the current message is full: start the next one
-                next_message()
+                messages.append([])
+                size = 0
                 continue
-            data = b"".join(item.views[i:j]) if item.views else b""
-            requests[-1].dense.append(pb.DenseSlice(table=item.table, blocks=item.blocks[i:j],
-                                                    data=data))
+            messages[-1].append((item, i, j))
             size += take
             i = j
-    return requests
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# DataRequest / DataReply by hand, in protobuf's wire format.
+#
+# Why: the protobuf Python API copies a tensor payload three to four times per message (join into
+# bytes, copy into the message, SerializeToString; on the way in: parse, then a copy on every
+# ``.data`` access), which costs more than gRPC's own transfer at 4 MB messages. Encoding the
+# handful of fields of these two messages by hand copies the payload once on each side (one
+# ``b"".join`` of the header and the block views; a zero-copy memoryview when decoding). The bytes
+# on the wire are exactly those protobuf writes (the schema in paramserver.proto is unchanged), so
+# any protobuf client or server still interoperates; unknown fields are skipped as protobuf does.
+
+def _varint(value: int) -> bytes:
+    value &= 0xFFFFFFFFFFFFFFFF  # int64: negative numbers are 10-byte two's complement varints
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [_varint(v) for v in range(1 << 14)]
+
+
+def _uvarint(value: int) -> bytes:
+    return _SMALL_VARINTS[value] if 0 <= value < (1 << 14) else _varint(value)
+
+
+#: Payload alignment inside a message. A received message is a Python ``bytes`` object, whose data
+#: starts 16-byte aligned, so a payload at an offset that is a multiple of 16 can be viewed as
+#: float32 and handed to the C++ kernels without a copy (a misaligned float* is not safe there).
+_ALIGN = 16
+_PAD_TAG = b"\x7a"  # DenseSlice.align: field 15, length-delimited
+
+
+def _slice_head(outer_tag: bytes, pos: int, table: str, blocks: list[int], data_len: int) -> bytes:
+    """A DenseSlice field (as field ``outer_tag`` of its message, starting at offset ``pos``) up to
+    and including its data field's length prefix: all but the payload, which follows it and then
+    starts at a multiple of ``_ALIGN`` (padded with the ``align`` field before ``data``)."""
+    name = table.encode()
+    packed = b"".join([_uvarint(b) for b in blocks])
+    body = b"\x0a" + _uvarint(len(name)) + name
+    if blocks:
+        body += b"\x12" + _uvarint(len(packed)) + packed
+    if not data_len:
+        return outer_tag + _uvarint(len(body)) + body
+    data_hdr = b"\x1a" + _uvarint(data_len)
+    k = 0
+    for _ in range(3):  # k changes the length prefix, whose size rarely changes: 1-2 rounds
+        pad = _PAD_TAG + _SMALL_VARINTS[k] + bytes(k)
+        head = b"".join([outer_tag, _uvarint(len(body) + len(pad) + len(data_hdr) + data_len),
+                         body, pad, data_hdr])
+        miss = -(pos + len(head)) % _ALIGN
+        if not miss:
+            return head
+        k = (k + miss) % _ALIGN
+    for k in range(_ALIGN):  # not reached in practice; always terminates
+        pad = _PAD_TAG + _SMALL_VARINTS[k] + bytes(k)
+        head = b"".join([outer_tag, _uvarint(len(body) + len(pad) + len(data_hdr) + data_len),
+                         body, pad, data_hdr])
+        if (pos + len(head)) % _ALIGN == 0:
+            return head
+    raise AssertionError("unreachable: some padding of 2-17 bytes aligns the payload")
+
+
+def _sparse_field(tag: bytes, table: str, ids: np.ndarray, rows: np.ndarray | None) -> list[Any]:
+    """A SparseSlice as field ``tag`` of its message: parts to join (ids and rows not copied)."""
+    name = table.encode()
+    body = [b"\x0a" + _uvarint(len(name)) + name, b"\x12" + _uvarint(ids.nbytes), ids]
+    size = len(body[0]) + len(body[1]) + ids.nbytes
+    if rows is not None and rows.nbytes:
+        head = b"\x1a" + _uvarint(rows.nbytes)
+        body += [head, rows]
+        size += len(head) + rows.nbytes
+    return [tag + _uvarint(size)] + body
+
+
+def iter_requests(op: int, items: list[DenseItem | SparseItem], message_bytes: int,
+                  node_id: str) -> tuple[int, Iterator[bytes]]:
+    """Serialized DataRequests carrying ``items``, lazily: the number of messages, and an iterator
+    that encodes each when asked, so the first message can be on the wire while the next is being
+    built. Block data is copied once, straight from the caller's arrays into the message, and each
+    dense payload is 16-byte aligned in its message."""
+    plan = _plan_messages(items, message_bytes)
+    prefix = (b"\x08" + _uvarint(op)) if op else b""
+    name = node_id.encode()
+    suffix = b"\x22" + _uvarint(len(name)) + name if name else b""
+
+    def encode(runs: list[Run]) -> bytes:
+        parts: list[Any] = [prefix]
+        pos = len(prefix)
+        for item, i, j in runs:
+            if isinstance(item, SparseItem):
+                field = _sparse_field(b"\x1a", item.table, item.ids[i:j],
+                                      None if item.rows is None else item.rows[i:j])
+                parts += field
+                pos += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in field)
+                continue
+            views = item.views[i:j]
+            nbytes = sum(v.nbytes for v in views)
+            head = _slice_head(b"\x12", pos, item.table, item.blocks[i:j], nbytes)
+            parts.append(head)
+            parts += views
+            pos += len(head) + nbytes
+        parts.append(suffix)
+        return b"".join(parts)
+
+    return len(plan), (encode(runs) for runs in plan)
+
+
+def encode_reply(dense: list[tuple[str, list[int], np.ndarray]],
+                 sparse: list[tuple[str, np.ndarray, np.ndarray]] = ()) -> bytes:
+    """A serialized DataReply: dense slices ``(table, blocks, float32 values)`` and embedding
+    slices ``(table, uint64 ids, float32 rows)``."""
+    parts: list[Any] = []
+    pos = 0
+    for table, blocks, values in dense:
+        head = _slice_head(b"\x0a", pos, table, blocks, values.nbytes)
+        parts += [head, values]
+        pos += len(head) + values.nbytes
+    for table, ids, rows in sparse:
+        parts += _sparse_field(b"\x12", table, ids, rows)
+    return b"".join(parts)
+
+
+@dataclass
+class SliceView:
+    """One decoded DenseSlice: ``data`` is a zero-copy memoryview into the received message."""
+
+    table: str
+    blocks: list[int]
+    data: memoryview
+
+
+@dataclass
+class SparseView:
+    """One decoded SparseSlice: ``ids`` and ``data`` are zero-copy memoryviews."""
+
+    table: str
+    ids: memoryview
+    data: memoryview
+
+
+@dataclass
+class RequestView:
+    """A decoded DataRequest, with the attributes of ``pb.DataRequest`` the server reads."""
+
+    op: int
+    dense: list[SliceView]
+    sparse: list[SparseView]
+    node_id: str
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and buf[pos] < 0x80:  # one byte: tags, small lengths and block ids
+        return buf[pos], pos + 1
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise ValueError("malformed message: truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed message: varint too long")
+
+
+def _fields(buf: memoryview, pos: int, end: int):  # -> Iterator[tuple[int, int, Any]]
+    """(field number, wire type, value) of each field in buf[pos:end]; value is an int for
+    varints and fixed fields, a memoryview for length-delimited ones."""
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos, end)
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos, end)
+            if pos + length > end:
+                raise ValueError("malformed message: field runs past the end")
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if pos + size > end:
+                raise ValueError("malformed message: truncated fixed field")
+            value, pos = int.from_bytes(buf[pos:pos + size], "little"), pos + size
+        else:
+            raise ValueError(f"malformed message: wire type {wire}")
+        if field == 0:
+            raise ValueError("malformed message: field number 0")
+        yield field, wire, value
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def _decode_slice(buf: memoryview) -> SliceView:
+    table, blocks, data = "", [], buf[0:0]
+    for field, wire, value in _fields(buf, 0, len(buf)):
+        if field == 1 and wire == 2:
+            table = bytes(value).decode("utf-8")
+        elif field == 2 and wire == 2:  # packed (what protobuf writes)
+            pos, end = 0, len(value)
+            while pos < end:
+                b, pos = _read_varint(value, pos, end)
+                blocks.append(_signed64(b))
+        elif field == 2 and wire == 0:  # unpacked: parsers must accept both
+            blocks.append(_signed64(value))
+        elif field == 3 and wire == 2:
+            data = value
+    return SliceView(table, blocks, data)
+
+
+def _decode_sparse(buf: memoryview) -> SparseView:
+    table, ids, data = "", buf[0:0], buf[0:0]
+    for field, wire, value in _fields(buf, 0, len(buf)):
+        if field == 1 and wire == 2:
+            table = bytes(value).decode("utf-8")
+        elif field == 2 and wire == 2:
+            ids = value
+        elif field == 3 and wire == 2:
+            data = value
+    return SparseView(table, ids, data)
+
+
+def decode_request(message: bytes) -> RequestView:
+    """Decode serialized DataRequest bytes without copying the payloads; ValueError if malformed."""
+    buf = memoryview(message)
+    request = RequestView(0, [], [], "")
+    for field, wire, value in _fields(buf, 0, len(buf)):
+        if field == 1 and wire == 0:
+            request.op = _signed64(value)
+        elif field == 2 and wire == 2:
+            request.dense.append(_decode_slice(value))
+        elif field == 3 and wire == 2:
+            request.sparse.append(_decode_sparse(value))
+        elif field == 4 and wire == 2:
+            request.node_id = bytes(value).decode("utf-8")
+    return request
+
+
+def decode_reply(message: bytes) -> tuple[list[SliceView], list[SparseView]]:
+    """The dense and embedding slices of serialized DataReply bytes (payloads not copied)."""
+    buf = memoryview(message)
+    dense, sparse = [], []
+    for field, wire, value in _fields(buf, 0, len(buf)):
+        if field == 1 and wire == 2:
+            dense.append(_decode_slice(value))
+        elif field == 2 and wire == 2:
+            sparse.append(_decode_sparse(value))
+    return dense, sparse

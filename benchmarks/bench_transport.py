@@ -1,0 +1,650 @@
+"""Transport benchmark: paramserver push / pull / push_pull beside raw TCP and a bare gRPC call.
+
+Everything runs on this machine, in one run, so the peers share the noise of the paramserver
+figures (PERF.md: transport figures swing 25-40% on these shared 2-core machines; compare only
+within a run, and read medians).
+
+What is measured, for tensors of 4 KB .. 64 MB:
+
+* paramserver: ``push``, ``pull`` and ``push_pull`` of one dense float32 table (SGD, lr=1) from 1 and
+  2 worker processes (each on its own table) against 1 and 2 server processes (a fresh job for each
+  combination; the scheduler runs in this process, tensors never pass through it).
+* raw TCP (Python sockets, TCP_NODELAY, ``sendall``/``recv_into``): push = send N bytes, get a
+  1-byte ack; pull = send a header, get N bytes; push_pull = send N, get N back.
+* bare gRPC (grpcio, a generic unary handler on raw bytes, no protobuf, no tensor logic): push =
+  N bytes in, empty reply; pull = 8 bytes in, N bytes out; push_pull = echo of N bytes. One unary
+  message whatever N: this is the cost of a single gRPC call of that size.
+* "10M float32 parameters": push and pull of 10M values (40 MB), 1 worker, 2 servers, next to
+  dmlc/ps-lite's ``kv_app_benchmark`` figures measured on this machine type (PERF.md; ps-lite
+  cannot be installed here, so they are quoted as constants).
+
+Peers are measured from a worker process of the 1-worker jobs, interleaved size by size with the
+paramserver ops, so each comparison is made under the same load.
+
+GB/s is tensor bytes / wall time of one op (a push_pull moves the bytes both ways but counts them
+once). With 2 workers, "aggregate" is all workers' bytes over the wall time from the first start to
+the last end of the phase; "per_worker" is the median per-op rate of each worker.
+
+Results are checked: every pull and push_pull must return exactly the values implied by the
+gradients pushed so far (SGD lr=1 on small integers is exact), every peer reply must have the right
+length (and the echo the right bytes). Every process started here is stopped on every path.
+
+Usage::
+
+    python benchmarks/bench_transport.py            # table
+    python benchmarks/bench_transport.py --json     # one JSON object
+    python benchmarks/bench_transport.py --quick --json   # smoke mode: small sizes, few reps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+KB, MB = 1024, 1024 * 1024
+GB = 1e9  # PERF.md: GB = 10^9 bytes
+
+FULL_SIZES = [4 * KB, 64 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB]
+QUICK_SIZES = [4 * KB, 64 * KB, 1 * MB]
+OPS = ("push", "pull", "push_pull")
+
+#: dmlc/ps-lite kv_app_benchmark (C++, ZeroMQ), 10M keys + 10M float32 values, measured on this
+#: machine type and quoted in /work/shared/PERF.md ("Peers, same machine"): 1 server, 1 worker:
+#: push 167-178 ms, pull 244-267 ms; 2 servers, 2 workers: push 167-183 ms, pull 255-267 ms.
+PSLITE = {"source": "/work/shared/PERF.md, dmlc/ps-lite kv_app_benchmark, 10M keys + 10M floats, "
+                    "same machine type (ps-lite cannot be installed here)",
+          "push_ms": 170.0, "pull_ms": 255.0}
+TEN_M = 10_000_000
+
+#: The targets (checked here, never in tests).
+TARGET_GBPS_16MB = 1.0
+TARGET_SMALL_RATIO = 1.2
+
+
+def _reps(size: int, quick: bool) -> int:
+    if quick:
+        return 5 if size >= MB else 20
+    if size <= 64 * KB:
+        return 300
+    if size <= MB:
+        return 60
+    if size <= 4 * MB:
+        return 25
+    if size <= 16 * MB:
+        return 12
+    return 6
+
+
+def _warmup(size: int, quick: bool) -> int:
+    return 2 if quick or size >= 16 * MB else 5
+
+
+# --------------------------------------------------------------------------------------------
+# Peers: raw TCP and bare gRPC servers (each in its own process)
+
+_HDR = struct.Struct("<cQ")
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed")
+        got += n
+
+
+def _tcp_conn(conn: socket.socket) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(64 * MB + 16)
+    view = memoryview(buf)
+    hdr = bytearray(_HDR.size)
+    out_cache: dict[int, bytes] = {}
+    try:
+        while True:
+            try:
+                _recv_exact(conn, memoryview(hdr))
+            except ConnectionError:
+                return
+            op, n = _HDR.unpack(hdr)
+            if op == b"P":  # push: N bytes in, 1 byte ack
+                _recv_exact(conn, view[:n])
+                conn.sendall(b"k")
+            elif op == b"L":  # pull: N bytes out
+                data = out_cache.get(n)
+                if data is None:
+                    data = out_cache[n] = bytes(n)
+                conn.sendall(data)
+            elif op == b"E":  # echo: N in, the same N out
+                _recv_exact(conn, view[:n])
+                conn.sendall(view[:n])
+            else:
+                return
+    finally:
+        conn.close()
+
+
+def _tcp_server_main(port_queue: Any) -> None:
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    port_queue.put(("tcp", lsock.getsockname()[1]))
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=_tcp_conn, args=(conn,), daemon=True).start()
+
+
+def _grpc_server_main(port_queue: Any) -> None:
+    from concurrent import futures
+
+    import grpc
+
+    from paramserver import rpc
+
+    cache: dict[int, bytes] = {}
+
+    def pull(request: bytes, context: Any) -> bytes:
+        (n,) = struct.unpack("<Q", request)
+        data = cache.get(n)
+        if data is None:
+            data = cache[n] = bytes(n)
+        return data
+
+    handler = grpc.method_handlers_generic_handler("bench.Raw", {
+        # No serializers: requests and replies are the raw bytes.
+        "Push": grpc.unary_unary_rpc_method_handler(lambda request, context: b""),
+        "Pull": grpc.unary_unary_rpc_method_handler(pull),
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request),
+    })
+    # The same options (message limits) and thread pool shape as a paramserver server.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=rpc._OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    port_queue.put(("grpc", port))
+    server.wait_for_termination()
+
+
+class _TcpPeer:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray(64 * MB)
+        self.ack = bytearray(1)
+
+    def op(self, op: str, payload: bytes) -> None:
+        n = len(payload)
+        s = self.sock
+        if op == "push":
+            s.sendall(_HDR.pack(b"P", n))
+            s.sendall(payload)
+            _recv_exact(s, memoryview(self.ack))
+            if self.ack != b"k":
+                raise AssertionError("raw TCP push: bad ack")
+        elif op == "pull":
+            s.sendall(_HDR.pack(b"L", n))
+            _recv_exact(s, memoryview(self.buf)[:n])
+        else:
+            s.sendall(_HDR.pack(b"E", n))
+            s.sendall(payload)
+            _recv_exact(s, memoryview(self.buf)[:n])
+
+    def check_echo(self, payload: bytes) -> None:
+        if memoryview(self.buf)[:len(payload)] != payload:
+            raise AssertionError("raw TCP echo returned other bytes")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _GrpcPeer:
+    def __init__(self, port: int) -> None:
+        import grpc
+
+        from paramserver import rpc
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=rpc._OPTIONS)
+        self.push = self.channel.unary_unary("/bench.Raw/Push")
+        self.pull = self.channel.unary_unary("/bench.Raw/Pull")
+        self.echo = self.channel.unary_unary("/bench.Raw/Echo")
+        self.last = b""
+
+    def op(self, op: str, payload: bytes) -> None:
+        n = len(payload)
+        if op == "push":
+            self.last = self.push(payload, timeout=60)
+            if self.last != b"":
+                raise AssertionError("bare gRPC push: unexpected reply")
+        elif op == "pull":
+            self.last = self.pull(struct.pack("<Q", n), timeout=60)
+            if len(self.last) != n:
+                raise AssertionError(f"bare gRPC pull: {len(self.last)} bytes, expected {n}")
+        else:
+            self.last = self.echo(payload, timeout=60)
+            if len(self.last) != n:
+                raise AssertionError(f"bare gRPC echo: {len(self.last)} bytes, expected {n}")
+
+    def check_echo(self, payload: bytes) -> None:
+        if self.last != payload:
+            raise AssertionError("bare gRPC echo returned other bytes")
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Worker process
+
+def _gradient(n: int) -> Any:
+    import numpy as np
+    # Small integers: SGD(lr=1) keeps every value an exact integer, so checks can be exact.
+    return ((np.arange(n, dtype=np.int64) % 5) - 2).astype(np.float32)
+
+
+def _time_ops(fn: Any, reps: int, warmup: int, check: Any = None) -> list[float]:
+    for _ in range(warmup):
+        r = fn()
+        if check is not None:
+            check(r)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        r = fn()
+        times.append(time.perf_counter() - t0)
+        if check is not None:
+            check(r)
+    return times
+
+
+def _worker_main(args: dict[str, Any], rank: int, barrier: Any, results: Any) -> None:
+    try:
+        results.put(("ok", rank, _worker(args, rank, barrier)))
+    except BaseException:  # report, so the orchestrator fails loudly instead of hanging
+        try:
+            barrier.abort()
+        except Exception:
+            pass
+        results.put(("error", rank, traceback.format_exc()))
+
+
+def _worker(args: dict[str, Any], rank: int, barrier: Any) -> dict[str, Any]:
+    import numpy as np
+
+    import paramserver as ps
+
+    quick = args["quick"]
+    extra = {"message_bytes": args["message_bytes"]} if args["message_bytes"] else {}
+    out: dict[str, Any] = {"ps": {}, "raw_tcp": {}, "bare_grpc": {}, "ten_m": None}
+    peers = {}
+    if args.get("peers"):
+        peers = {"raw_tcp": _TcpPeer(args["peers"]["tcp"]),
+                 "bare_grpc": _GrpcPeer(args["peers"]["grpc"])}
+    with ps.connect(args["scheduler"], rank=rank, num_workers=args["workers"],
+                    timeout=120.0, **extra) as client:
+        for size in args["sizes"]:
+            n = size // 4
+            reps, warm = _reps(size, quick), _warmup(size, quick)
+            grad = _gradient(n)
+            table = client.dense(f"bench_{size}_w{rank}", (n,), ps.SGD(lr=1.0))
+            pushes = [0]  # gradients applied so far: values == -pushes * grad
+
+            def push() -> None:
+                table.push(grad)
+                pushes[0] += 1
+
+            def push_pull() -> Any:
+                out_values = table.push_pull(grad)
+                pushes[0] += 1
+                return out_values
+
+            def check(values: Any) -> None:
+                expected = -float(pushes[0]) * grad
+                if values.dtype != np.float32 or not np.array_equal(values, expected):
+                    bad = int(np.flatnonzero(values != expected)[0])
+                    raise AssertionError(
+                        f"{table.name}: pulled values differ from what was pushed (index {bad}: "
+                        f"{values[bad]} != {expected[bad]} after {pushes[0]} pushes)")
+
+            per_op = {}
+            for op in OPS:
+                fn, chk = {"push": (push, None), "pull": (table.pull, check),
+                           "push_pull": (push_pull, check)}[op]
+                barrier.wait()
+                start = time.time()
+                times = _time_ops(fn, reps, warm, chk)
+                end = time.time()
+                per_op[op] = {"times": times, "start": start, "end": end, "bytes": size}
+            check(table.pull())  # pushes are applied: the final state is exact
+            out["ps"][size] = per_op
+            # Peers, interleaved with the paramserver ops of the same size.
+            payload = grad.tobytes()
+            for name, peer in peers.items():
+                out[name][size] = {}
+                for op in OPS:
+                    chk = (lambda _r, p=peer: p.check_echo(payload)) if op == "push_pull" else None
+                    times = _time_ops(lambda p=peer, o=op: p.op(o, payload), reps, warm, chk)
+                    out[name][size][op] = {"times": times, "bytes": size}
+            del grad, payload
+        if args.get("ten_m") and rank == 0:
+            grad = _gradient(TEN_M)
+            table = client.dense("bench_10M", (TEN_M,), ps.SGD(lr=1.0))
+            reps = 3 if quick else 9
+            push_t = _time_ops(lambda: table.push(grad), reps, 2)
+            pull_t = _time_ops(table.pull, reps, 2)
+            values = table.pull()
+            if not np.array_equal(values, -float(reps + 2) * grad):
+                raise AssertionError("bench_10M: pulled values differ from what was pushed")
+            out["ten_m"] = {"push": push_t, "pull": pull_t}
+    for peer in peers.values():
+        peer.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+
+class _Job:
+    """A scheduler (in this process) and N server processes; stopped on every path."""
+
+    def __init__(self, num_servers: int, num_workers: int, server_args: list[str]) -> None:
+        import paramserver as ps
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench-transport-")
+        self.scheduler = ps.Scheduler(ps.SchedulerConfig(port=0, num_servers=num_servers,
+                                                         num_workers=num_workers)).start()
+        try:
+            files = []
+            for i in range(num_servers):
+                ready = Path(self.tmp.name) / f"server{i}.json"
+                files.append(ready)
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "paramserver", "server", "--scheduler",
+                     self.scheduler.address, "--ready-file", str(ready), *server_args],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=open(Path(self.tmp.name) / f"server{i}.log", "w"),
+                    start_new_session=True))
+            deadline = time.monotonic() + 60
+            while not all(f.exists() for f in files):
+                for i, p in enumerate(self.procs):
+                    if p.poll() is not None:
+                        log = (Path(self.tmp.name) / f"server{i}.log").read_text()
+                        raise RuntimeError(f"server {i} exited with {p.returncode}:\n{log}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("servers did not start within 60 s")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def address(self) -> str:
+        return self.scheduler.address
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs = []
+        self.scheduler.stop(grace=0)
+        self.tmp.cleanup()
+
+
+def _stop_procs(procs: list[Any]) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _run_workers(ctx: Any, job: _Job, num_workers: int, base: dict[str, Any],
+                 timeout: float) -> list[dict[str, Any]]:
+    barrier = ctx.Barrier(num_workers)
+    results = ctx.Queue()
+    procs = []
+    try:
+        for rank in range(num_workers):
+            args = dict(base, scheduler=job.address, workers=num_workers)
+            if rank != 0:
+                args.pop("peers", None)
+            p = ctx.Process(target=_worker_main, args=(args, rank, barrier, results), daemon=True)
+            p.start()
+            procs.append(p)
+        out: list[Any] = [None] * num_workers
+        deadline = time.monotonic() + timeout
+        for _ in range(num_workers):
+            while True:
+                try:
+                    status, rank, value = results.get(timeout=1.0)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"workers did not finish within {timeout:.0f} s")
+                    dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+                    if dead:
+                        raise RuntimeError(f"a worker died with exit code {dead[0].exitcode}")
+            if status != "ok":
+                raise RuntimeError(f"worker {rank} failed:\n{value}")
+            out[rank] = value
+        for p in procs:
+            p.join(timeout=10)
+        return out
+    finally:
+        _stop_procs(procs)
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _summary(times: list[float], size: int) -> dict[str, float]:
+    med = _median(times)
+    return {"ms": round(med * 1e3, 4), "gbps": round(size / med / GB, 4),
+            "ms_p10": round(sorted(times)[len(times) // 10] * 1e3, 4), "reps": len(times)}
+
+
+def _aggregate(per_worker: list[dict[str, Any]], size: int) -> dict[str, Any]:
+    start = min(w["start"] for w in per_worker)
+    end = max(w["end"] for w in per_worker)
+    ops = sum(len(w["times"]) for w in per_worker)
+    # The wall time of a phase includes the warm-up ops too; count them so GB/s is honest.
+    total_ops = ops + sum(w["warmup"] for w in per_worker)
+    return {"gbps": round(size * total_ops / (end - start) / GB, 4),
+            "per_worker": [_summary(w["times"], size) for w in per_worker]}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    sizes = args.sizes or (QUICK_SIZES if quick else FULL_SIZES)
+    ctx = mp.get_context("spawn")
+    peer_queue = ctx.Queue()
+    peer_procs = [ctx.Process(target=_tcp_server_main, args=(peer_queue,), daemon=True),
+                  ctx.Process(target=_grpc_server_main, args=(peer_queue,), daemon=True)]
+    server_args = []
+    if args.server_threads:
+        server_args += ["--threads", str(args.server_threads)]
+    if args.apply_threads:
+        server_args += ["--apply-threads", str(args.apply_threads)]
+    report: dict[str, Any] = {
+        "units": {"gbps": "10^9 tensor bytes per second (a push_pull counts its bytes once)",
+                  "ms": "median milliseconds per op"},
+        "config": {"sizes": sizes, "quick": quick, "message_bytes": args.message_bytes or "default",
+                   "servers": args.servers, "workers": args.workers, "cpus": os.cpu_count(),
+                   "server_args": server_args},
+        "paramserver": {}, "raw_tcp": {}, "bare_grpc": {}, "ten_m_float32": None, "targets": {},
+    }
+    try:
+        for p in peer_procs:
+            p.start()
+        peers = dict(peer_queue.get(timeout=60) for _ in peer_procs)
+        for num_servers in args.servers:
+            for num_workers in args.workers:
+                key = f"{num_servers}s{num_workers}w"
+                base = {"sizes": sizes, "quick": quick, "message_bytes": args.message_bytes,
+                        "peers": peers if num_workers == 1 else None,
+                        "ten_m": num_servers == 2 and num_workers == 1 and not args.no_ten_m}
+                job = _Job(num_servers, num_workers, server_args)
+                try:
+                    outs = _run_workers(ctx, job, num_workers, base, timeout=900)
+                finally:
+                    job.stop()
+                entry: dict[str, Any] = {}
+                for size in sizes:
+                    entry[str(size)] = {}
+                    for op in OPS:
+                        ws = [dict(o["ps"][size][op], warmup=_warmup(size, quick)) for o in outs]
+                        if num_workers == 1:
+                            entry[str(size)][op] = _summary(ws[0]["times"], size)
+                        else:
+                            entry[str(size)][op] = _aggregate(ws, size)
+                report["paramserver"][key] = entry
+                if num_workers == 1:
+                    for peer in ("raw_tcp", "bare_grpc"):
+                        report[peer][key] = {
+                            str(size): {op: _summary(outs[0][peer][size][op]["times"], size)
+                                        for op in OPS} for size in sizes}
+                if outs[0]["ten_m"]:
+                    t = outs[0]["ten_m"]
+                    report["ten_m_float32"] = {
+                        "setup": "10M float32 (40 MB), 1 worker, 2 servers, SGD",
+                        "push": _summary(t["push"], 4 * TEN_M),
+                        "pull": _summary(t["pull"], 4 * TEN_M),
+                        "ps_lite": PSLITE}
+    finally:
+        _stop_procs(peer_procs)
+    report["targets"] = _targets(report)
+    return report
+
+
+def _targets(report: dict[str, Any]) -> dict[str, Any]:
+    targets: dict[str, Any] = {}
+    ps_ = report["paramserver"]
+    big = str(16 * MB)
+    for op, peer_op in (("push", "push"), ("pull", "pull")):
+        # One worker, one server: the single-connection case the raw TCP peer is measured in.
+        for key in ("1s1w", "2s1w"):
+            if key in ps_ and big in ps_[key]:
+                measured = ps_[key][big][op]["gbps"]
+                targets[f"{op}_16MB_1worker_{key[0]}server"] = {
+                    "what": f"16 MB {op} from one worker, {key[0]} server(s), GB/s >= "
+                            f"{TARGET_GBPS_16MB}",
+                    "measured_gbps": measured, "threshold_gbps": TARGET_GBPS_16MB,
+                    "peer": "raw TCP one way, same run",
+                    "peer_gbps": report["raw_tcp"][key][big][peer_op]["gbps"],
+                    "bare_grpc_one_message_gbps": report["bare_grpc"][key][big][peer_op]["gbps"],
+                    "met": measured >= TARGET_GBPS_16MB}
+    ten = report.get("ten_m_float32")
+    if ten:
+        for op in ("push", "pull"):
+            measured = ten[op]["ms"]
+            targets[f"{op}_10M_float32_vs_ps_lite"] = {
+                "what": f"{op} of 10M float32 (1 worker, 2 servers) faster than ps-lite",
+                "measured_ms": measured, "peer": "dmlc/ps-lite (PERF.md constant)",
+                "peer_ms": PSLITE[f"{op}_ms"], "met": measured < PSLITE[f"{op}_ms"]}
+    small = str(4 * KB)
+    for key in ("1s1w", "2s1w"):
+        if key in ps_ and small in ps_[key]:
+            measured = ps_[key][small]["push_pull"]["ms"]
+            peer = report["bare_grpc"][key][small]["push_pull"]["ms"]
+            targets[f"push_pull_4KB_vs_bare_grpc_{key[0]}server"] = {
+                "what": f"4 KB push_pull <= {TARGET_SMALL_RATIO}x a bare gRPC echo of 4 KB, "
+                        f"{key[0]} server(s)",
+                "measured_ms": measured, "peer": "bare gRPC unary echo, same run",
+                "peer_ms": peer, "ratio": round(measured / peer, 3),
+                "limit_ratio": TARGET_SMALL_RATIO,
+                "met": measured <= TARGET_SMALL_RATIO * peer}
+    return targets
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    for key, entry in report["paramserver"].items():
+        print(f"\n== paramserver {key} (servers s, workers w) ==")
+        print(f"{'size':>8} {'op':>10} {'ms':>10} {'GB/s':>8}   "
+              f"{'tcp ms':>9} {'tcp GB/s':>8}   {'grpc ms':>9} {'grpc GB/s':>9}")
+        for size, ops in entry.items():
+            for op, r in ops.items():
+                gbps = r["gbps"]
+                ms = r["ms"] if "ms" in r else _median([w["ms"] for w in r["per_worker"]])
+                tcp = report["raw_tcp"].get(key, {}).get(size, {}).get(op)
+                grpc_ = report["bare_grpc"].get(key, {}).get(size, {}).get(op)
+                line = f"{_fmt_size(int(size)):>8} {op:>10} {ms:>10.3f} {gbps:>8.3f}"
+                if tcp:
+                    line += f"   {tcp['ms']:>9.3f} {tcp['gbps']:>8.3f}   {grpc_['ms']:>9.3f} " \
+                            f"{grpc_['gbps']:>9.3f}"
+                print(line + ("   (aggregate GB/s, per-worker median ms)" if "ms" not in r
+                              else ""))
+    if report["ten_m_float32"]:
+        t = report["ten_m_float32"]
+        print(f"\n10M float32: push {t['push']['ms']:.1f} ms, pull {t['pull']['ms']:.1f} ms "
+              f"(ps-lite: push {PSLITE['push_ms']:.0f} ms, pull {PSLITE['pull_ms']:.0f} ms)")
+    print("\ntargets:")
+    for name, t in report["targets"].items():
+        shown = {k: v for k, v in t.items() if k not in ("what",)}
+        print(f"  {'MET ' if t['met'] else 'MISS'} {name}: {shown}")
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n // MB}M" if n >= MB else f"{n // KB}K"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="smoke mode: small sizes, few reps")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        help="comma-separated tensor sizes in bytes (multiples of 4)")
+    parser.add_argument("--servers", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 2], help="server counts (default 1,2)")
+    parser.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 2], help="worker counts (default 1,2)")
+    parser.add_argument("--message-bytes", type=int, default=0,
+                        help="client message_bytes (default: paramserver's default)")
+    parser.add_argument("--server-threads", type=int, default=0)
+    parser.add_argument("--apply-threads", type=int, default=0)
+    parser.add_argument("--no-ten-m", action="store_true", help="skip the 10M float32 scenario")
+    args = parser.parse_args(argv)
+    if args.sizes and any(s <= 0 or s % 4 for s in args.sizes):
+        parser.error("sizes must be positive multiples of 4")
+
+    # SIGTERM / SIGHUP: unwind through the finally blocks so every child is stopped.
+    def _raise(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, _raise)
+    signal.signal(signal.SIGHUP, _raise)
+
+    report = run(args)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
