@@ -46,14 +46,14 @@ import signal
 import socket
 import statistics
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from local_cluster import LocalCluster  # noqa: E402  (benchmarks/ is not a package)
 
 KB, MB = 1024, 1024 * 1024
 GB = 1e9  # PERF.md: GB = 10^9 bytes
@@ -357,61 +357,6 @@ def _worker(args: dict[str, Any], rank: int, barrier: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Orchestration
 
-class _Job:
-    """A scheduler (in this process) and N server processes; stopped on every path."""
-
-    def __init__(self, num_servers: int, num_workers: int, server_args: list[str]) -> None:
-        import paramserver as ps
-        self.procs: list[subprocess.Popen] = []
-        self.tmp = tempfile.TemporaryDirectory(prefix="bench-transport-")
-        self.scheduler = ps.Scheduler(ps.SchedulerConfig(port=0, num_servers=num_servers,
-                                                         num_workers=num_workers)).start()
-        try:
-            files = []
-            for i in range(num_servers):
-                ready = Path(self.tmp.name) / f"server{i}.json"
-                files.append(ready)
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "paramserver", "server", "--scheduler",
-                     self.scheduler.address, "--ready-file", str(ready), *server_args],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=open(Path(self.tmp.name) / f"server{i}.log", "w"),
-                    start_new_session=True))
-            deadline = time.monotonic() + 60
-            while not all(f.exists() for f in files):
-                for i, p in enumerate(self.procs):
-                    if p.poll() is not None:
-                        log = (Path(self.tmp.name) / f"server{i}.log").read_text()
-                        raise RuntimeError(f"server {i} exited with {p.returncode}:\n{log}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError("servers did not start within 60 s")
-                time.sleep(0.05)
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def address(self) -> str:
-        return self.scheduler.address
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        self.procs = []
-        self.scheduler.stop(grace=0)
-        self.tmp.cleanup()
-
-
 def _stop_procs(procs: list[Any]) -> None:
     for p in procs:
         if p.is_alive():
@@ -423,7 +368,7 @@ def _stop_procs(procs: list[Any]) -> None:
             p.join()
 
 
-def _run_workers(ctx: Any, job: _Job, num_workers: int, base: dict[str, Any],
+def _run_workers(ctx: Any, job: LocalCluster, num_workers: int, base: dict[str, Any],
                  timeout: float) -> list[dict[str, Any]]:
     barrier = ctx.Barrier(num_workers)
     results = ctx.Queue()
@@ -509,7 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 base = {"sizes": sizes, "quick": quick, "message_bytes": args.message_bytes,
                         "peers": peers if num_workers == 1 else None,
                         "ten_m": num_servers == 2 and num_workers == 1 and not args.no_ten_m}
-                job = _Job(num_servers, num_workers, server_args)
+                job = LocalCluster(num_servers, num_workers, tuple(server_args))
                 try:
                     outs = _run_workers(ctx, job, num_workers, base, timeout=900)
                 finally:

@@ -51,8 +51,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # movielens_data.py sits next to this file
-from movielens_data import (  # noqa: E402
-    FIELDS, SPLITS, Dataset, DatasetMissingError, Field, auc, load)
+from movielens_data import FIELDS, SPLITS, Dataset, DatasetMissingError, Field, auc, load  # noqa: E402
 
 DENSE_TABLES = ("bias", "mlp.w1", "mlp.b1", "mlp.w2")
 #: Exit code when the test AUC is below --target-auc.

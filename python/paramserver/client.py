@@ -32,9 +32,9 @@ from paramserver.errors import (
 from paramserver.membership import Membership
 from paramserver.optim import Optimizer
 from paramserver.partition import BlockLayout, default_block_size
+from paramserver.plan import DensePlan, DenseRef, EmbeddingRef, SparsePlan
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.plan import DensePlan, DenseRef, EmbeddingRef, SparsePlan
 from paramserver.wire import (
     FLOAT,
     DenseItem,
@@ -384,8 +384,8 @@ class Client:
         self._on_servers({s: None for s in self._servers.values() if s.rank in by_server},
                          lambda server, _: create(server))
         if values is not None:
-            ref = DenseRef(spec.name, tuple(spec.shape), Optimizer.__new__(Optimizer), layout,
-                            by_server)
+            ref = DenseRef(spec.name, tuple(spec.shape), optimizer_from_spec(spec.optimizer),
+                           layout, by_server)
             self._exchange(pb.ASSIGN, {spec.name: values}, {spec.name: ref}, "initialize")
 
     def table(self, name: str) -> DenseTable | EmbeddingTable:

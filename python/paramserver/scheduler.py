@@ -21,7 +21,6 @@ from paramserver.errors import (
     NodeUnavailableError,
     PSTimeoutError,
     TableMismatchError,
-    TableNotFoundError,
 )
 from paramserver.partition import assign_blocks
 from paramserver.v1 import paramserver_pb2 as pb

@@ -21,9 +21,9 @@ from paramserver import _core, rpc
 from paramserver.config import ServerConfig
 from paramserver.errors import TableMismatchError, TableNotFoundError
 from paramserver.membership import Membership
+from paramserver.partition import server_of_ids
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.partition import server_of_ids
 from paramserver.wire import (
     FLOAT,
     RequestView,

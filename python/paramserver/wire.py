@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.optim import Adagrad, Adam, AdamW, Optimizer, SGD
+from paramserver.optim import SGD, Adagrad, Adam, AdamW, Optimizer
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["FLOAT", "floats", "ids_view", "optimizer_to_spec", "optimizer_from_spec",

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import paramserver as ps
-from tests.unit.embedding_helpers import EDGE_IDS, make_table
 from paramserver import _core
+from tests.unit.embedding_helpers import EDGE_IDS, make_table
 
 
 def test_pull_creates_rows_in_request_order_and_counts_distinct_ids() -> None:
