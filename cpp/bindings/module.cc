@@ -40,6 +40,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("validate", &paramserver::validate, py::arg("config"));
   m.def("num_slots", &paramserver::num_slots, py::arg("config"));
+  m.def("kernel_isa", &paramserver::kernel_isa);
 
   paramserver::bindings::bind_dense(m);
 }

@@ -56,4 +56,9 @@ std::string kind_name(OptimizerKind kind);
 void apply_step(const OptimizerConfig& config, float* param, const float* grad, float* const* slots,
                 std::size_t n, std::int64_t step);
 
+// The instruction set apply_step runs with on this CPU, chosen once at first use:
+// "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2 + FMA) or "baseline". The FMA-capable levels round like
+// torch's AVX2/AVX-512 kernels, the baseline like torch's default (non-FMA) kernels.
+const char* kernel_isa();
+
 }  // namespace paramserver
