@@ -2,12 +2,17 @@
 
 #include <algorithm>
 #include <exception>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
 namespace paramserver {
 
 void parallel_for(std::int64_t count, int num_threads, const std::function<void(std::int64_t)>& fn) {
+  if (num_threads < 1) {
+    throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
+  }
   const std::int64_t workers = std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads, count));
   if (workers == 1) {
     for (std::int64_t i = 0; i < count; ++i) fn(i);
