@@ -1,10 +1,16 @@
 #include "paramserver/dense_table.h"
 
 #include <algorithm>
+#include <new>
 #include <stdexcept>
 #include <string>
 
 namespace paramserver {
+
+namespace {
+// Cache-line (and AVX-512 vector) size.
+constexpr std::size_t kAlignment = 64;
+}  // namespace
 
 DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
                        const OptimizerConfig& optimizer, const std::vector<std::int64_t>& held)
@@ -24,9 +30,15 @@ DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
     if (slot) throw std::invalid_argument("block " + std::to_string(b) + " listed twice");
     slot = std::make_unique<Block>();
     const std::size_t len = block_length(b);
-    slot->values.assign(len, 0.0f);
-    slot->slots.resize(static_cast<std::size_t>(slots));
-    for (int s = 0; s < slots; ++s) slot->slots[s].assign(len, slot_initial_value(optimizer, s));
+    constexpr std::size_t kAlignFloats = kAlignment / sizeof(float);
+    slot->length = len;
+    slot->stride = (len + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
+    slot->num_slots = slots;
+    const std::size_t bytes = slot->stride * sizeof(float) * static_cast<std::size_t>(1 + slots);
+    slot->data.reset(static_cast<float*>(std::aligned_alloc(kAlignment, bytes)));
+    if (!slot->data) throw std::bad_alloc();
+    std::fill_n(slot->values(), len, 0.0f);
+    for (int s = 0; s < slots; ++s) std::fill_n(slot->slot(s), len, slot_initial_value(optimizer, s));
   };
   if (held.empty()) {
     for (std::int64_t b = 0; b < num_blocks_; ++b) make(b);
@@ -63,7 +75,7 @@ std::size_t DenseTable::block_length(std::int64_t block) const {
 std::size_t DenseTable::bytes() const {
   std::size_t total = 0;
   for (const auto& b : blocks_) {
-    if (b) total += b->values.size() * sizeof(float) * (1 + b->slots.size());
+    if (b) total += b->length * sizeof(float) * static_cast<std::size_t>(1 + b->num_slots);
   }
   return total;
 }
@@ -87,21 +99,21 @@ void DenseTable::apply(std::int64_t block, const float* grad) {
   Block& b = held(block);
   float* slot_ptrs[3] = {nullptr, nullptr, nullptr};
   std::lock_guard<std::mutex> lock(b.mu);
-  for (std::size_t s = 0; s < b.slots.size(); ++s) slot_ptrs[s] = b.slots[s].data();
-  apply_step(optimizer_, b.values.data(), grad, slot_ptrs, b.values.size(), b.step + 1);
+  for (int s = 0; s < b.num_slots; ++s) slot_ptrs[s] = b.slot(s);
+  apply_step(optimizer_, b.values(), grad, slot_ptrs, b.length, b.step + 1);
   ++b.step;
 }
 
 void DenseTable::read(std::int64_t block, float* out) const {
   const Block& b = held(block);
   std::lock_guard<std::mutex> lock(b.mu);
-  std::copy(b.values.begin(), b.values.end(), out);
+  std::copy_n(b.values(), b.length, out);
 }
 
 void DenseTable::assign(std::int64_t block, const float* values) {
   Block& b = held(block);
   std::lock_guard<std::mutex> lock(b.mu);
-  std::copy(values, values + b.values.size(), b.values.begin());
+  std::copy_n(values, b.length, b.values());
 }
 
 std::int64_t DenseTable::step(std::int64_t block) const {
@@ -112,12 +124,12 @@ std::int64_t DenseTable::step(std::int64_t block) const {
 
 void DenseTable::read_slot(std::int64_t block, int slot, float* out) const {
   const Block& b = held(block);
-  if (slot < 0 || static_cast<std::size_t>(slot) >= b.slots.size()) {
+  if (slot < 0 || slot >= b.num_slots) {
     throw std::out_of_range("slot " + std::to_string(slot) + " out of range [0, " +
-                            std::to_string(b.slots.size()) + ")");
+                            std::to_string(b.num_slots) + ")");
   }
   std::lock_guard<std::mutex> lock(b.mu);
-  std::copy(b.slots[slot].begin(), b.slots[slot].end(), out);
+  std::copy_n(b.slot(slot), b.length, out);
 }
 
 void DenseTable::restore_block(std::int64_t block, const float* values, const float* const* slots,
@@ -125,10 +137,8 @@ void DenseTable::restore_block(std::int64_t block, const float* values, const fl
   Block& b = held(block);
   if (step < 0) throw std::invalid_argument("step must be >= 0, got " + std::to_string(step));
   std::lock_guard<std::mutex> lock(b.mu);
-  std::copy(values, values + b.values.size(), b.values.begin());
-  for (std::size_t s = 0; s < b.slots.size(); ++s) {
-    std::copy(slots[s], slots[s] + b.values.size(), b.slots[s].begin());
-  }
+  std::copy_n(values, b.length, b.values());
+  for (int s = 0; s < b.num_slots; ++s) std::copy_n(slots[s], b.length, b.slot(s));
   b.step = step;
 }
 

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -56,11 +57,17 @@ class DenseTable {
                      std::int64_t step);
 
  private:
+  // One allocation per block: the values, then each slot, each starting on a 64-byte boundary so
+  // that the kernels' vector loads and stores never straddle a cache line.
   struct Block {
-    std::vector<float> values;
-    std::vector<std::vector<float>> slots;
+    std::size_t length = 0;
+    std::size_t stride = 0;  // floats from the start of one array to the next
+    int num_slots = 0;
+    std::unique_ptr<float, void (*)(void*)> data{nullptr, &std::free};
     std::int64_t step = 0;
     mutable std::mutex mu;
+    float* values() const { return data.get(); }
+    float* slot(int s) const { return data.get() + (1 + static_cast<std::size_t>(s)) * stride; }
   };
   Block& held(std::int64_t block);
   const Block& held(std::int64_t block) const;
