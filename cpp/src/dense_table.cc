@@ -5,11 +5,33 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace paramserver {
 
 namespace {
+
 // Cache-line (and AVX-512 vector) size.
 constexpr std::size_t kAlignment = 64;
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+
+std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
+
+// `bytes` of memory aligned for the kernels; huge-page backed where the OS allows it.
+float* allocate_arena(std::size_t bytes) {
+  const std::size_t align = bytes >= kHugePage ? kHugePage : kAlignment;
+  const std::size_t size = round_up(bytes, align);
+  void* p = std::aligned_alloc(align, size);
+  if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // Advice only: with THP disabled it fails or is ignored, and the table still works.
+  if (align == kHugePage) (void)madvise(p, size, MADV_HUGEPAGE);
+#endif
+  return static_cast<float*>(p);
+}
+
 }  // namespace
 
 DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
@@ -21,29 +43,38 @@ DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
   num_blocks_ = static_cast<std::int64_t>((num_elements + block_size - 1) / block_size);
   blocks_.resize(static_cast<std::size_t>(num_blocks_));
   const int slots = num_slots(optimizer);
-  auto make = [&](std::int64_t b) {
+  constexpr std::size_t kAlignFloats = kAlignment / sizeof(float);
+
+  std::vector<std::int64_t> ids = held;
+  if (ids.empty()) {
+    ids.resize(static_cast<std::size_t>(num_blocks_));
+    for (std::int64_t b = 0; b < num_blocks_; ++b) ids[static_cast<std::size_t>(b)] = b;
+  }
+  std::size_t total = 0;  // floats in the arena
+  for (std::int64_t b : ids) {
     if (b < 0 || b >= num_blocks_) {
       throw std::invalid_argument("block " + std::to_string(b) + " out of range [0, " +
                                   std::to_string(num_blocks_) + ")");
     }
-    auto& slot = blocks_[static_cast<std::size_t>(b)];
-    if (slot) throw std::invalid_argument("block " + std::to_string(b) + " listed twice");
-    slot = std::make_unique<Block>();
-    const std::size_t len = block_length(b);
-    constexpr std::size_t kAlignFloats = kAlignment / sizeof(float);
-    slot->length = len;
-    slot->stride = (len + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
-    slot->num_slots = slots;
-    const std::size_t bytes = slot->stride * sizeof(float) * static_cast<std::size_t>(1 + slots);
-    slot->data.reset(static_cast<float*>(std::aligned_alloc(kAlignment, bytes)));
-    if (!slot->data) throw std::bad_alloc();
-    std::fill_n(slot->values(), len, 0.0f);
-    for (int s = 0; s < slots; ++s) std::fill_n(slot->slot(s), len, slot_initial_value(optimizer, s));
-  };
-  if (held.empty()) {
-    for (std::int64_t b = 0; b < num_blocks_; ++b) make(b);
-  } else {
-    for (std::int64_t b : held) make(b);
+    auto& block = blocks_[static_cast<std::size_t>(b)];
+    if (block) throw std::invalid_argument("block " + std::to_string(b) + " listed twice");
+    block = std::make_unique<Block>();
+    block->length = block_length(b);
+    block->stride = round_up(block->length, kAlignFloats);
+    block->num_slots = slots;
+    total += block->stride * static_cast<std::size_t>(1 + slots);
+  }
+  arena_.reset(allocate_arena(total * sizeof(float)));
+  // Blocks in ascending id order, so a batched call over consecutive ids walks memory forward.
+  float* next = arena_.get();
+  for (auto& block : blocks_) {
+    if (!block) continue;
+    block->base = next;
+    next += block->stride * static_cast<std::size_t>(1 + slots);
+    std::fill_n(block->values(), block->length, 0.0f);
+    for (int s = 0; s < slots; ++s) {
+      std::fill_n(block->slot(s), block->length, slot_initial_value(optimizer, s));
+    }
   }
 }
 
