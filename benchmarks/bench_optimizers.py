@@ -114,7 +114,8 @@ def _core_table(name: str, n: int, block: int) -> tuple[_core.DenseTable, np.nda
 
 
 def _torch_optimizer(name: str, param: torch.Tensor, impl: str) -> torch.optim.Optimizer:
-    return THEIRS[name]([param], **HYPER[name], **{impl: True})
+    opt: torch.optim.Optimizer = THEIRS[name]([param], **HYPER[name], **{impl: True})
+    return opt
 
 
 def check_small(name: str, steps: int = 5, n: int = 4099) -> dict[str, float]:

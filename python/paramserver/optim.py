@@ -26,11 +26,11 @@ def _number(name: str, value: Any, *, label: str | None = None, low: float = 0.0
     """``value`` as a float, or an error naming the argument ``name`` (and torch's ``label``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or value > high or (high_open and value >= high):
+    number = float(value)
+    if not math.isfinite(number) or number < low or number > high or (high_open and number >= high):
         bound = f"in [{low}, {high})" if high_open else f">= {low}"
-        raise ValueError(f"Invalid {label or name}: {name}={value!r} (must be finite and {bound})")
-    return value
+        raise ValueError(f"Invalid {label or name}: {name}={number!r} (must be finite and {bound})")
+    return number
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -82,7 +82,8 @@ class Optimizer:
         return _core.num_slots(self.to_config())
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.hyperparameters() == other.hyperparameters()  # type: ignore[attr-defined]
+        return isinstance(other, Optimizer) and type(self) is type(other) and (
+            self.hyperparameters() == other.hyperparameters())
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, tuple(self.hyperparameters().items())))
@@ -254,7 +255,7 @@ def optimizer_from_dict(description: dict[str, Any]) -> Optimizer:
     """Rebuild an optimizer from :meth:`Optimizer.to_dict` output; ``ValueError`` if malformed."""
     values = dict(description)
     name = values.pop("name", None)
-    cls = _BY_NAME.get(name)  # type: ignore[arg-type]
+    cls = _BY_NAME.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(_BY_NAME)}")
     if "betas" in values:

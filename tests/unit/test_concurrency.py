@@ -1,4 +1,4 @@
-"""Concurrent updates from many Python threads (apply releases the GIL) lose nothing and tear nothing.
+"""Concurrent updates from many Python threads (apply releases the GIL): nothing lost or torn.
 
 SGD with lr=1 and integer-valued gradients makes every update exact in float32 as long as all
 partial sums stay below 2**24, so the final values must equal the serial sum exactly, whatever the
@@ -126,7 +126,8 @@ def test_apply_many_two_threads_equals_serial() -> None:
         for j, i in enumerate(ids):
             b.apply(int(i), packed[offsets[j]:offsets[j + 1]])
     np.testing.assert_array_equal(_read_all(a), _read_all(b))
-    np.testing.assert_array_equal(_read_all(a), -grads.sum(axis=0, dtype=np.float64).astype(np.float32))
+    expected = -grads.sum(axis=0, dtype=np.float64)
+    np.testing.assert_array_equal(_read_all(a), expected.astype(np.float32))
 
 
 def test_reads_never_see_a_half_applied_update() -> None:

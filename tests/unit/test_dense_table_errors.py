@@ -67,8 +67,10 @@ BIG_ENDIAN = _grad(L0, ">f4")
 CASES: list[tuple[str, Callable[[_core.DenseTable], Any], type[Exception], str]] = [
     ("apply float64", lambda t: t.apply(0, _grad(L0, np.float64)), TypeError,
      "grad must be a numpy float32 array, got dtype float64"),
-    ("apply int32", lambda t: t.apply(0, _grad(L0, np.int32)), TypeError, "float32.*got dtype int32"),
-    ("apply int64", lambda t: t.apply(0, _grad(L0, np.int64)), TypeError, "float32.*got dtype int64"),
+    ("apply int32", lambda t: t.apply(0, _grad(L0, np.int32)), TypeError,
+     "float32.*got dtype int32"),
+    ("apply int64", lambda t: t.apply(0, _grad(L0, np.int64)), TypeError,
+     "float32.*got dtype int64"),
     ("apply float16", lambda t: t.apply(0, _grad(L0, np.float16)), TypeError, "got dtype float16"),
     ("apply big-endian float32", lambda t: t.apply(0, BIG_ENDIAN), TypeError, "float32"),
     # Not an array at all: pybind11 refuses it, naming the numpy.ndarray it expected.
@@ -78,7 +80,8 @@ CASES: list[tuple[str, Callable[[_core.DenseTable], Any], type[Exception], str]]
      f"grad must have {L0} elements, got {L0 - 1}"),
     ("apply long", lambda t: t.apply(10, _grad(L0)), ValueError, f"must have {L10} elements"),
     ("apply non-contiguous", lambda t: t.apply(0, NONCONTIG), ValueError, "C-contiguous"),
-    ("apply block -1", lambda t: t.apply(-1, _grad(L0)), IndexError, r"block -1 out of range \[0, 11\)"),
+    ("apply block -1", lambda t: t.apply(-1, _grad(L0)), IndexError,
+     r"block -1 out of range \[0, 11\)"),
     ("apply block 11", lambda t: t.apply(11, _grad(L0)), IndexError, "block 11 out of range"),
     ("apply not held", lambda t: t.apply(1, _grad(L0)), IndexError, "block 1 is not held"),
     ("assign float64", lambda t: t.assign(2, _grad(L0, np.float64)), TypeError, "values.*float64"),

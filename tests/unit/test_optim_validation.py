@@ -16,7 +16,8 @@ PAIRS = [(optim.SGD, torch.optim.SGD), (optim.Adagrad, torch.optim.Adagrad),
          (optim.Adam, torch.optim.Adam), (optim.AdamW, torch.optim.AdamW)]
 # torch arguments that choose an implementation (or, for Adam's decoupled_weight_decay, a different
 # optimizer: paramserver spells that AdamW), not a hyperparameter of the update.
-TORCH_ONLY = {"params", "foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay"}
+TORCH_ONLY = {"params", "foreach", "fused", "capturable", "differentiable",
+              "decoupled_weight_decay"}
 
 NONNEGATIVE = {"lr", "momentum", "weight_decay", "lr_decay", "initial_accumulator_value", "eps"}
 BAD_NONNEGATIVE = [-1e-9, -1.0, math.nan, math.inf, -math.inf]
@@ -29,7 +30,7 @@ def test_signature_matches_torch(ours: type[optim.Optimizer], theirs: type) -> N
                     if p.name not in TORCH_ONLY]
     assert [p.name for p in mine] == [p.name for p in torch_params]
     for a, b in zip(mine, torch_params):
-        assert a.default == b.default, f"{ours.__name__}({a.name}) default {a.default!r} != {b.default!r}"
+        assert a.default == b.default, f"{ours.__name__}({a.name}): {a.default!r} != {b.default!r}"
         assert a.kind == b.kind, f"{ours.__name__}({a.name}) is {a.kind}, torch's is {b.kind}"
     # The descriptions list exactly these names, in this order.
     assert ours._fields == tuple(p.name for p in mine)

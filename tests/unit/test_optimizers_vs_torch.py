@@ -1,8 +1,8 @@
 """The core's optimizers held to ``torch.optim`` step by step.
 
 Every optimizer and each of its hyperparameters runs 100 steps of random gradients on a tensor whose
-size is not a multiple of the block size, through a :class:`paramserver._core.DenseTable`, beside the
-same optimizer in torch (single-tensor path, ``foreach=False``, which is also torch's CPU default).
+size is not a multiple of the block size, through a :class:`paramserver._core.DenseTable`, beside
+the same optimizer in torch (single-tensor path, ``foreach=False``, also torch's CPU default).
 After *every* step the parameters and every optimizer-state slot are compared with
 
     |core - torch| <= RTOL * |torch| + ATOL_SCALE * max|torch|        (element-wise)
@@ -77,9 +77,9 @@ def _assert_close(what: str, step: int, core: np.ndarray, ref: np.ndarray) -> No
     bad = np.flatnonzero(err > bound)
     if bad.size:
         i = int(bad[np.argmax(err[bad] - bound[bad])])
-        pytest.fail(f"{what} differs from torch after step {step} at element {i}: core {core[i]!r}, "
-                    f"torch {ref[i]!r} (|diff| {err[i]:.3g} > bound {bound[i]:.3g}; "
-                    f"{bad.size} elements out of bound)")
+        pytest.fail(f"{what} differs from torch after step {step} at element {i}: "
+                    f"core {core[i]!r}, torch {ref[i]!r} (|diff| {err[i]:.3g} > "
+                    f"bound {bound[i]:.3g}; {bad.size} elements out of bound)")
 
 
 def _gradients(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -106,7 +106,7 @@ def test_matches_torch_every_step(ours: optim.Optimizer, theirs: type[torch.opti
     slot = np.empty(NUM_ELEMENTS, np.float32)
     for step in range(1, STEPS + 1):
         g = _gradients(rng, NUM_ELEMENTS)
-        # Exercise every update path of the table: one call per block, and batched on 1 or 2 threads.
+        # Every update path of the table: one call per block, batched on 1 or 2 threads.
         if step % 3 == 0:
             for b in blocks:
                 off = table.block_offset(int(b))
