@@ -20,12 +20,14 @@ Usage::
     python benchmarks/bench_optimizers.py            # 64M elements, 1 and 2 threads, table
     python benchmarks/bench_optimizers.py --json     # one JSON object on stdout
     python benchmarks/bench_optimizers.py --quick --json   # small and fast (smoke test)
+    python benchmarks/bench_optimizers.py --torch-thp      # torch on huge pages too: kernels alone
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,10 +37,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import torch
 
-import paramserver
-from paramserver import _core, optim
+# The core backs its tables with transparent huge pages; torch's CPU allocator does so only when
+# THP_MEM_ALLOC_ENABLE=1, which it reads once, early. --torch-thp sets it before torch loads, to
+# compare the kernels alone on equal pages.
+if "--torch-thp" in sys.argv[1:]:
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+import torch  # noqa: E402
+
+import paramserver  # noqa: E402
+from paramserver import _core, optim  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 IMPLS = ("paramserver", "numpy", "torch_fused", "torch_foreach")
@@ -213,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="subset of sgd,adagrad,adam")
     ap.add_argument("--quick", action="store_true",
                     help="1M elements, 3 reps: checks that everything runs, figures meaningless")
+    ap.add_argument("--torch-thp", action="store_true",
+                    help="give torch transparent huge pages too (THP_MEM_ALLOC_ENABLE=1)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.quick:
@@ -226,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         "config": {"elements": args.elements, "block_elements": block, "reps": args.reps,
                    "warmup": args.warmup, "threads": threads, "quick": args.quick,
+                   "torch_thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
                    "unit": "G elements/s (median)", "kernel_isa": _core.kernel_isa(),
                    "paramserver": paramserver.__version__, "torch": torch.__version__,
                    "numpy": np.__version__, "cpu": platform.processor() or platform.machine()},
