@@ -1,6 +1,10 @@
 #include "kernels.h"
 
+#include <atomic>
 #include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 
 // Rounding model. torch's single-tensor optimizers are chains of ATen ops, and each op rounds in
 // a fixed way that we reproduce operation for operation (checked against torch 2.13 on AVX-512 and
@@ -59,9 +63,22 @@ Isa detect_isa() {
 #endif
 }
 
-Isa isa() {
-  static const Isa cached = detect_isa();
-  return cached;
+const Isa kDetected = detect_isa();
+// The level in use: the detected one unless lowered by select_isa (tests of the other code paths).
+std::atomic<Isa> g_isa{kDetected};
+
+Isa isa() { return g_isa.load(std::memory_order_relaxed); }
+
+const char* name_of(Isa level) {
+  switch (level) {
+    case Isa::kV4:
+      return "x86-64-v4";
+    case Isa::kV3:
+      return "x86-64-v3";
+    case Isa::kBaseline:
+      break;
+  }
+  return "baseline";
 }
 
 #if PS_X86_DISPATCH
@@ -288,16 +305,20 @@ void adam(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, fl
 
 void add_into(float* out, const float* in, std::size_t n) { dispatch<AddInto>(out, in, n); }
 
-const char* isa_name() {
-  switch (isa()) {
-    case Isa::kV4:
-      return "x86-64-v4";
-    case Isa::kV3:
-      return "x86-64-v3";
-    case Isa::kBaseline:
-      break;
+const char* isa_name() { return name_of(isa()); }
+
+void select_isa(const char* name) {
+  for (Isa level : {Isa::kBaseline, Isa::kV3, Isa::kV4}) {
+    if (std::strcmp(name, name_of(level)) != 0) continue;
+    if (static_cast<int>(level) > static_cast<int>(kDetected)) {
+      throw std::invalid_argument(std::string("this CPU does not support ") + name +
+                                  " (best: " + name_of(kDetected) + ")");
+    }
+    g_isa.store(level, std::memory_order_relaxed);
+    return;
   }
-  return "baseline";
+  throw std::invalid_argument(std::string("unknown instruction set '") + name +
+                              "' (expected x86-64-v4, x86-64-v3 or baseline)");
 }
 
 }  // namespace paramserver::kernels

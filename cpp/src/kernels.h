@@ -46,5 +46,8 @@ void add_into(float* out, const float* in, std::size_t n);
 
 // The instruction set the kernels run with on this CPU: "x86-64-v4", "x86-64-v3" or "baseline".
 const char* isa_name();
+// Use the named level instead of the detected one (for testing every code path on one machine).
+// Throws std::invalid_argument for an unknown name or a level this CPU lacks.
+void select_isa(const char* name);
 
 }  // namespace paramserver::kernels

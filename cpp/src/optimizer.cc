@@ -141,4 +141,6 @@ void apply_step(const OptimizerConfig& c, float* param, const float* grad, float
 
 const char* kernel_isa() { return kernels::isa_name(); }
 
+void set_kernel_isa(const std::string& name) { kernels::select_isa(name.c_str()); }
+
 }  // namespace paramserver

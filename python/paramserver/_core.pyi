@@ -68,6 +68,10 @@ def num_slots(config: OptimizerConfig) -> int:
 def kernel_isa() -> str:
     """Instruction set the kernels run with here: "x86-64-v4", "x86-64-v3" or "baseline"."""
 
+def set_kernel_isa(name: str) -> None:
+    """Run the kernels at a lower level than detected (tests); process-wide. ValueError if the
+    name is unknown or the CPU lacks it."""
+
 class DenseTable:
     """A flat float32 tensor cut into fixed-size blocks, each with its own optimizer state and step.
 

@@ -17,6 +17,7 @@ cannot hide a real difference in any element of normal size.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,23 @@ for _cls, _torch_cls in [(optim.Adam, torch.optim.Adam), (optim.AdamW, torch.opt
         _case(_cls(**_kw), _torch_cls)
 
 
+def _supported_isas() -> list[str]:
+    native = _core.kernel_isa()
+    levels = ["baseline", "x86-64-v3", "x86-64-v4"]
+    return levels[:levels.index(native) + 1]
+
+
+@pytest.fixture(params=_supported_isas())
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each kernel code path this CPU can run (the baseline one rounds without FMA)."""
+    native = _core.kernel_isa()
+    _core.set_kernel_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _core.set_kernel_isa(native)
+
+
 def _torch_state(opt: torch.optim.Optimizer, p: torch.Tensor, kind: str) -> list[np.ndarray]:
     state = opt.state[p]
     names = {"SGD": ["momentum_buffer"], "Adagrad": ["sum"],
@@ -90,7 +108,8 @@ def _gradients(rng: np.random.Generator, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("ours,theirs,kwargs", CASES, ids=[repr(c[0]) for c in CASES])
 def test_matches_torch_every_step(ours: optim.Optimizer, theirs: type[torch.optim.Optimizer],
-                                  kwargs: dict[str, Any]) -> None:
+                                  kwargs: dict[str, Any], isa: str) -> None:
+    assert _core.kernel_isa() == isa
     rng = np.random.default_rng(1234)
     x0 = rng.standard_normal(NUM_ELEMENTS).astype(np.float32)
     table = _core.DenseTable(NUM_ELEMENTS, BLOCK_SIZE, ours.to_config())
@@ -150,5 +169,17 @@ def test_sgd_is_bit_exact() -> None:
     np.testing.assert_array_equal(out, p.detach().numpy())
 
 
-def test_kernel_isa_is_reported() -> None:
-    assert _core.kernel_isa() in {"x86-64-v4", "x86-64-v3", "baseline"}
+def test_kernel_isa_is_reported_and_selectable() -> None:
+    native = _core.kernel_isa()
+    assert native in {"x86-64-v4", "x86-64-v3", "baseline"}
+    with pytest.raises(ValueError, match="unknown instruction set 'avx9'"):
+        _core.set_kernel_isa("avx9")
+    if native != "x86-64-v4":
+        with pytest.raises(ValueError, match="does not support x86-64-v4"):
+            _core.set_kernel_isa("x86-64-v4")
+    try:
+        _core.set_kernel_isa("baseline")
+        assert _core.kernel_isa() == "baseline"
+    finally:
+        _core.set_kernel_isa(native)
+    assert _core.kernel_isa() == native
