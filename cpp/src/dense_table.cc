@@ -1,6 +1,7 @@
 #include "paramserver/dense_table.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -16,6 +17,8 @@ namespace {
 // Cache-line (and AVX-512 vector) size.
 constexpr std::size_t kAlignment = 64;
 constexpr std::size_t kHugePage = std::size_t{2} << 20;
+// Largest arena, in floats, whose byte size (rounded up to a huge page) still fits in size_t.
+constexpr std::size_t kMaxFloats = (SIZE_MAX - kHugePage) / sizeof(float);
 
 std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
 
@@ -40,7 +43,10 @@ DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
   if (num_elements == 0) throw std::invalid_argument("num_elements must be > 0");
   if (block_size == 0) throw std::invalid_argument("block_size must be > 0");
   validate(optimizer);
-  num_blocks_ = static_cast<std::int64_t>((num_elements + block_size - 1) / block_size);
+  // Not (n + size - 1) / size, which wraps for n near SIZE_MAX.
+  const std::size_t blocks = num_elements / block_size + (num_elements % block_size != 0 ? 1 : 0);
+  if (blocks > static_cast<std::size_t>(INT64_MAX)) throw std::bad_alloc();
+  num_blocks_ = static_cast<std::int64_t>(blocks);
   blocks_.resize(static_cast<std::size_t>(num_blocks_));
   const int slots = num_slots(optimizer);
   constexpr std::size_t kAlignFloats = kAlignment / sizeof(float);
@@ -60,9 +66,16 @@ DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
     if (block) throw std::invalid_argument("block " + std::to_string(b) + " listed twice");
     block = std::make_unique<Block>();
     block->length = block_length(b);
+    // Checked so that an absurd size fails as MemoryError instead of wrapping to a small arena.
+    if (block->length > kMaxFloats) throw std::bad_alloc();
     block->stride = round_up(block->length, kAlignFloats);
     block->num_slots = slots;
-    total += block->stride * static_cast<std::size_t>(1 + slots);
+    const std::size_t floats = block->stride * static_cast<std::size_t>(1 + slots);
+    if (block->stride > kMaxFloats / static_cast<std::size_t>(1 + slots) ||
+        floats > kMaxFloats - total) {
+      throw std::bad_alloc();
+    }
+    total += floats;
   }
   arena_.reset(allocate_arena(total * sizeof(float)));
   // Blocks in ascending id order, so a batched call over consecutive ids walks memory forward.

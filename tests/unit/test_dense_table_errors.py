@@ -163,6 +163,15 @@ def test_constructor_rejects_bad_shapes(kwargs: dict[str, Any], pattern: str) ->
         _core.DenseTable(optimizer=optim.SGD().to_config(), **kwargs)
 
 
+# Sizes whose byte count overflows size_t: rejected before any allocation (a merely huge size
+# would depend on the machine's overcommit policy, so none is tried here).
+@pytest.mark.parametrize("num_elements,block_size", [(2**62, 2**62), (2**64 - 1, 2**63),
+                                                     (2**64 - 1, 2**64 - 1), (2**63, 2**61)])
+def test_absurd_sizes_fail_cleanly(num_elements: int, block_size: int) -> None:
+    with pytest.raises(MemoryError):
+        _core.DenseTable(num_elements, block_size, optim.Adam().to_config())
+
+
 def test_negative_sizes_are_type_errors() -> None:
     with pytest.raises(TypeError):
         _core.DenseTable(-1, 4, optim.SGD().to_config())
