@@ -4,7 +4,9 @@ An optimizer here is a *description*: a small immutable value that a worker pass
 a table. The servers apply it in the C++ core, one step per push, block by block (dense tables) or
 row by row (embedding tables), each with its own state and step count. Argument names, defaults and
 update rules are torch's (the single-tensor path of torch 2.x), and the tests hold the core to
-``torch.optim`` step by step.
+``torch.optim`` step by step. The core also rounds like torch: it performs torch's operations in
+torch's order, fusing a multiply and an add exactly where ATen does, so SGD agrees bit for bit and
+Adagrad/Adam differ only where torch's vectorized sqrt is one ulp off.
 
 Every hyperparameter is validated in ``__init__``; a bad one raises :class:`ValueError` naming it.
 Instances are immutable, hashable and compare by value, so two workers declaring the same table with
