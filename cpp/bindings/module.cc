@@ -41,6 +41,8 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("validate", &paramserver::validate, py::arg("config"));
   m.def("num_slots", &paramserver::num_slots, py::arg("config"));
+  m.def("kernel_isa", &paramserver::kernel_isa);
+  m.def("set_kernel_isa", &paramserver::set_kernel_isa, py::arg("name"));
 
   paramserver::bindings::bind_dense(m);
   paramserver::bindings::bind_embedding(m);

@@ -1,10 +1,41 @@
 #include "paramserver/dense_table.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace paramserver {
+
+namespace {
+
+// Cache-line (and AVX-512 vector) size.
+constexpr std::size_t kAlignment = 64;
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+// Largest arena, in floats, whose byte size (rounded up to a huge page) still fits in size_t.
+constexpr std::size_t kMaxFloats = (SIZE_MAX - kHugePage) / sizeof(float);
+
+std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
+
+// `bytes` of memory aligned for the kernels; huge-page backed where the OS allows it.
+float* allocate_arena(std::size_t bytes) {
+  const std::size_t align = bytes >= kHugePage ? kHugePage : kAlignment;
+  const std::size_t size = round_up(bytes, align);
+  void* p = std::aligned_alloc(align, size);
+  if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // Advice only: with THP disabled it fails or is ignored, and the table still works.
+  if (align == kHugePage) (void)madvise(p, size, MADV_HUGEPAGE);
+#endif
+  return static_cast<float*>(p);
+}
+
+}  // namespace
 
 DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
                        const OptimizerConfig& optimizer, const std::vector<std::int64_t>& held)
@@ -12,26 +43,51 @@ DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
   if (num_elements == 0) throw std::invalid_argument("num_elements must be > 0");
   if (block_size == 0) throw std::invalid_argument("block_size must be > 0");
   validate(optimizer);
-  num_blocks_ = static_cast<std::int64_t>((num_elements + block_size - 1) / block_size);
+  // Not (n + size - 1) / size, which wraps for n near SIZE_MAX.
+  const std::size_t blocks = num_elements / block_size + (num_elements % block_size != 0 ? 1 : 0);
+  if (blocks > static_cast<std::size_t>(INT64_MAX)) throw std::bad_alloc();
+  num_blocks_ = static_cast<std::int64_t>(blocks);
   blocks_.resize(static_cast<std::size_t>(num_blocks_));
   const int slots = num_slots(optimizer);
-  auto make = [&](std::int64_t b) {
+  constexpr std::size_t kAlignFloats = kAlignment / sizeof(float);
+
+  std::vector<std::int64_t> ids = held;
+  if (ids.empty()) {
+    ids.resize(static_cast<std::size_t>(num_blocks_));
+    for (std::int64_t b = 0; b < num_blocks_; ++b) ids[static_cast<std::size_t>(b)] = b;
+  }
+  std::size_t total = 0;  // floats in the arena
+  for (std::int64_t b : ids) {
     if (b < 0 || b >= num_blocks_) {
       throw std::invalid_argument("block " + std::to_string(b) + " out of range [0, " +
                                   std::to_string(num_blocks_) + ")");
     }
-    auto& slot = blocks_[static_cast<std::size_t>(b)];
-    if (slot) throw std::invalid_argument("block " + std::to_string(b) + " listed twice");
-    slot = std::make_unique<Block>();
-    const std::size_t len = block_length(b);
-    slot->values.assign(len, 0.0f);
-    slot->slots.resize(static_cast<std::size_t>(slots));
-    for (int s = 0; s < slots; ++s) slot->slots[s].assign(len, slot_initial_value(optimizer, s));
-  };
-  if (held.empty()) {
-    for (std::int64_t b = 0; b < num_blocks_; ++b) make(b);
-  } else {
-    for (std::int64_t b : held) make(b);
+    auto& block = blocks_[static_cast<std::size_t>(b)];
+    if (block) throw std::invalid_argument("block " + std::to_string(b) + " listed twice");
+    block = std::make_unique<Block>();
+    block->length = block_length(b);
+    // Checked so that an absurd size fails as MemoryError instead of wrapping to a small arena.
+    if (block->length > kMaxFloats) throw std::bad_alloc();
+    block->stride = round_up(block->length, kAlignFloats);
+    block->num_slots = slots;
+    const std::size_t floats = block->stride * static_cast<std::size_t>(1 + slots);
+    if (block->stride > kMaxFloats / static_cast<std::size_t>(1 + slots) ||
+        floats > kMaxFloats - total) {
+      throw std::bad_alloc();
+    }
+    total += floats;
+  }
+  arena_.reset(allocate_arena(total * sizeof(float)));
+  // Blocks in ascending id order, so a batched call over consecutive ids walks memory forward.
+  float* next = arena_.get();
+  for (auto& block : blocks_) {
+    if (!block) continue;
+    block->base = next;
+    next += block->stride * static_cast<std::size_t>(1 + slots);
+    std::fill_n(block->values(), block->length, 0.0f);
+    for (int s = 0; s < slots; ++s) {
+      std::fill_n(block->slot(s), block->length, slot_initial_value(optimizer, s));
+    }
   }
 }
 
@@ -63,7 +119,7 @@ std::size_t DenseTable::block_length(std::int64_t block) const {
 std::size_t DenseTable::bytes() const {
   std::size_t total = 0;
   for (const auto& b : blocks_) {
-    if (b) total += b->values.size() * sizeof(float) * (1 + b->slots.size());
+    if (b) total += b->length * sizeof(float) * static_cast<std::size_t>(1 + b->num_slots);
   }
   return total;
 }
@@ -87,21 +143,21 @@ void DenseTable::apply(std::int64_t block, const float* grad) {
   Block& b = held(block);
   float* slot_ptrs[3] = {nullptr, nullptr, nullptr};
   std::lock_guard<std::mutex> lock(b.mu);
-  for (std::size_t s = 0; s < b.slots.size(); ++s) slot_ptrs[s] = b.slots[s].data();
-  apply_step(optimizer_, b.values.data(), grad, slot_ptrs, b.values.size(), b.step + 1);
+  for (int s = 0; s < b.num_slots; ++s) slot_ptrs[s] = b.slot(s);
+  apply_step(optimizer_, b.values(), grad, slot_ptrs, b.length, b.step + 1);
   ++b.step;
 }
 
 void DenseTable::read(std::int64_t block, float* out) const {
   const Block& b = held(block);
   std::lock_guard<std::mutex> lock(b.mu);
-  std::copy(b.values.begin(), b.values.end(), out);
+  std::copy_n(b.values(), b.length, out);
 }
 
 void DenseTable::assign(std::int64_t block, const float* values) {
   Block& b = held(block);
   std::lock_guard<std::mutex> lock(b.mu);
-  std::copy(values, values + b.values.size(), b.values.begin());
+  std::copy_n(values, b.length, b.values());
 }
 
 std::int64_t DenseTable::step(std::int64_t block) const {
@@ -112,12 +168,12 @@ std::int64_t DenseTable::step(std::int64_t block) const {
 
 void DenseTable::read_slot(std::int64_t block, int slot, float* out) const {
   const Block& b = held(block);
-  if (slot < 0 || static_cast<std::size_t>(slot) >= b.slots.size()) {
+  if (slot < 0 || slot >= b.num_slots) {
     throw std::out_of_range("slot " + std::to_string(slot) + " out of range [0, " +
-                            std::to_string(b.slots.size()) + ")");
+                            std::to_string(b.num_slots) + ")");
   }
   std::lock_guard<std::mutex> lock(b.mu);
-  std::copy(b.slots[slot].begin(), b.slots[slot].end(), out);
+  std::copy_n(b.slot(slot), b.length, out);
 }
 
 void DenseTable::restore_block(std::int64_t block, const float* values, const float* const* slots,
@@ -125,10 +181,8 @@ void DenseTable::restore_block(std::int64_t block, const float* values, const fl
   Block& b = held(block);
   if (step < 0) throw std::invalid_argument("step must be >= 0, got " + std::to_string(step));
   std::lock_guard<std::mutex> lock(b.mu);
-  std::copy(values, values + b.values.size(), b.values.begin());
-  for (std::size_t s = 0; s < b.slots.size(); ++s) {
-    std::copy(slots[s], slots[s] + b.values.size(), b.slots[s].begin());
-  }
+  std::copy_n(values, b.length, b.values());
+  for (int s = 0; s < b.num_slots; ++s) std::copy_n(slots[s], b.length, b.slot(s));
   b.step = step;
 }
 

@@ -123,7 +123,7 @@ void apply_step(const OptimizerConfig& c, float* param, const float* grad, float
       p.beta2 = static_cast<float>(c.beta2);
       p.beta2_complement = static_cast<float>(1.0 - c.beta2);
       p.step_size = static_cast<float>(c.lr / bc1);
-      p.bias_correction2_sqrt = static_cast<float>(std::sqrt(bc2));
+      p.bias_correction2_sqrt = static_cast<float>(std::pow(bc2, 0.5));  // torch: bc2 ** 0.5
       p.eps = static_cast<float>(c.eps);
       p.sign = sign;
       if (c.kind == OptimizerKind::kAdam) {
@@ -138,5 +138,9 @@ void apply_step(const OptimizerConfig& c, float* param, const float* grad, float
     }
   }
 }
+
+const char* kernel_isa() { return kernels::isa_name(); }
+
+void set_kernel_isa(const std::string& name) { kernels::select_isa(name.c_str()); }
 
 }  // namespace paramserver

@@ -4,7 +4,9 @@ An optimizer here is a *description*: a small immutable value that a worker pass
 a table. The servers apply it in the C++ core, one step per push, block by block (dense tables) or
 row by row (embedding tables), each with its own state and step count. Argument names, defaults and
 update rules are torch's (the single-tensor path of torch 2.x), and the tests hold the core to
-``torch.optim`` step by step.
+``torch.optim`` step by step. The core also rounds like torch: it performs torch's operations in
+torch's order, fusing a multiply and an add exactly where ATen does, so SGD agrees bit for bit and
+Adagrad/Adam differ only where torch's vectorized sqrt is one ulp off.
 
 Every hyperparameter is validated in ``__init__``; a bad one raises :class:`ValueError` naming it.
 Instances are immutable, hashable and compare by value, so two workers declaring the same table with
@@ -21,15 +23,16 @@ from paramserver import _core
 __all__ = ["Optimizer", "SGD", "Adagrad", "Adam", "AdamW", "optimizer_from_dict"]
 
 
-def _number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
-            high_open: bool = False) -> float:
+def _number(name: str, value: Any, *, label: str | None = None, low: float = 0.0,
+            high: float = math.inf, high_open: bool = False) -> float:
+    """``value`` as a float, or an error naming the argument ``name`` (and torch's ``label``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or value > high or (high_open and value >= high):
-        bound = f"[{low}, {high})" if high_open else f">= {low}"
-        raise ValueError(f"Invalid {name} value: {value} (must be finite and {bound})")
-    return value
+    number = float(value)
+    if not math.isfinite(number) or number < low or number > high or (high_open and number >= high):
+        bound = f"in [{low}, {high})" if high_open else f">= {low}"
+        raise ValueError(f"Invalid {label or name}: {name}={number!r} (must be finite and {bound})")
+    return number
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -81,7 +84,8 @@ class Optimizer:
         return _core.num_slots(self.to_config())
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.hyperparameters() == other.hyperparameters()  # type: ignore[attr-defined]
+        return isinstance(other, Optimizer) and type(self) is type(other) and (
+            self.hyperparameters() == other.hyperparameters())
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, tuple(self.hyperparameters().items())))
@@ -121,7 +125,7 @@ class SGD(Optimizer):
     def __init__(self, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False) -> None:
-        lr = _number("learning rate", lr)
+        lr = _number("lr", lr, label="learning rate")
         momentum = _number("momentum", momentum)
         dampening = _number("dampening", dampening, low=-math.inf)
         weight_decay = _number("weight_decay", weight_decay)
@@ -162,11 +166,13 @@ class Adagrad(Optimizer):
     def __init__(self, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
                  maximize: bool = False) -> None:
-        self._set(lr=_number("learning rate", lr), lr_decay=_number("lr_decay", lr_decay),
+        self._set(lr=_number("lr", lr, label="learning rate"),
+                  lr_decay=_number("lr_decay", lr_decay),
                   weight_decay=_number("weight_decay", weight_decay),
                   initial_accumulator_value=_number("initial_accumulator_value",
                                                     initial_accumulator_value),
-                  eps=_number("epsilon", eps), maximize=_flag("maximize", maximize))
+                  eps=_number("eps", eps, label="epsilon value"),
+                  maximize=_flag("maximize", maximize))
 
 
 class _AdamBase(Optimizer):
@@ -178,9 +184,12 @@ class _AdamBase(Optimizer):
             beta1, beta2 = betas
         except (TypeError, ValueError):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
-        betas = (_number("beta parameter at index 0", beta1, high=1.0, high_open=True),
-                 _number("beta parameter at index 1", beta2, high=1.0, high_open=True))
-        self._set(lr=_number("learning rate", lr), betas=betas, eps=_number("epsilon", eps),
+        betas = (_number("betas[0]", beta1, label="beta parameter at index 0", high=1.0,
+                         high_open=True),
+                 _number("betas[1]", beta2, label="beta parameter at index 1", high=1.0,
+                         high_open=True))
+        self._set(lr=_number("lr", lr, label="learning rate"), betas=betas,
+                  eps=_number("eps", eps, label="epsilon value"),
                   weight_decay=_number("weight_decay", weight_decay),
                   amsgrad=_flag("amsgrad", amsgrad), maximize=_flag("maximize", maximize))
 
@@ -248,7 +257,7 @@ def optimizer_from_dict(description: dict[str, Any]) -> Optimizer:
     """Rebuild an optimizer from :meth:`Optimizer.to_dict` output; ``ValueError`` if malformed."""
     values = dict(description)
     name = values.pop("name", None)
-    cls = _BY_NAME.get(name)  # type: ignore[arg-type]
+    cls = _BY_NAME.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(_BY_NAME)}")
     if "betas" in values:

@@ -56,4 +56,15 @@ std::string kind_name(OptimizerKind kind);
 void apply_step(const OptimizerConfig& config, float* param, const float* grad, float* const* slots,
                 std::size_t n, std::int64_t step);
 
+// The instruction set apply_step runs with on this CPU, chosen once at first use:
+// "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2 + FMA) or "baseline". The FMA-capable levels round like
+// torch's AVX2/AVX-512 kernels, the baseline like torch's default (non-FMA) kernels.
+const char* kernel_isa();
+
+// Switch the kernels to another instruction-set level, e.g. "baseline" to run the non-FMA path on
+// an AVX-512 machine; for tests and benchmarks. Safe to call at any time (each update runs wholly
+// on one level), but affects every table in the process. Throws std::invalid_argument for an
+// unknown level or one the CPU does not support.
+void set_kernel_isa(const std::string& name);
+
 }  // namespace paramserver

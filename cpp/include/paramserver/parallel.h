@@ -7,8 +7,11 @@
 namespace paramserver {
 
 // Runs fn(i) for every i in [0, count) on up to `num_threads` threads, the caller's included, and
-// returns when all are done. Iterations are split statically and interleaved (equal-cost items).
-// The first exception thrown by fn is rethrown in the caller after every thread has finished.
+// returns when all are done. Threads take the next unstarted index as they become free, so the
+// order across threads is unspecified.
+// After an exception no further index is started; the first exception is rethrown in the caller
+// once every thread has finished.
+// Throws std::invalid_argument (before running anything) if num_threads < 1.
 void parallel_for(std::int64_t count, int num_threads, const std::function<void(std::int64_t)>& fn);
 
 }  // namespace paramserver
