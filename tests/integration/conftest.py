@@ -138,3 +138,31 @@ def spawn_worker(cluster: Cluster, code: str, rank: int, num_workers: int) -> su
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
+
+def run_example(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a command (an example, usually under ``paramserver launch``); fail the test with its
+    output so far if it does not finish within ``timeout`` seconds."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout
+        if isinstance(output, bytes):
+            output = output.decode(errors="replace")
+        pytest.fail(f"{' '.join(args)} did not finish within {timeout} s; output so far:\n"
+                    f"{output}")
+
+
+def launch_example(script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``paramserver launch --num-servers 2 --num-workers 2 -- python SCRIPT ARGS``."""
+    return run_example(PS + ["launch", "--num-servers", "2", "--num-workers", "2", "--",
+                             sys.executable, str(script), *args], timeout)
+
+
+def example_result(proc: subprocess.CompletedProcess[str]) -> dict:
+    """The JSON of the one ``RESULT {...}`` line an example prints (on rank 0)."""
+    results = [line.split("RESULT ", 1)[1] for line in proc.stdout.splitlines()
+               if "RESULT {" in line]
+    assert len(results) == 1, (f"expected one RESULT line (rank 0), found {len(results)}:\n"
+                               f"{proc.stdout}\n{proc.stderr}")
+    return json.loads(results[0])

@@ -10,12 +10,13 @@ one epoch, about 10 s on 2 busy cores) and its single-process reference, and par
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration.conftest import example_result, launch_example, run_example
 
 if importlib.util.find_spec("recbole") is None:  # its data files only; recbole is not imported
     pytest.skip("MovieLens-100K ships in the recbole wheel: pip install --no-deps recbole",
@@ -34,34 +35,18 @@ FIELDS = ("user", "item", "occupation", "gender", "age", "zip", "zip3", "genre",
           "user_x_genre", "item_x_age", "item_x_gender", "occupation_x_genre", "age_x_genre")
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=JOB_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        output = exc.stdout
-        if isinstance(output, bytes):
-            output = output.decode(errors="replace")
-        pytest.fail(f"{' '.join(args)} did not finish within {JOB_TIMEOUT} s; output so far:\n"
-                    f"{output}")
-
-
 def _launch(*example_args: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "paramserver", "launch", "--num-servers", "2",
-                 "--num-workers", "2", "--", sys.executable, str(EXAMPLE), *example_args])
+    return launch_example(EXAMPLE, *example_args, timeout=JOB_TIMEOUT)
 
 
 def _result(proc: subprocess.CompletedProcess[str]) -> dict:
-    results = [line.split("RESULT ", 1)[1] for line in proc.stdout.splitlines()
-               if "RESULT {" in line]
-    assert len(results) == 1, (f"expected one RESULT line (rank 0), found {len(results)}:\n"
-                               f"{proc.stdout}\n{proc.stderr}")
-    return json.loads(results[0])
+    return example_result(proc)
 
 
 @pytest.fixture(scope="module")
 def local_result() -> dict:
-    proc = _run([sys.executable, str(EXAMPLE), "--local", "--seed", "0"])
+    proc = run_example([sys.executable, str(EXAMPLE), "--local", "--seed", "0"],
+                       JOB_TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return _result(proc)
 

@@ -7,12 +7,13 @@ Runs ``python -m paramserver launch --num-servers 2 --num-workers 2 -- python ex
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration.conftest import example_result, launch_example, run_example
 
 pytest.importorskip("sklearn", reason="the digits dataset ships with scikit-learn")
 
@@ -24,30 +25,12 @@ JOB_TIMEOUT = 45.0
 MIN_ACCURACY = 0.90
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=JOB_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        output = exc.stdout
-        if isinstance(output, bytes):
-            output = output.decode(errors="replace")
-        pytest.fail(f"{' '.join(args)} did not finish within {JOB_TIMEOUT} s; output so far:\n"
-                    f"{output}")
-
-
 def _launch(*example_args: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "paramserver", "launch", "--num-servers", "2",
-                 "--num-workers", "2", "--", sys.executable, str(EXAMPLE), "--dataset", "digits",
-                 *example_args])
+    return launch_example(EXAMPLE, "--dataset", "digits", *example_args, timeout=JOB_TIMEOUT)
 
 
 def _result(proc: subprocess.CompletedProcess[str]) -> dict:
-    results = [line.split("RESULT ", 1)[1] for line in proc.stdout.splitlines()
-               if "RESULT {" in line]
-    assert len(results) == 1, (f"expected one RESULT line (rank 0), found {len(results)}:\n"
-                               f"{proc.stdout}\n{proc.stderr}")
-    return json.loads(results[0])
+    return example_result(proc)
 
 
 def test_distributed_training_learns_digits() -> None:
@@ -71,7 +54,8 @@ def test_unmet_target_accuracy_fails_the_launch() -> None:
 
 
 def test_local_reference_learns_digits() -> None:
-    proc = _run([sys.executable, str(EXAMPLE), "--dataset", "digits", "--local", "--seed", "0"])
+    proc = run_example([sys.executable, str(EXAMPLE), "--dataset", "digits", "--local", "--seed", "0"],
+                       JOB_TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = _result(proc)
     assert result["mode"] == "local"
