@@ -6,9 +6,19 @@ import numpy as np
 import pytest
 
 import paramserver as ps
+from paramserver.v1 import paramserver_pb2 as pb
+from tests.conftest import wait_for
 from tests.integration.conftest import spawn_worker
 
 U64_MAX = np.uint64(2**64 - 1)
+
+
+def _server_stats(client):
+    """Every server's statistics, asked now, by rank."""
+    stats = client._on_servers({s: None for s in client._servers.values()},
+                               lambda server, _: (server.rank, server.stub.Stats(
+                                   pb.StatsRequest(), timeout=10)))
+    return [s for _, s in sorted(stats, key=lambda x: x[0])]
 
 
 def test_rows_are_created_deterministically_and_spread_over_servers(cluster):
@@ -22,13 +32,18 @@ def test_rows_are_created_deterministically_and_spread_over_servers(cluster):
         np.testing.assert_array_equal(rows.reshape(1000, 8), init((1000, 8), seed=7))
         np.testing.assert_array_equal(emb.pull(ids[::-1]), rows[::-1])  # order of request
         assert emb.num_rows() == 1000
-        status = client.status()
-        table = next(t for t in status["tables"] if t["name"] == "user")
-        rows_per_server = table.get("rows_per_server")
-        assert rows_per_server is not None
-        # Sequential ids spread evenly by hash (status lags one heartbeat; num_rows does not).
+        # Sequential ids spread evenly by hash.
         by_server = client._table_stats("user", "rows")
         assert sum(by_server.values()) == 1000 and min(by_server.values()) > 400
+
+        def status_rows():  # server statistics reach the scheduler with heartbeats
+            table = next(t for t in client.status()["tables"] if t["name"] == "user")
+            return table["rows_per_server"] == [by_server[0], by_server[1]] and table
+
+        table = wait_for(status_rows, 15, "status to show the rows of 'user' per server")
+        assert table["dim"] == 8 and table["optimizer"]["name"] == "SGD"
+        # SGD without momentum keeps no state: 8 floats (32 bytes) per row, plus the map.
+        assert all(b >= 32 * n for b, n in zip(table["bytes_per_server"], table["rows_per_server"]))
         other = client.embedding("item", dim=8, optimizer=ps.SGD(lr=1.0), init=init, seed=8)
         assert not np.array_equal(other.pull(np.arange(10)), rows.reshape(1000, 8)[:10])
 
@@ -77,6 +92,7 @@ def test_one_call_mixes_dense_and_embedding_tables(cluster):
         w = client.dense("w", shape=(3, 2), optimizer=ps.SGD(lr=1.0), init=np.ones((3, 2)))
         client.embedding("u", dim=2, optimizer=ps.SGD(lr=1.0))
         client.embedding("v", dim=3, optimizer=ps.SGD(lr=0.5))
+        before = [s.push_requests for s in _server_stats(client)]
         out = client.push_pull({
             "w": np.ones((3, 2), np.float32),
             "u": (np.array([[1, 2], [2, 3]], dtype=np.int64), np.ones((2, 2, 2), np.float32)),
@@ -85,6 +101,8 @@ def test_one_call_mixes_dense_and_embedding_tables(cluster):
         np.testing.assert_array_equal(out["w"], np.zeros((3, 2), np.float32))
         np.testing.assert_array_equal(out["u"][:, :, 0], [[-1, -2], [-2, -1]])
         np.testing.assert_array_equal(out["v"], [[-2, -2, -2]])
+        # Three tables, one request per server.
+        assert [s.push_requests for s in _server_stats(client)] == [n + 1 for n in before]
         pulled = client.pull({"w": None, "u": np.array([2], dtype=np.int64)})
         np.testing.assert_array_equal(pulled["u"], [[-2, -2]])
         np.testing.assert_array_equal(pulled["w"], w.pull())
