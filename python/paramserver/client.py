@@ -1,9 +1,9 @@
 """The worker's client: declare tables, push gradients, pull weights.
 
 A :class:`Client` registers with the scheduler as a worker, waits for every server, and then talks
-to the servers directly: a call that touches several tables sends one RPC per server, to all servers
-at once, each carrying whole blocks in messages of about ``message_bytes`` (streamed when a request
-needs more than one). Each push is one optimizer step per block, applied when it arrives
+to the servers directly: a call that touches several tables sends one request per server, to all
+servers at once, carrying whole blocks and rows; a request larger than ``message_bytes`` is cut
+into messages of about that size, sent as parallel calls. Each push is one optimizer step per block, applied when it arrives
 (asynchronous SGD).
 """
 
@@ -398,7 +398,8 @@ class Client:
         if ref is None:
             raise TableNotFoundError(
                 f"table {name!r} is not declared on this client (declared: "
-                f"{sorted(self._tables)}); call client.dense({name!r}, ...) or client.embedding({name!r}, ...) first")
+                f"{sorted(self._tables)}); call client.dense({name!r}, ...) or "
+                f"client.embedding({name!r}, ...) first")
         return ref
 
     # -- data path ------------------------------------------------------------------------------

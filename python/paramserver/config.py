@@ -92,7 +92,8 @@ class ClientConfig:
         num_workers: job size this worker expects (0: unknown).
         timeout: seconds allowed for each remote call (and for waiting on servers, tables, barriers
             unless a call says otherwise).
-        message_bytes: target payload bytes per gRPC message; larger requests are streamed.
+        message_bytes: target payload bytes per gRPC message; a larger request is cut into
+            messages of about this size, sent as parallel calls.
     """
 
     scheduler: str
