@@ -65,14 +65,10 @@ class _ServerRef:
     exchange: Any = None
 
 
-class DenseTable:
-    """A handle on one dense table, returned by :meth:`Client.dense`.
+class _Handle:
+    """What the table handles share: the client they forward to and the table's reference."""
 
-    Thread safe (it only forwards to its client). Every method blocks until the servers answered
-    or ``timeout`` passed, except the ``*_async`` ones, which return futures.
-    """
-
-    def __init__(self, client: Client, ref: DenseRef) -> None:
+    def __init__(self, client: Client, ref: Any) -> None:
         self._client = client
         self._ref = ref
 
@@ -82,14 +78,22 @@ class DenseTable:
         return self._ref.name
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        """The tensor's shape."""
-        return self._ref.shape
-
-    @property
     def optimizer(self) -> Optimizer:
         """The optimizer the servers apply to this table."""
         return self._ref.optimizer
+
+
+class DenseTable(_Handle):
+    """A handle on one dense table, returned by :meth:`Client.dense`.
+
+    Thread safe (it only forwards to its client). Every method blocks until the servers answered
+    or ``timeout`` passed, except the ``*_async`` ones, which return futures.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's shape."""
+        return self._ref.shape
 
     @property
     def num_blocks(self) -> int:
@@ -120,31 +124,17 @@ class DenseTable:
         return f"DenseTable({self.name!r}, shape={self.shape}, optimizer={self.optimizer!r})"
 
 
-class EmbeddingTable:
+class EmbeddingTable(_Handle):
     """A handle on one embedding table, returned by :meth:`Client.embedding`.
 
     Rows are keyed by any 64-bit id and created on first touch with the table's deterministic
     initializer. Thread safe; methods block until the servers answered, except ``*_async``.
     """
 
-    def __init__(self, client: Client, ref: EmbeddingRef) -> None:
-        self._client = client
-        self._ref = ref
-
-    @property
-    def name(self) -> str:
-        """The table's name."""
-        return self._ref.name
-
     @property
     def dim(self) -> int:
         """Floats per row."""
         return self._ref.dim
-
-    @property
-    def optimizer(self) -> Optimizer:
-        """The optimizer the servers apply to each pushed row."""
-        return self._ref.optimizer
 
     def pull(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ``ids`` (int64 or uint64, any shape): float32 of shape ``(*ids.shape, dim)``.

@@ -60,15 +60,20 @@ class Optimizer:
         """The hyperparameters as a dict of torch's argument names (``betas`` as a tuple)."""
         return {name: getattr(self, name) for name in self._fields}
 
+    def flat_hyperparameters(self) -> dict[str, Any]:
+        """The hyperparameters with ``betas`` split into ``beta1`` and ``beta2``: the field names
+        of the core's OptimizerConfig and of the wire's OptimizerSpec."""
+        out = self.hyperparameters()
+        if "betas" in out:
+            out["beta1"], out["beta2"] = out.pop("betas")
+        return out
+
     def to_config(self) -> _core.OptimizerConfig:
         """The core's configuration object for this optimizer."""
         config = _core.OptimizerConfig()
         config.kind = self.kind
-        for name, value in self.hyperparameters().items():
-            if name == "betas":
-                config.beta1, config.beta2 = value
-            else:
-                setattr(config, name, value)
+        for name, value in self.flat_hyperparameters().items():
+            setattr(config, name, value)
         return config
 
     def to_dict(self) -> dict[str, Any]:

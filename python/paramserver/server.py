@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -103,22 +104,18 @@ class _Shards:
                 raise ValueError(f"table {spec.name!r}: unknown kind {spec.kind}")
             return True
 
-    def _dense_shard(self, name: str) -> _DenseShard:
-        shard = self._dense.get(name)
+    def _shard(self, name: str, sparse: bool) -> Any:
+        tables, other = (self._sparse, self._dense) if sparse else (self._dense, self._sparse)
+        shard = tables.get(name)
         if shard is None:
-            kind = " (it is an embedding table)" if name in self._sparse else ""
-            raise TableNotFoundError(f"no dense table {name!r} on {self.node}{kind}")
-        return shard
-
-    def _sparse_shard(self, name: str) -> _SparseShard:
-        shard = self._sparse.get(name)
-        if shard is None:
-            kind = " (it is a dense table)" if name in self._dense else ""
-            raise TableNotFoundError(f"no embedding table {name!r} on {self.node}{kind}")
+            kind, other_kind = ("embedding", "dense") if sparse else ("dense", "embedding")
+            note = f" (it is {'an' if other_kind[0] == 'e' else 'a'} {other_kind} table)" \
+                if name in other else ""
+            raise TableNotFoundError(f"no {kind} table {name!r} on {self.node}{note}")
         return shard
 
     def _check_dense(self, op: int, piece: pb.DenseSlice) -> tuple:
-        shard = self._dense_shard(piece.table)
+        shard: _DenseShard = self._shard(piece.table, sparse=False)
         blocks = np.array(piece.blocks, dtype=np.int64)
         length = 0
         for b in piece.blocks:
@@ -131,7 +128,7 @@ class _Shards:
         return shard, blocks, data, length
 
     def _check_sparse(self, op: int, piece: pb.SparseSlice) -> tuple:
-        shard = self._sparse_shard(piece.table)
+        shard: _SparseShard = self._shard(piece.table, sparse=True)
         if op == pb.ASSIGN:
             raise ValueError(f"table {piece.table!r}: embedding rows cannot be assigned")
         ids = ids_view(piece.ids)

@@ -56,13 +56,7 @@ def ids_view(data: bytes) -> np.ndarray:
 
 def optimizer_to_spec(opt: Optimizer) -> pb.OptimizerSpec:
     """The wire form of an optimizer description."""
-    spec = pb.OptimizerSpec(kind=_KINDS[type(opt)])
-    for name, value in opt.hyperparameters().items():
-        if name == "betas":
-            spec.beta1, spec.beta2 = value
-        else:
-            setattr(spec, name, value)
-    return spec
+    return pb.OptimizerSpec(kind=_KINDS[type(opt)], **opt.flat_hyperparameters())
 
 
 def optimizer_from_spec(spec: pb.OptimizerSpec) -> Optimizer:
