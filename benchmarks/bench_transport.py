@@ -338,7 +338,7 @@ def _worker(args: dict[str, Any], rank: int, barrier: Any) -> dict[str, Any]:
                     chk = (lambda _r, p=peer: p.check_echo(payload)) if op == "push_pull" else None
                     times = _time_ops(lambda p=peer, o=op: p.op(o, payload), reps, warm, chk)
                     out[name][size][op] = {"times": times, "bytes": size}
-            del grad, payload
+            del grad
         if args.get("ten_m") and rank == 0:
             grad = _gradient(TEN_M)
             table = client.dense("bench_10M", (TEN_M,), ps.SGD(lr=1.0))
