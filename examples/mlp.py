@@ -31,19 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-if "PARAMSERVER_SCHEDULER" in os.environ:
-    # Launched as one of several processes sharing this machine's cores (workers and servers): a
-    # multi-threaded BLAS per worker oversubscribes them; on 2 cores with 2 servers and 2 workers
-    # one thread each made training 2.7x faster. Set before numpy loads its BLAS; an explicit
-    # setting in the environment wins.
-    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, "1")
 
 import numpy as np
 

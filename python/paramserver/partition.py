@@ -6,7 +6,6 @@ partition map, and by workers, which cut tensors along it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,17 +77,6 @@ class BlockLayout:
         out: dict[int, list[int]] = {}
         for block, server in enumerate(self.block_servers):
             out.setdefault(server, []).append(block)
-        return out
-
-    def runs(self, blocks: Sequence[int]) -> list[tuple[int, int]]:
-        """Merge ``blocks`` (ascending) into maximal ``(start, stop)`` element ranges."""
-        out: list[tuple[int, int]] = []
-        for b in blocks:
-            start, stop = self.block_range(b)
-            if out and out[-1][1] == start:
-                out[-1] = (out[-1][0], stop)
-            else:
-                out.append((start, stop))
         return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,15 +230,10 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
     def CreateTable(self, request: pb.CreateTableRequest, context: grpc.ServicerContext) -> pb.CreateTableReply:
         return pb.CreateTableReply(created=rpc.abort_on(context, lambda: self._shards.create(request)))
 
-    # Exchange and ExchangeStream are registered on raw bytes (see _add_service): the request
-    # is decoded inside abort_on, so a malformed message is INVALID_ARGUMENT naming the problem.
+    # Exchange is registered on raw bytes (see _add_service): the request is decoded inside
+    # abort_on, so a malformed message is INVALID_ARGUMENT naming the problem.
     def Exchange(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
-
-    def ExchangeStream(self, request_iterator: Iterator[bytes],
-                       context: grpc.ServicerContext) -> Iterator[bytes]:
-        for request in request_iterator:
-            yield rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
         return self._shards.stats()
@@ -247,8 +241,8 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
 
 def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
     """Register the ParameterServer service: the generated handlers for the control methods, and
-    Exchange/ExchangeStream without (de)serializers, on the wire bytes, which paramserver.wire
-    encodes and decodes without protobuf's copies of the payload."""
+    Exchange without (de)serializers, on the wire bytes, which paramserver.wire encodes and
+    decodes without protobuf's copies of the payload."""
     handlers = {
         "CreateTable": grpc.unary_unary_rpc_method_handler(
             service.CreateTable, request_deserializer=pb.CreateTableRequest.FromString,
@@ -257,7 +251,6 @@ def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
             service.Stats, request_deserializer=pb.StatsRequest.FromString,
             response_serializer=pb.ServerStats.SerializeToString),
         "Exchange": grpc.unary_unary_rpc_method_handler(service.Exchange),
-        "ExchangeStream": grpc.stream_stream_rpc_method_handler(service.ExchangeStream),
     }
     name = "paramserver.v1.ParameterServer"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
