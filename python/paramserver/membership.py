@@ -57,6 +57,7 @@ class Membership:
         self.rank: int = self.reply.rank
         self.node_id: str = self.reply.node_id
         self._stop = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._beat, name=f"ps-heartbeat-{self.node_id}",
                                         daemon=True)
         self._thread.start()
@@ -122,8 +123,9 @@ class Membership:
 
     def close(self, deregister: bool = True) -> None:
         """Stop heartbeats and (by default) tell the scheduler this node left cleanly."""
-        if self._stop.is_set():
+        if self._closed:
             return
+        self._closed = True
         self._stop.set()
         self._thread.join(timeout=5.0)
         if deregister:

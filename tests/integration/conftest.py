@@ -122,21 +122,24 @@ def cluster_factory(tmp_path: Path) -> Iterator:
             _stop_cluster(c)
 
 
-def run_worker(cluster: Cluster, code: str, rank: int, num_workers: int,
-               timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run ``code`` in a new Python process as worker ``rank``; fail the test if it fails."""
-    env = dict(os.environ, PARAMSERVER_SCHEDULER=cluster.scheduler, PARAMSERVER_RANK=str(rank),
-               PARAMSERVER_NUM_WORKERS=str(num_workers))
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def spawn_worker(cluster: Cluster, code: str, rank: int, num_workers: int) -> subprocess.Popen:
     """Start ``code`` as worker ``rank`` without waiting (read its output with communicate())."""
     env = dict(os.environ, PARAMSERVER_SCHEDULER=cluster.scheduler, PARAMSERVER_RANK=str(rank),
                PARAMSERVER_NUM_WORKERS=str(num_workers))
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def run_workers(cluster: Cluster, code: str, num_workers: int,
+                timeout: float = 120) -> list[str]:
+    """Run ``code`` as workers 0..num_workers-1 at once; fail the test if any fails; stdouts."""
+    procs = [spawn_worker(cluster, code, rank, num_workers) for rank in range(num_workers)]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err
+        outputs.append(out)
+    return outputs
 
 
 def run_example(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:

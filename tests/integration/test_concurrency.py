@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 import paramserver as ps
-from tests.integration.conftest import spawn_worker
+from tests.integration.conftest import run_workers
 
 PUSHER = r"""
 import numpy as np, paramserver as ps
@@ -33,10 +33,7 @@ with ps.connect() as c:
 def test_concurrent_workers_lose_no_update(cluster_factory):
     workers = 3
     cluster = cluster_factory(num_servers=2, num_workers=workers)
-    procs = [spawn_worker(cluster, PUSHER, rank, workers) for rank in range(workers)]
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+    run_workers(cluster, PUSHER, workers)
     expected_a = np.full((700, 300), 1000.0)
     expected_b = np.zeros(33)
     for rank in range(workers):
@@ -71,12 +68,8 @@ with ps.connect() as c:
 def test_concurrent_declarations_agree_on_one_initialization(cluster_factory):
     workers = 4
     cluster = cluster_factory(num_servers=2, num_workers=workers)
-    procs = [spawn_worker(cluster, DECLARER, rank, workers) for rank in range(workers)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = [json.loads(out.strip().splitlines()[-1])
+               for out in run_workers(cluster, DECLARER, workers)]
     assert len({r["checksum"] for r in results}) == 1
     owners = {tuple(r["owner"]) for r in results}
     assert len(owners) == 1 and len(next(iter(owners))) == 1  # exactly one worker's init won

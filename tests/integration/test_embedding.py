@@ -8,7 +8,7 @@ import pytest
 import paramserver as ps
 from paramserver.v1 import paramserver_pb2 as pb
 from tests.conftest import wait_for
-from tests.integration.conftest import spawn_worker
+from tests.integration.conftest import run_workers
 
 U64_MAX = np.uint64(2**64 - 1)
 
@@ -154,10 +154,7 @@ with ps.connect() as c:
 def test_concurrent_workers_pushing_overlapping_ids_lose_nothing(cluster_factory):
     workers = 3
     cluster = cluster_factory(num_servers=2, num_workers=workers)
-    procs = [spawn_worker(cluster, PUSHER, rank, workers) for rank in range(workers)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+    run_workers(cluster, PUSHER, workers)
     expected = np.zeros((300, 16))
     for rank in range(workers):
         rng = np.random.default_rng(rank)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import grpc
 import numpy as np
@@ -65,10 +64,7 @@ def test_bad_declarations_are_rejected(cluster):
 def test_malformed_requests_to_a_server_are_rejected_and_state_is_unchanged(cluster, table):
     client, t = table
     address = cluster.server_addresses[0]
-    status = client.status()
-    held = [b for b, s in enumerate(next(x for x in status["tables"] if x["name"] == "w")
-                                   ["blocks_per_server"])]
-    assert held  # server 0 holds blocks of w
+    mine = t._ref.by_server[0][0]  # a block of "w" that server 0 holds
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
 
@@ -84,7 +80,6 @@ def test_malformed_requests_to_a_server_are_rejected_and_state_is_unchanged(clus
                                                                  data=b"\0" * 120)]),
                  grpc.StatusCode.OUT_OF_RANGE, "block 99 is not held by server-0")
         # A good slice followed by a bad one: the whole request is rejected before applying.
-        mine = next(b for b in range(4) if b % 2 == 0)
         good = pb.DenseSlice(table="w", blocks=[mine], data=np.ones(30, np.float32).tobytes())
         rejected(pb.DataRequest(op=pb.PUSH, dense=[good, pb.DenseSlice(
             table="w", blocks=[mine], data=b"\0" * 7)]),
@@ -113,10 +108,11 @@ def test_malformed_requests_to_a_server_are_rejected_and_state_is_unchanged(clus
 
 
 def test_unreachable_scheduler_fails_within_the_timeout_naming_it():
-    start = time.monotonic()
-    with pytest.raises(ps.NodeUnavailableError, match=r"scheduler at 127\.0\.0\.1:1 unreachable"):
+    # A hang would trip the per-test timeout; the message says which address and how long.
+    with pytest.raises(ps.NodeUnavailableError,
+                       match=r"scheduler at 127\.0\.0\.1:1 unreachable: could not register within "
+                             r"1\.5 s"):
         ps.connect("127.0.0.1:1", timeout=1.5)
-    assert time.monotonic() - start < 30  # bounded: not a hang (generous, not a perf check)
 
 
 def test_no_scheduler_address_is_a_clear_error(monkeypatch):
@@ -158,8 +154,11 @@ def test_barrier_fails_fast_when_a_worker_died(cluster_factory):
     cluster = cluster_factory(num_servers=1, num_workers=2)
     with cluster.connect(rank=0) as client:
         other = cluster.connect(rank=1)
-        other._membership._stop.set()  # the worker goes silent: no more heartbeats
-        start = time.monotonic()
-        with pytest.raises(ps.NodeUnavailableError, match="worker-1 at .* is dead"):
-            client.barrier("b", timeout=60.0)
-        assert time.monotonic() - start < 50  # failed on the death, not on the 60 s timeout
+        try:
+            other._membership._stop.set()  # the worker goes silent: no more heartbeats
+            # NodeUnavailableError naming the dead worker, not the PSTimeoutError that the 60 s
+            # timeout would give: the barrier failed because of the death.
+            with pytest.raises(ps.NodeUnavailableError, match="worker-1 at .* is dead"):
+                client.barrier("b", timeout=60.0)
+        finally:
+            other.close()
