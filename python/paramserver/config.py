@@ -11,7 +11,7 @@ from dataclasses import dataclass
 __all__ = ["SchedulerConfig", "ServerConfig", "ClientConfig", "DEFAULT_BLOCK_SIZE",
            "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES"]
 
-#: Elements per dense block by default: 256Ki float32 = 1 MiB, so one message carries 1-4 blocks.
+#: Largest default dense block: 256Ki float32 = 1 MiB, two to a ~2 MiB message.
 DEFAULT_BLOCK_SIZE = 256 * 1024
 #: Smallest default block: 16Ki float32 = 64 KiB, below which per-block overhead dominates.
 MIN_BLOCK_SIZE = 16 * 1024

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from paramserver import _core
+from paramserver._frozen import FrozenValue
 
 __all__ = ["Initializer", "Zeros", "Uniform", "Normal", "zeros", "uniform", "normal",
            "initializer_from_dict"]
@@ -45,7 +46,7 @@ def _finite(name: str, value: Any) -> float:
     return value
 
 
-class Initializer:
+class Initializer(FrozenValue):
     """Base class of the initializer descriptions. Not instantiated directly.
 
     Instances are immutable, hashable and compare by value. Thread safe.
@@ -53,19 +54,12 @@ class Initializer:
 
     #: Name used in :meth:`to_dict` and ``repr``; set by each subclass.
     name: ClassVar[str]
-    #: The constructor's parameters, in order.
-    _fields: ClassVar[tuple[str, ...]] = ()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable; create a new one")
-
-    def _set(self, **values: Any) -> None:
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-
     def params(self) -> dict[str, float]:
         """The parameters as a dict of argument names."""
-        return {name: getattr(self, name) for name in self._fields}
+        return self._values()
+
+    def _call_name(self) -> str:
+        return self.name  # reads as the factory call: uniform(a=-0.05, b=0.05)
 
     def to_config(self) -> _core.InitializerConfig:
         """The core's configuration object for this initializer."""
@@ -102,16 +96,6 @@ class Initializer:
         if rows and width:
             _core.initialize_rows(self.to_config(), int(seed), np.arange(rows, dtype=np.uint64), out)
         return out.reshape(dims)
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.params() == other.params()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((self.name, tuple(self.params().items())))
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{self.name}({args})"
 
 
 class Zeros(Initializer):

@@ -19,6 +19,7 @@ import math
 from typing import Any, ClassVar
 
 from paramserver import _core
+from paramserver._frozen import FrozenValue
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "Adam", "AdamW", "optimizer_from_dict"]
 
@@ -41,7 +42,7 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
-class Optimizer:
+class Optimizer(FrozenValue):
     """Base class of the optimizer descriptions. Not instantiated directly."""
 
     #: The core's optimizer kind; set by each subclass.
@@ -49,16 +50,9 @@ class Optimizer:
     #: Names of the constructor's hyperparameters, in order (``betas`` is one name).
     _fields: ClassVar[tuple[str, ...]]
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable; create a new one")
-
-    def _set(self, **values: Any) -> None:
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters as a dict of torch's argument names (``betas`` as a tuple)."""
-        return {name: getattr(self, name) for name in self._fields}
+        return self._values()
 
     def flat_hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters with ``betas`` split into ``beta1`` and ``beta2``: the field names
@@ -88,16 +82,6 @@ class Optimizer:
         """Float32 state values the optimizer keeps per parameter element."""
         return _core.num_slots(self.to_config())
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Optimizer) and type(self) is type(other) and (
-            self.hyperparameters() == other.hyperparameters())
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, tuple(self.hyperparameters().items())))
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
-        return f"{type(self).__name__}({args})"
 
 
 class SGD(Optimizer):
