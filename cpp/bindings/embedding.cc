@@ -169,6 +169,21 @@ void bind_embedding(py::module_& m) {
           },
           py::arg("ids"), py::arg("out") = py::none(), py::arg("num_threads") = 0)
       .def(
+          "lookup",
+          [](const EmbeddingTable& t, py::array ids, py::object out, int num_threads) {
+            const std::uint64_t* id = id_span(ids);
+            const auto shape = row_shape(ids, t.dim());
+            py::array result = out.is_none() ? py::array_t<float>(shape) : out.cast<py::array>();
+            float* o = float_span(result, "out", shape, true);
+            // Safe without the GIL: as in pull; lookup never changes the table.
+            {
+              py::gil_scoped_release release;
+              t.lookup(id, static_cast<std::size_t>(ids.size()), o, num_threads);
+            }
+            return result;
+          },
+          py::arg("ids"), py::arg("out") = py::none(), py::arg("num_threads") = 0)
+      .def(
           "push",
           [](EmbeddingTable& t, py::array ids, py::array grads, int num_threads) {
             const std::uint64_t* id = id_span(ids);
@@ -194,6 +209,42 @@ void bind_embedding(py::module_& m) {
                                    adopt(std::move(rows.slots), {n, s, dim}),
                                    adopt(std::move(rows.steps), {n}));
            })
+      .def(
+          "export_rows_into",
+          [](const EmbeddingTable& t, py::array ids, py::array values, py::array slots,
+             py::array steps) {
+            if (ids.ndim() != 1) {
+              throw py::value_error("ids must be one-dimensional, got shape " +
+                                    shape_str(shape_of(ids)));
+            }
+            const auto cap = ids.shape(0);
+            const auto kind = ids.dtype().kind();
+            if (kind != 'u' || ids.itemsize() != 8) {
+              throw py::type_error("ids must be a numpy uint64 array, got dtype " + dtype_name(ids));
+            }
+            require_layout(ids, "ids");
+            if (!ids.writeable()) throw py::value_error("ids must be writable");
+            auto* id = static_cast<std::uint64_t*>(ids.mutable_data());
+            const auto dim = static_cast<py::ssize_t>(t.dim());
+            float* v = float_span(values, "values", {cap, dim}, true);
+            float* s =
+                float_span(slots, "slots", {cap, static_cast<py::ssize_t>(t.num_slots()), dim}, true);
+            if (steps.dtype().kind() != 'i' || steps.itemsize() != 8) {
+              throw py::type_error("steps must be a numpy int64 array, got dtype " +
+                                   dtype_name(steps));
+            }
+            if (shape_of(steps) != std::vector<py::ssize_t>{cap}) {
+              throw py::value_error("steps must have shape " + shape_str({cap}) + ", got " +
+                                    shape_str(shape_of(steps)));
+            }
+            require_layout(steps, "steps");
+            if (!steps.writeable()) throw py::value_error("steps must be writable");
+            auto* st = static_cast<std::int64_t*>(steps.mutable_data());
+            // Safe without the GIL: the four arrays are referenced by this frame.
+            py::gil_scoped_release release;
+            return t.export_rows_into(static_cast<std::size_t>(cap), id, v, s, st);
+          },
+          py::arg("ids"), py::arg("values"), py::arg("slots"), py::arg("steps"))
       .def(
           "import_rows",
           [](EmbeddingTable& t, py::array ids, py::array values, py::array slots, py::array steps) {

@@ -201,6 +201,32 @@ void EmbeddingTable::pull(const std::uint64_t* ids, std::size_t n, float* out, i
   });
 }
 
+void EmbeddingTable::lookup(const std::uint64_t* ids, std::size_t n, float* out,
+                            int num_threads) const {
+  if (n == 0) return;
+  const Grouping g = group(ids, n);
+  const std::size_t row_bytes = dim_ * sizeof(float);
+  parallel_for(static_cast<std::int64_t>(stripes_.size()), threads_for(n, num_threads),
+               [&](std::int64_t k) {
+    const std::size_t begin = g.offsets[k], end = g.offsets[k + 1];
+    if (begin == end) return;
+    Stripe& s = *stripes_[k];
+    std::lock_guard<std::mutex> lock(s.mu);
+    for (std::size_t i = begin; i < end; ++i) {
+      if (i + kPrefetchAhead < end) s.map.prefetch(g.hashes[g.order[i + kPrefetchAhead]]);
+      const std::uint32_t pos = g.order[i];
+      float* dst = out + pos * dim_;
+      const std::uint32_t row = s.map.find(ids[pos], g.hashes[pos]);
+      if (row == IdMap::kNoRow) {
+        initialize_row(initializer_, seed_, ids[pos], dst, dim_);
+      } else {
+        std::int64_t* step = nullptr;
+        std::memcpy(dst, record_at(s, row, &step), row_bytes);
+      }
+    }
+  });
+}
+
 void EmbeddingTable::push(const std::uint64_t* ids, std::size_t n, const float* grads,
                           int num_threads) {
   if (n == 0) return;
@@ -301,6 +327,28 @@ bool EmbeddingTable::contains(std::uint64_t id) const {
 }
 
 EmbeddingRows EmbeddingTable::export_rows() const {
+  EmbeddingRows out;
+  for (;;) {
+    const std::size_t n = num_rows();
+    out.ids.resize(n);
+    out.values.resize(n * dim_);
+    out.slots.resize(n * dim_ * num_slots_);
+    out.steps.resize(n);
+    const std::size_t got = export_rows_into(n, out.ids.data(), out.values.data(),
+                                             out.slots.data(), out.steps.data());
+    if (got <= n) {  // rows created between the count and the copy: try again with room
+      out.ids.resize(got);
+      out.values.resize(got * dim_);
+      out.slots.resize(got * dim_ * num_slots_);
+      out.steps.resize(got);
+      return out;
+    }
+  }
+}
+
+std::size_t EmbeddingTable::export_rows_into(std::size_t capacity, std::uint64_t* ids,
+                                             float* values, float* slots,
+                                             std::int64_t* steps) const {
   std::vector<std::unique_lock<std::mutex>> locks;
   locks.reserve(stripes_.size());
   std::size_t n = 0;
@@ -308,30 +356,25 @@ EmbeddingRows EmbeddingTable::export_rows() const {
     locks.emplace_back(s->mu);
     n += s->rows;
   }
-  EmbeddingRows out;
-  out.ids.resize(n);
-  out.values.resize(n * dim_);
-  out.slots.resize(n * dim_ * num_slots_);
-  out.steps.resize(n);
+  if (n > capacity) return n;
   std::size_t base = 0;
   for (const auto& sp : stripes_) {
     Stripe& s = *sp;
     // The map knows each row's id; rows are numbered densely from 0 in creation order.
-    s.map.for_each([&](std::uint64_t id, std::uint32_t row) { out.ids[base + row] = id; });
+    s.map.for_each([&](std::uint64_t id, std::uint32_t row) { ids[base + row] = id; });
     for (std::uint32_t row = 0; row < s.rows; ++row) {
       std::int64_t* step = nullptr;
       const float* rec = record_at(s, row, &step);
       const std::size_t r = base + row;
-      std::memcpy(&out.values[r * dim_], rec, dim_ * sizeof(float));
+      std::memcpy(values + r * dim_, rec, dim_ * sizeof(float));
       if (num_slots_ > 0) {
-        std::memcpy(&out.slots[r * num_slots_ * dim_], rec + dim_,
-                    num_slots_ * dim_ * sizeof(float));
+        std::memcpy(slots + r * num_slots_ * dim_, rec + dim_, num_slots_ * dim_ * sizeof(float));
       }
-      out.steps[r] = *step;
+      steps[r] = *step;
     }
     base += s.rows;
   }
-  return out;
+  return n;
 }
 
 void EmbeddingTable::import_rows(const std::uint64_t* ids, std::size_t n, const float* values,

@@ -186,10 +186,17 @@ class EmbeddingTable:
     def contains(self, id: int) -> bool: ...
     def pull(self, ids: _Ids, out: _F32 | None = None, num_threads: _Int = 0) -> _F32:
         """Rows of ``ids`` in request order, creating missing ones: ``(*ids.shape, dim)``."""
+    def lookup(self, ids: _Ids, out: _F32 | None = None, num_threads: _Int = 0) -> _F32:
+        """Rows of ``ids`` like :meth:`pull`, but an id not held gets its initial row and is not
+        created: the table is never changed."""
     def push(self, ids: _Ids, grads: _F32, num_threads: _Int = 0) -> None:
         """Sum the gradients of equal ids, then one optimizer step per distinct row."""
     def export_rows(self) -> tuple[npt.NDArray[np.uint64], _F32, _F32, _I64]:
         """Every row: (ids, values (n, dim), slots (n, num_slots, dim), steps)."""
+    def export_rows_into(self, ids: npt.NDArray[np.uint64], values: _F32, slots: _F32,
+                         steps: _I64) -> int:
+        """:meth:`export_rows` into buffers of ``len(ids)`` rows. Returns the rows written, or,
+        writing nothing, the rows held when they do not fit."""
     def import_rows(self, ids: _Ids, values: _F32, slots: _F32, steps: _I64) -> None:
         """Create or overwrite rows (a checkpoint's content)."""
     def clear(self) -> None:

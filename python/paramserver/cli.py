@@ -1,4 +1,4 @@
-"""The ``paramserver`` command: scheduler, server, launch and status.
+"""The ``paramserver`` command: scheduler, server, launch, status, checkpoint and export.
 
 The only place that reads flags; it builds the config objects every node class receives.
 """
@@ -48,12 +48,18 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
     config = SchedulerConfig(host=args.host, port=args.port, num_servers=args.num_servers,
                              num_workers=args.num_workers,
                              heartbeat_interval=args.heartbeat_interval,
-                             heartbeat_timeout=args.heartbeat_timeout)
+                             heartbeat_timeout=args.heartbeat_timeout,
+                             **_checkpoint_config(args))
     scheduler = Scheduler(config).start()
     print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers)",
           flush=True)
     _write_ready(args.ready_file, address=scheduler.address)
     return _serve_until_signal(scheduler, "scheduler")
+
+
+def _checkpoint_config(args: argparse.Namespace) -> dict:
+    return {"checkpoint_dir": args.checkpoint_dir or "", "checkpoint_every": args.checkpoint_every,
+            "keep": args.keep, "resume": args.resume}
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -77,7 +83,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           num_workers=args.num_workers, host=args.host, port=args.port,
                           heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
-                          startup_timeout=args.startup_timeout)
+                          startup_timeout=args.startup_timeout, **_checkpoint_config(args))
     return launch(config)
 
 
@@ -86,6 +92,51 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     status = fetch_status(args.scheduler, timeout=args.timeout)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from paramserver.coordinator import checkpoint_reply_to_dict
+    from paramserver.export import _scheduler_call
+    from paramserver.v1 import paramserver_pb2 as pb
+
+    metadata = args.metadata or "{}"
+    try:
+        if not isinstance(json.loads(metadata), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise ValueError(f"--metadata must be a JSON object: {exc}") from None
+    call = _scheduler_call(args.scheduler, args.timeout)
+    reply = call("Checkpoint", pb.CheckpointRequest(metadata_json=metadata, timeout=args.timeout),
+                 timeout=args.timeout + 5.0, what="checkpoint")
+    info = checkpoint_reply_to_dict(reply)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"checkpoint {info['version']} written to {info['path']}: {info['bytes']} bytes, "
+              f"writes held {info['hold_s'] * 1e3:.1f} ms, {info['total_s']:.2f} s in all")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from paramserver import checkpoint as ckpt
+    from paramserver.export import export_checkpoint, export_from_job
+
+    if bool(args.scheduler) == bool(args.checkpoint):
+        raise ValueError("give exactly one of --scheduler HOST:PORT (a running job) and "
+                         "--checkpoint PATH")
+    if args.version is not None and not args.checkpoint:
+        raise ValueError("--version needs --checkpoint")
+    if args.scheduler:
+        info = export_from_job(args.scheduler, args.out, args.with_optimizer_state, args.timeout)
+    else:
+        manifest = ckpt.open_checkpoint(args.checkpoint, args.version)
+        info = export_checkpoint(manifest, args.out, args.with_optimizer_state)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"exported version {info['version']} ({len(info['tables'])} tables) to "
+              f"{info['path']}: {info['bytes']} bytes")
     return 0
 
 
@@ -103,6 +154,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="S",
                        help="seconds of silence before a node is marked dead (default 10)")
 
+    def checkpoint_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint-dir", metavar="DIR",
+                       help="directory of the job's checkpoints (created if missing)")
+        p.add_argument("--checkpoint-every", type=float, default=0.0, metavar="SECONDS",
+                       help="take a checkpoint every SECONDS (default: only on request)")
+        p.add_argument("--keep", type=int, default=3, metavar="K",
+                       help="complete checkpoints to keep (default 3; 0 keeps all)")
+        p.add_argument("--resume", action="store_true",
+                       help="start from the newest complete checkpoint in --checkpoint-dir")
+
     p = sub.add_parser("scheduler", help="run the scheduler of a job")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9090, help="0 picks a free port")
@@ -110,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0,
                    help="workers the job expects (default: as the workers say)")
     heartbeat_flags(p)
+    checkpoint_flags(p)
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     p.set_defaults(fn=_cmd_scheduler)
 
@@ -137,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     heartbeat_flags(p)
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="seconds allowed for the scheduler and servers to start")
+    checkpoint_flags(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command, after --")
     p.set_defaults(fn=_cmd_launch)
 
@@ -145,6 +208,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(fn=_cmd_status)
+
+    p = sub.add_parser("checkpoint", help="take a checkpoint of a running job now")
+    p.add_argument("--scheduler", required=True, metavar="HOST:PORT")
+    p.add_argument("--metadata", metavar="JSON", help="a JSON object saved with the checkpoint")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(fn=_cmd_checkpoint)
+
+    p = sub.add_parser("export", help="write a model file (safetensors) for serving")
+    p.add_argument("--scheduler", metavar="HOST:PORT", help="export a running job")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="export a checkpoint: its directory, or a checkpoint directory (newest)")
+    p.add_argument("--version", type=int, help="with --checkpoint DIR: this version")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--with-optimizer-state", action="store_true",
+                   help="include optimizer state (moments, step counts)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(fn=_cmd_export)
     return parser
 
 

@@ -9,9 +9,11 @@ into messages of about that size, sent as parallel calls. Each push is one optim
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from paramserver.errors import (
 )
 from paramserver.membership import Membership
 from paramserver.optim import Optimizer
-from paramserver.partition import BlockLayout, default_block_size
+from paramserver.partition import BlockLayout
 from paramserver.plan import DensePlan, DenseRef, EmbeddingRef, SparsePlan
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
@@ -44,12 +46,40 @@ from paramserver.wire import (
     iter_requests,
     optimizer_from_spec,
     optimizer_to_spec,
+    plan_requests,
+    spec_to_dict,
 )
 
 __all__ = ["Client", "DenseTable", "EmbeddingTable", "connect"]
 
 #: Messages of one large request in flight at once per server (see Client._send).
 _IN_FLIGHT = 64
+#: Ops that write, and so carry an OpTag and may be held by a checkpoint's cut.
+_WRITES = (pb.PUSH, pb.PUSH_PULL, pb.ASSIGN)
+#: Retry delays (seconds) of a write a server held for a checkpoint's cut: short, because a cut
+#: holds writes for milliseconds and the retry's wait adds to the worker's.
+_HELD_RETRY_FIRST, _HELD_RETRY_MAX = 0.002, 0.02
+
+
+class _OpSequence:
+    """Numbers a client's write operations and knows the lowest one still in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 1
+        self._open: set[int] = set()
+
+    def begin(self) -> tuple[int, int]:
+        """A new operation: (its number, the number below which every operation is finished)."""
+        with self._lock:
+            seq = self._next
+            self._next += 1
+            self._open.add(seq)
+            return seq, min(self._open)
+
+    def end(self, seq: int) -> None:
+        with self._lock:
+            self._open.discard(seq)
 
 #: What ``init=`` accepts: None (zeros), an array of the table's shape, or a callable of the shape.
 Init = Union[None, np.ndarray, Callable[[tuple[int, ...]], Any]]
@@ -136,13 +166,18 @@ class EmbeddingTable(_Handle):
         """Floats per row."""
         return self._ref.dim
 
-    def pull(self, ids: np.ndarray) -> np.ndarray:
+    def pull(self, ids: np.ndarray, create: bool = True) -> np.ndarray:
         """Rows of ``ids`` (int64 or uint64, any shape): float32 of shape ``(*ids.shape, dim)``.
 
-        Rows not seen before are created with the initializer. int64 ids are taken as the uint64
-        of the same bits, so -1 and 2**64 - 1 name the same row.
+        Rows not seen before are created with the initializer; with ``create=False`` they are not
+        created, and an unseen id gets the row it would be created with (read-only lookups for
+        evaluation and serving, which never grow the table). int64 ids are taken as the uint64 of
+        the same bits, so -1 and 2**64 - 1 name the same row.
         """
-        return self._client.pull({self.name: ids})[self.name]
+        if create:
+            return self._client.pull({self.name: ids})[self.name]
+        return self._client._exchange(pb.LOOKUP, {self.name: ids}, {self.name: self._ref},
+                                      "lookup")[self.name]
 
     def push(self, ids: np.ndarray, grads: np.ndarray) -> None:
         """One optimizer step per distinct id; ``grads`` is float32 ``(*ids.shape, dim)`` and the
@@ -192,7 +227,13 @@ class Client:
             self._membership.close()
             raise
         self.node_id = self._membership.node_id
+        self._client_id = f"{self.node_id}/{uuid.uuid4().hex[:12]}"
+        self._op_seq = _OpSequence()
         self._num_workers = view.num_workers
+        reply = self._membership.reply
+        self._restored = (json.loads(reply.restored_metadata_json)
+                          if reply.restored_metadata_json else {})
+        self._restored_version = reply.restored_version
         self._channels = []
         self._servers: dict[int, _ServerRef] = {}
         for node in view.nodes:
@@ -238,6 +279,44 @@ class Client:
                                                            timeout=timeout),
                               timeout=timeout + 10.0, what=f"barrier {name!r}")
 
+    @property
+    def restored_metadata(self) -> dict[str, Any]:
+        """The metadata saved with the checkpoint this job resumed from (``{}`` on a fresh job):
+        where the training script should continue (epoch, data position, ...)."""
+        return dict(self._restored)
+
+    @property
+    def restored_version(self) -> int:
+        """The version of the checkpoint this job resumed from (0 on a fresh job)."""
+        return self._restored_version
+
+    def checkpoint(self, metadata: Mapping[str, Any] | None = None, *,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """Take a consistent checkpoint of every table now; block until it is durable.
+
+        ``metadata`` (JSON-serializable: epoch, data position, ...) is saved with it and comes
+        back as :attr:`restored_metadata` when the job resumes from it. Writes of every worker are
+        held for the cut's copy (milliseconds) and then flow again while the servers write.
+
+        Returns ``{"version", "path", "bytes", "step", "hold_s", "snapshot_s", "persist_s",
+        "total_s"}``. Raises CheckpointError (the job has no checkpoint directory, a server could
+        not write its files: nothing is left half written and the job keeps running) or
+        InvalidRequestError (metadata that is not a JSON object).
+        """
+        from paramserver.coordinator import checkpoint_reply_to_dict
+
+        text = _metadata_json(metadata) if metadata is not None else "{}"
+        timeout = self.config.timeout if timeout is None else timeout
+        reply = self._membership.call("Checkpoint", pb.CheckpointRequest(
+            metadata_json=text, timeout=timeout), timeout=timeout + 5.0, what="checkpoint")
+        return checkpoint_reply_to_dict(reply)
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Every ready table of the job, whoever declared it: ``{name: spec as a dict}`` (kind,
+        shape or dim, optimizer, ...). Attach to one with :meth:`table`."""
+        reply = self._membership.call("ListTables", pb.ListTablesRequest(), what="list tables")
+        return {p.spec.name: spec_to_dict(p.spec) for p in reply.tables}
+
     def status(self) -> dict[str, Any]:
         """The scheduler's status of the job as a dict (see ``paramserver status --json``)."""
         from paramserver.status import status_to_dict
@@ -270,19 +349,16 @@ class Client:
         if not isinstance(optimizer, Optimizer):
             raise InvalidRequestError(f"table {name!r}: optimizer must be a paramserver optimizer "
                                       f"(e.g. paramserver.Adam()), got {optimizer!r}")
-        if block_size is None:
-            block_size = default_block_size(int(np.prod(shape_t)), self.num_servers)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        # No block_size: 0 asks the scheduler for the default (or, for a table that exists, e.g.
+        # restored from a checkpoint taken with another server count, the one it has).
+        if block_size is not None and (isinstance(block_size, bool)
+                                       or not isinstance(block_size, int) or block_size <= 0):
             raise InvalidRequestError(f"table {name!r}: block_size must be a positive int, "
                                       f"got {block_size!r}")
         values = None if init is None else _init_values(name, shape_t, init)
         spec = pb.TableSpec(name=name, kind=pb.TableSpec.DENSE, shape=shape_t,
-                            block_size=block_size, optimizer=optimizer_to_spec(optimizer))
-        placement = self._declare(spec, values)
-        layout = BlockLayout(int(np.prod(shape_t)), block_size, tuple(placement.block_servers))
-        ref = DenseRef(name, shape_t, optimizer, layout, layout.blocks_by_server())
-        with self._lock:
-            self._tables[name] = ref
+                            block_size=block_size or 0, optimizer=optimizer_to_spec(optimizer))
+        ref = self._attach(self._declare(spec, values))
         return DenseTable(self, ref)
 
     def embedding(self, name: str, dim: int, optimizer: Optimizer, init: Any = None, *,
@@ -318,10 +394,7 @@ class Client:
         spec = pb.TableSpec(name=name, kind=pb.TableSpec.EMBEDDING, dim=int(dim),
                             optimizer=optimizer_to_spec(optimizer),
                             initializer_json=initializer_to_json(init), seed=int(seed))
-        placement = self._declare(spec, None)
-        ref = EmbeddingRef(name, int(dim), optimizer, init, int(seed), placement.num_servers)
-        with self._lock:
-            self._tables[name] = ref
+        ref = self._attach(self._declare(spec, None))
         return EmbeddingTable(self, ref)
 
     def _table_stats(self, name: str, field: str) -> dict[int, int]:
@@ -379,9 +452,38 @@ class Client:
             self._exchange(pb.ASSIGN, {spec.name: values}, {spec.name: ref}, "initialize")
 
     def table(self, name: str) -> DenseTable | EmbeddingTable:
-        """The handle of a table this client declared; TableNotFoundError otherwise."""
-        ref = self._ref(name)
+        """The handle of any ready table of the job, whoever declared it (an evaluator or an
+        exporter need not repeat its shape and optimizer). TableNotFoundError if the job has no
+        ready table of that name."""
+        ref = self._tables.get(name)
+        if ref is None:
+            reply = self._membership.call("ListTables", pb.ListTablesRequest(name=name),
+                                          what=f"find table {name!r}")
+            if not reply.tables:
+                known = sorted(self.tables())
+                raise TableNotFoundError(f"the job has no ready table {name!r} (tables: {known})")
+            ref = self._attach(reply.tables[0])
         return DenseTable(self, ref) if isinstance(ref, DenseRef) else EmbeddingTable(self, ref)
+
+    def _attach(self, placement: pb.TablePlacement) -> DenseRef | EmbeddingRef:
+        """Remember a table's placement as this client's reference to it."""
+        from paramserver import init as initializers
+
+        spec = placement.spec
+        optimizer = optimizer_from_spec(spec.optimizer)
+        if spec.kind == pb.TableSpec.DENSE:
+            shape = tuple(spec.shape)
+            layout = BlockLayout(int(np.prod(shape)), spec.block_size,
+                                 tuple(placement.block_servers))
+            ref: DenseRef | EmbeddingRef = DenseRef(spec.name, shape, optimizer, layout,
+                                                    layout.blocks_by_server())
+        else:
+            init = initializers.initializer_from_dict(json.loads(spec.initializer_json))
+            ref = EmbeddingRef(spec.name, spec.dim, optimizer, init, spec.seed,
+                               placement.num_servers)
+        with self._lock:
+            self._tables[spec.name] = ref
+        return ref
 
     def _ref(self, name: str) -> DenseRef | EmbeddingRef:
         ref = self._tables.get(name)
@@ -457,11 +559,22 @@ class Client:
             for server, item in plan.items().items():
                 items.setdefault(server, []).append(item)
         label = f"{what} of {sorted(refs)}"
-        replies = self._on_servers(
-            {self._servers[s]: iter_requests(op, its, self.config.message_bytes, self.node_id)
-             for s, its in items.items()},
-            lambda server, requests: self._send(server, requests, label))
-        if op not in (pb.PULL, pb.PUSH_PULL):
+        planned = {s: plan_requests(its, self.config.message_bytes) for s, its in items.items()}
+        tag = None
+        if op in _WRITES and planned:
+            seq, done_below = self._op_seq.begin()
+            servers = sorted(planned)
+            tag = pb.OpTag(client=self._client_id, seq=seq, servers=servers,
+                           parts=[len(planned[s]) for s in servers], done_below=done_below)
+        try:
+            replies = self._on_servers(
+                {self._servers[s]: iter_requests(op, plan, 0, self.node_id, tag)
+                 for s, plan in planned.items()},
+                lambda server, requests: self._send(server, requests, label))
+        finally:
+            if tag is not None:
+                self._op_seq.end(tag.seq)
+        if op not in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP):
             return {}
         for server_replies in replies:
             for reply in server_replies:
@@ -497,35 +610,66 @@ class Client:
               label: str) -> list[bytes]:
         count, messages = requests
         if count == 1:  # small requests: one unary call per server
-            return [self._unary(server, server.exchange, next(messages), label)]
+            return [self._exchange_one(server, next(messages), label)]
         # A large request: every message as its own unary call, all in flight at once, each sent
         # as soon as it is encoded. Measured faster than a stream, whose messages a sync gRPC
         # server hands one by one between threads, and it lets the server apply chunks in
         # parallel (different blocks, each with its own lock). Each message is whole blocks or
         # rows and is validated whole. Every call is awaited before returning or raising, so
         # none outlives this one.
-        calls, replies, error = [], [], None
+        # A message a server held for a checkpoint's cut (ABORTED) is sent again until accepted.
+        calls, sent, replies, error = [], [], [], None
+
+        def collect() -> None:
+            nonlocal error
+            i = len(replies)
+            try:
+                replies.append(calls[i].result())
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.ABORTED:
+                    try:
+                        replies.append(self._exchange_one(server, sent[i], label))
+                        return
+                    except ParamServerError as retry_error:
+                        replies.append(None)
+                        error = error or retry_error
+                        return
+                replies.append(None)
+                error = error or self._server_error(exc, server, label)
+
         try:
             for message in messages:
                 if len(calls) - len(replies) >= _IN_FLIGHT:
-                    try:
-                        replies.append(calls[len(replies)].result())
-                    except grpc.RpcError as exc:
-                        replies.append(None)
-                        error = error or exc
+                    collect()
                 calls.append(server.exchange.future(message, timeout=self.config.timeout))
+                sent.append(message)
         except BaseException:
             for call in calls:
                 call.cancel()
             raise
-        for call in calls[len(replies):]:
-            try:
-                replies.append(call.result())
-            except grpc.RpcError as exc:
-                error = error or exc
+        while len(replies) < len(calls):
+            collect()
         if error is not None:
-            raise self._server_error(error, server, label) from None
+            raise error
         return replies
+
+    def _exchange_one(self, server: _ServerRef, message: bytes, label: str) -> bytes:
+        """One Exchange call, sent again while the server holds writes for a checkpoint's cut."""
+        deadline = time.monotonic() + self.config.timeout
+        delay = _HELD_RETRY_FIRST
+        while True:
+            try:
+                return server.exchange(message, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.ABORTED:
+                    raise self._server_error(error, server, label) from None
+                if time.monotonic() + delay >= deadline:
+                    raise PSTimeoutError(
+                        f"{label} on server-{server.rank} at {server.address}: writes were held "
+                        f"for a checkpoint for longer than {self.config.timeout:.1f} s "
+                        f"({error.details()})") from None
+            time.sleep(delay)
+            delay = min(delay * 2, _HELD_RETRY_MAX)
 
     def _unary(self, server: _ServerRef, method: Callable[..., Any], request: Any,
                label: str) -> Any:
@@ -574,6 +718,18 @@ class Client:
     def __repr__(self) -> str:
         return (f"Client(rank={self.rank}, num_workers={self.num_workers}, "
                 f"scheduler={self.config.scheduler!r}, servers={self.num_servers})")
+
+
+def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, Mapping):
+        raise InvalidRequestError(f"checkpoint metadata must be a dict (JSON object), got "
+                                  f"{type(metadata).__name__}")
+    try:
+        return json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"checkpoint metadata is not JSON-serializable: {exc}") from None
 
 
 def _shape_tuple(name: str, shape: Sequence[int] | int) -> tuple[int, ...]:

@@ -34,6 +34,13 @@ class SchedulerConfig:
         heartbeat_interval: seconds between heartbeats that nodes are told to send.
         heartbeat_timeout: seconds without a heartbeat after which a node is marked dead.
         max_threads: gRPC handler threads (barriers hold one each while waiting).
+        checkpoint_dir: directory of the job's checkpoints ("" : none; ``client.checkpoint()``
+            then fails, and export from the running job uses a temporary directory).
+        checkpoint_every: seconds between periodic checkpoints (0: none).
+        keep: complete checkpoints kept in ``checkpoint_dir``; older ones are deleted once a
+            newer one is complete (0: keep all).
+        resume: start from the newest complete checkpoint in ``checkpoint_dir`` (falling back
+            past corrupt ones); a fresh job if there is none.
     """
 
     host: str = "127.0.0.1"
@@ -43,6 +50,10 @@ class SchedulerConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     max_threads: int = 64
+    checkpoint_dir: str = ""
+    checkpoint_every: float = 0.0
+    keep: int = 3
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.num_servers < 1:
@@ -55,6 +66,11 @@ class SchedulerConfig:
             raise ValueError(
                 f"need 0 < heartbeat_interval < heartbeat_timeout, got "
                 f"{self.heartbeat_interval} and {self.heartbeat_timeout}")
+        if self.checkpoint_every < 0 or self.keep < 0:
+            raise ValueError(f"checkpoint_every and keep must be >= 0, got "
+                             f"{self.checkpoint_every} and {self.keep}")
+        if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every and resume need a checkpoint_dir")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ __all__ = [
     "TableMismatchError",
     "NodeUnavailableError",
     "PSTimeoutError",
+    "CheckpointError",
 ]
 
 
@@ -41,3 +42,9 @@ class NodeUnavailableError(ParamServerError, ConnectionError):
 
 class PSTimeoutError(ParamServerError, TimeoutError):
     """Waiting for something (servers to register, a barrier, a table) took longer than allowed."""
+
+
+class CheckpointError(ParamServerError):
+    """A checkpoint could not be written, found, read or restored; the message names the file or
+    table and what was wrong. A failed checkpoint leaves the job running and earlier checkpoints
+    intact."""

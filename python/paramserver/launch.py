@@ -39,6 +39,11 @@ class LaunchConfig:
         grace: seconds between SIGTERM and SIGKILL when stopping processes.
         server_threads: gRPC handler threads per server.
         env: extra environment variables for every process.
+        checkpoint_dir / checkpoint_every / keep / resume: passed to the scheduler (see
+            :class:`paramserver.SchedulerConfig`). With a checkpoint directory, the launcher takes
+            a final checkpoint when every worker has finished, and when it is interrupted
+            (Ctrl-C, SIGTERM) while the job is running.
+        final_checkpoint_timeout: seconds allowed for that final checkpoint.
     """
 
     command: list[str]
@@ -52,6 +57,11 @@ class LaunchConfig:
     grace: float = 5.0
     server_threads: int = 16
     env: dict[str, str] = field(default_factory=dict)
+    checkpoint_dir: str = ""
+    checkpoint_every: float = 0.0
+    keep: int = 3
+    resume: bool = False
+    final_checkpoint_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -59,6 +69,8 @@ class LaunchConfig:
         if self.num_servers < 1 or self.num_workers < 1:
             raise ValueError(f"need at least 1 server and 1 worker, got {self.num_servers} and "
                              f"{self.num_workers}")
+        if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
+            raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
 
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -149,6 +161,8 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    scheduler = ""
+    workers: list[_Proc] = []
     try:
         with tempfile.TemporaryDirectory(prefix="paramserver-launch-") as tmp:
             deadline = time.monotonic() + config.startup_timeout
@@ -158,9 +172,9 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
                 "--num-servers", str(config.num_servers), "--num-workers", str(config.num_workers),
                 "--heartbeat-interval", str(config.heartbeat_interval),
                 "--heartbeat-timeout", str(config.heartbeat_timeout),
-                "--ready-file", str(ready)], base_env, out, lock))
+                "--ready-file", str(ready)] + _checkpoint_args(config), base_env, out, lock))
             scheduler = _wait_ready(procs[0], ready, deadline)["address"]
-            servers = []
+            servers: list[tuple[_Proc, Path]] = []
             for rank in range(config.num_servers):
                 ready = Path(tmp, f"server-{rank}.json")
                 servers.append((_Proc(f"server {rank}", node + [
@@ -172,13 +186,15 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
                 _wait_ready(proc, ready, deadline)
             say(f"scheduler at {scheduler}, {config.num_servers} servers ready; starting "
                 f"{config.num_workers} workers: {' '.join(config.command)}")
-            workers = []
             for rank in range(config.num_workers):
                 env = dict(base_env, PARAMSERVER_SCHEDULER=scheduler, PARAMSERVER_RANK=str(rank),
                            PARAMSERVER_NUM_WORKERS=str(config.num_workers))
                 workers.append(_Proc(f"worker {rank}", list(config.command), env, out, lock))
             procs.extend(workers)
-            return _supervise(procs[:1 + config.num_servers], workers, say)
+            code = _supervise(procs[:1 + config.num_servers], workers, say)
+            if code == 0 and config.checkpoint_dir:
+                _final_checkpoint(scheduler, config, say, "the job finished")
+            return code
     except LaunchError as exc:
         say(f"error: {exc}")
         return 1
@@ -187,11 +203,43 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
         return 127
     except KeyboardInterrupt:
         say("interrupted; stopping every process")
+        if scheduler and config.checkpoint_dir and all(
+                p.exit_code() is None for p in procs[:1 + config.num_servers]):
+            for w in workers:  # the workers first, so the checkpoint is of a quiet job
+                w.signal(signal.SIGTERM)
+            _final_checkpoint(scheduler, config, say, "interrupted")
         return 128 + (received[0] if received else signal.SIGINT)
     finally:
         _stop_all(procs, config.grace)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _checkpoint_args(config: LaunchConfig) -> list[str]:
+    if not config.checkpoint_dir:
+        return []
+    args = ["--checkpoint-dir", config.checkpoint_dir, "--checkpoint-every",
+            str(config.checkpoint_every), "--keep", str(config.keep)]
+    return args + (["--resume"] if config.resume else [])
+
+
+def _final_checkpoint(scheduler: str, config: LaunchConfig, say, why: str) -> None:
+    """Checkpoint the job's final state (the scheduler and servers are still up); a failure is
+    reported, not fatal: the periodic checkpoints are still there."""
+    from paramserver.coordinator import checkpoint_reply_to_dict
+    from paramserver.errors import ParamServerError
+    from paramserver.export import _scheduler_call
+    from paramserver.v1 import paramserver_pb2 as pb
+
+    timeout = config.final_checkpoint_timeout
+    try:
+        reply = _scheduler_call(scheduler, timeout)(
+            "Checkpoint", pb.CheckpointRequest(timeout=timeout),
+            timeout=timeout + 5.0, what="final checkpoint")
+        info = checkpoint_reply_to_dict(reply)
+        say(f"{why}: final checkpoint {info['version']} written to {info['path']}")
+    except ParamServerError as exc:
+        say(f"{why}: the final checkpoint failed: {exc}")
 
 
 def _supervise(nodes: list[_Proc], workers: list[_Proc], say) -> int:

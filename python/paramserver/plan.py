@@ -127,7 +127,7 @@ class SparsePlan:
         if op == pb.ASSIGN:
             raise InvalidRequestError(f"table {ref.name!r}: embedding rows cannot be assigned")
         grads = None
-        if op == pb.PULL:
+        if op in (pb.PULL, pb.LOOKUP):
             ids = value
         else:
             if not isinstance(value, tuple) or len(value) != 2:

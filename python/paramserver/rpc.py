@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from paramserver import errors
 from paramserver.errors import (
+    CheckpointError,
     InvalidRequestError,
     NodeUnavailableError,
     ParamServerError,
@@ -112,11 +114,26 @@ _BY_CODE: dict[grpc.StatusCode, type[ParamServerError]] = {
 }
 
 
+#: Trailing metadata key naming the paramserver exception a servicer raised (see abort_on), so
+#: the caller raises the same class whatever the status code.
+_ERROR_KEY = "ps-error"
+
+
+def _error_class(error: grpc.RpcError, code: grpc.StatusCode) -> type[ParamServerError]:
+    try:
+        for key, value in error.trailing_metadata() or ():
+            if key == _ERROR_KEY and value in errors.__all__:
+                return getattr(errors, value)
+    except Exception:  # not a call error (no metadata): fall back to the code
+        pass
+    return _BY_CODE.get(code, ParamServerError)
+
+
 def translate(error: grpc.RpcError, what: str, node: str, address: str) -> ParamServerError:
     """The paramserver exception for a failed call ``what`` to ``node`` at ``address``."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    cls = _BY_CODE.get(code, ParamServerError)
+    cls = _error_class(error, code)
     if code == grpc.StatusCode.UNAVAILABLE:
         return cls(f"{node} at {address} is unreachable during {what}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -138,10 +155,15 @@ def abort_on(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
 
     ``ValueError``/``TypeError`` -> INVALID_ARGUMENT, ``IndexError`` -> OUT_OF_RANGE,
     :class:`TableNotFoundError` -> NOT_FOUND, :class:`TableMismatchError` -> ALREADY_EXISTS,
-    :class:`PSTimeoutError` -> DEADLINE_EXCEEDED. Anything else propagates (an internal error).
+    :class:`PSTimeoutError` -> DEADLINE_EXCEEDED, :class:`CheckpointError` -> FAILED_PRECONDITION
+    (named in the ``ps-error`` trailing metadata, so the caller raises CheckpointError).
+    Anything else propagates (an internal error).
     """
     try:
         return fn()
+    except CheckpointError as exc:
+        context.set_trailing_metadata(((_ERROR_KEY, "CheckpointError"),))
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except TableNotFoundError as exc:
         context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
     except TableMismatchError as exc:

@@ -9,25 +9,38 @@ server they cannot reach.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
+from paramserver import checkpoint as ckpt
 from paramserver import rpc
 from paramserver.config import SchedulerConfig
+from paramserver.coordinator import CheckpointCoordinator
 from paramserver.errors import (
+    CheckpointError,
+    InvalidRequestError,
     NodeUnavailableError,
+    ParamServerError,
     PSTimeoutError,
     TableMismatchError,
 )
-from paramserver.partition import assign_blocks
+from paramserver.partition import assign_blocks, default_block_size
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import describe_spec, optimizer_from_spec, specs_match
 
 __all__ = ["Scheduler"]
+
+log = logging.getLogger(__name__)
+
+#: Owner of a table being loaded from a checkpoint (not a node: never taken over).
+_RESTORE = "(checkpoint restore)"
 
 _ROLE_NAMES = {pb.SERVER: "server", pb.WORKER: "worker"}
 
@@ -50,6 +63,8 @@ class _Table:
     placement: pb.TablePlacement
     owner: str
     ready: bool = False
+    restored: int = 0     # the checkpoint version it was loaded from (0: declared in this job)
+    error: str = ""       # why loading it from the checkpoint failed
 
 
 @dataclass
@@ -68,6 +83,108 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self._barriers: dict[str, _Barrier] = {}
         self._cond = threading.Condition()
         self._started = time.monotonic()
+        root = ckpt.check_writable(config.checkpoint_dir) if config.checkpoint_dir else None
+        self.checkpoints = CheckpointCoordinator(root, config.keep, config.num_servers,
+                                                 self._live_servers, self._ready_tables)
+        self._restored_metadata = ""
+        if config.resume:
+            assert root is not None
+            self._load_checkpoint(root)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _load_checkpoint(self, root: Path) -> None:
+        """Pick the newest complete checkpoint (skipping corrupt ones, said in the log and in
+        status) and register its tables; they are loaded onto the servers once all registered."""
+        manifest, notes = ckpt.latest(root)
+        for note in notes:
+            log.warning("resume: %s", note)
+        self.checkpoints.restore_notes = notes
+        if manifest is None:
+            if notes:
+                raise CheckpointError(f"cannot resume from {root}: no complete checkpoint ("
+                                      + "; ".join(notes) + ")")
+            log.warning("resume: %s holds no checkpoint; starting a fresh job", root)
+            self.checkpoints.restore_notes = [f"{root} held no checkpoint: fresh job"]
+            return
+        if notes:
+            log.warning("resume: falling back to checkpoint %d", manifest.version)
+        log.info("resuming from checkpoint %d (%s): %d tables", manifest.version, manifest.path,
+                 len(manifest.tables))
+        self.checkpoints.restored_version = manifest.version
+        self._restored_metadata = json.dumps(manifest.metadata)
+        for name, spec in manifest.tables.items():
+            placement = pb.TablePlacement(spec=spec, num_servers=self._config.num_servers)
+            self._tables[name] = _Table(placement, owner=_RESTORE, restored=manifest.version)
+        threading.Thread(target=self._restore, args=(manifest,), name="ps-restore",
+                         daemon=True).start()
+
+    def _restore(self, manifest: ckpt.Manifest) -> None:
+        with self._cond:
+            while len(self._by_role(pb.SERVER)) < self._config.num_servers:
+                self._cond.wait(0.5)
+            placements = {}
+            for name, table in self._tables.items():
+                if table.owner == _RESTORE:
+                    self._place(table.placement)
+                    placements[name] = table.placement
+            servers = self._live_servers()
+        error = ""
+        try:
+            self.checkpoints.restore(manifest, placements, servers)
+            log.info("restored %d tables from checkpoint %d", len(placements), manifest.version)
+        except ParamServerError as exc:
+            error = f"restoring checkpoint {manifest.version} failed: {exc}"
+            log.error("%s", error)
+            self.checkpoints.restore_notes.append(error)
+        with self._cond:
+            for name in placements:
+                table = self._tables[name]
+                table.ready, table.error = not error, error
+            self._cond.notify_all()
+
+    def _live_servers(self) -> dict[int, str]:
+        now = time.monotonic()
+        with self._cond:
+            return {r: n.address for r, n in self._by_role(pb.SERVER).items()
+                    if self._alive(n, now)}
+
+    def _ready_tables(self) -> dict[str, pb.TablePlacement]:
+        with self._cond:
+            return {name: t.placement for name, t in self._tables.items() if t.ready}
+
+    def _place(self, placement: pb.TablePlacement) -> None:
+        """Fill a dense table's block placement (and its default block size). Caller holds the
+        lock."""
+        spec = placement.spec
+        if spec.kind != pb.TableSpec.DENSE:
+            return
+        size = 1
+        for d in spec.shape:
+            size *= d
+        if spec.block_size == 0:
+            spec.block_size = default_block_size(size, self._config.num_servers)
+        del placement.block_servers[:]
+        placement.block_servers.extend(assign_blocks(size, spec.block_size, self._server_load))
+
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
+        def run() -> pb.CheckpointReply:
+            metadata = None
+            if request.metadata_json:
+                try:
+                    metadata = json.loads(request.metadata_json)
+                except json.JSONDecodeError as exc:
+                    raise InvalidRequestError(f"checkpoint metadata is not JSON: {exc}") from None
+                if not isinstance(metadata, dict):
+                    raise InvalidRequestError("checkpoint metadata must be a JSON object")
+            return self.checkpoints.checkpoint(metadata, request.dir, request.timeout or 600.0)
+        return rpc.abort_on(context, run)
+
+    def ListTables(self, request: pb.ListTablesRequest, context: grpc.ServicerContext) -> pb.ListTablesReply:
+        with self._cond:
+            return pb.ListTablesReply(tables=[
+                t.placement for name, t in sorted(self._tables.items())
+                if t.ready and (not request.name or name == request.name)])
 
     # -- liveness ------------------------------------------------------------------------------
 
@@ -129,7 +246,9 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             return pb.RegisterReply(rank=rank, node_id=node.node_id,
                                     heartbeat_interval=self._config.heartbeat_interval,
                                     num_servers=self._config.num_servers,
-                                    num_workers=self._num_workers)
+                                    num_workers=self._num_workers,
+                                    restored_version=self.checkpoints.restored_version,
+                                    restored_metadata_json=self._restored_metadata)
 
     def Deregister(self, request: pb.DeregisterRequest, context: grpc.ServicerContext) -> pb.DeregisterReply:
         with self._cond:
@@ -188,7 +307,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             if not spec.shape or any(d <= 0 for d in spec.shape):
                 raise ValueError(f"table {spec.name!r}: shape must have positive dimensions, got "
                                  f"{tuple(spec.shape)}")
-            if spec.block_size <= 0:
+            if spec.block_size < 0:  # 0: the default for the job's server count
                 raise ValueError(f"table {spec.name!r}: block_size must be > 0, got {spec.block_size}")
         elif spec.kind == pb.TableSpec.EMBEDDING:
             if spec.dim <= 0:
@@ -209,21 +328,22 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             table = self._tables.get(spec.name)
             if table is None:
                 placement = pb.TablePlacement(spec=spec, num_servers=self._config.num_servers)
-                if spec.kind == pb.TableSpec.DENSE:
-                    size = 1
-                    for d in spec.shape:
-                        size *= d
-                    placement.block_servers.extend(
-                        assign_blocks(size, spec.block_size, self._server_load))
+                self._place(placement)
                 self._tables[spec.name] = _Table(placement, owner=request.node_id)
                 return pb.DeclareTableReply(action=pb.DeclareTableReply.INITIALIZE,
                                             placement=placement)
             if not specs_match(table.placement.spec, spec):
+                origin = (f"was restored from checkpoint {table.restored} as" if table.restored
+                          else "exists as")
                 raise TableMismatchError(
-                    f"table {spec.name!r} exists as {describe_spec(table.placement.spec)}; "
-                    f"it was declared again as {describe_spec(spec)}")
+                    f"table {spec.name!r} {origin} {describe_spec(table.placement.spec)}; "
+                    f"it was declared as {describe_spec(spec)}")
+            if table.error:
+                raise CheckpointError(f"table {spec.name!r}: {table.error}")
             if table.ready:
                 action = pb.DeclareTableReply.ATTACH
+            elif table.owner == _RESTORE:
+                action = pb.DeclareTableReply.WAIT
             elif table.owner == request.node_id:
                 action = pb.DeclareTableReply.INITIALIZE
             else:
@@ -293,7 +413,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         now = time.monotonic()
         with self._cond:
-            reply = pb.StatusReply(cluster=self._cluster(now), uptime=now - self._started)
+            reply = pb.StatusReply(cluster=self._cluster(now), uptime=now - self._started,
+                                   checkpoint=self.checkpoints.status())
             servers = self._by_role(pb.SERVER)
             n = self._config.num_servers
             stats = [servers[r].stats if r in servers else pb.ServerStats() for r in range(n)]
@@ -335,10 +456,20 @@ class Scheduler:
         return f"{self.config.host}:{self._port}"
 
     def start(self) -> Scheduler:
-        """Start serving (non-blocking) and report SERVING on the health service."""
+        """Start serving (non-blocking) and report SERVING on the health service; start
+        periodic checkpoints if configured."""
         self._server.start()
         self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)
+        if self.config.checkpoint_every > 0:
+            self._service.checkpoints.start_periodic(self.config.checkpoint_every)
         return self
+
+    def checkpoint(self, metadata: dict | None = None, timeout: float = 600.0) -> dict:
+        """Take a checkpoint now (as :meth:`paramserver.Client.checkpoint`); block until durable."""
+        from paramserver.coordinator import checkpoint_reply_to_dict
+        return checkpoint_reply_to_dict(
+            self._service.checkpoints.checkpoint(None if metadata is None else dict(metadata), "",
+                                                 timeout))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` seconds pass); True if it stopped."""
@@ -346,7 +477,9 @@ class Scheduler:
         return not self._server.wait_for_termination(timeout)
 
     def stop(self, grace: float = 1.0) -> None:
-        """Stop serving; in-flight calls get ``grace`` seconds to finish."""
+        """Stop periodic checkpoints (letting one in progress finish), then stop serving;
+        in-flight calls get ``grace`` seconds to finish."""
+        self._service.checkpoints.close()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
 

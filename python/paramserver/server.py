@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
 from paramserver import _core, rpc
+from paramserver.checkpoint import CheckpointError
 from paramserver.config import ServerConfig
+from paramserver.cut import WriteGate, WritesHeld
 from paramserver.errors import TableMismatchError, TableNotFoundError
 from paramserver.membership import Membership
 from paramserver.partition import server_of_ids
+from paramserver.snapshot import Snapshot, restore_dense, restore_embedding
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import (
@@ -76,10 +81,11 @@ class _Shards:
         self.pull_requests = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.gate = WriteGate(node)
+        self._snapshot = Snapshot()
 
     def create(self, request: pb.CreateTableRequest) -> bool:
         spec = request.spec
-        optimizer = optimizer_from_spec(spec.optimizer)
         blocks = tuple(request.blocks)
         with self._lock:
             existing = self._dense.get(spec.name) or self._sparse.get(spec.name)
@@ -90,18 +96,86 @@ class _Shards:
                 raise TableMismatchError(
                     f"table {spec.name!r} exists on {self.node} as {describe_spec(existing.spec)}; "
                     f"asked for {describe_spec(spec)}")
-            if spec.kind == pb.TableSpec.DENSE:
-                size = int(np.prod(spec.shape, dtype=np.int64))
-                # The core validates sizes and block ids; its errors arrive as ValueError.
-                table = _core.DenseTable(size, spec.block_size, optimizer.to_config(), list(blocks))
-                self._dense[spec.name] = _DenseShard(spec, blocks, table)
-            elif spec.kind == pb.TableSpec.EMBEDDING:
-                init = initializer_from_json(spec.initializer_json)
-                self._sparse[spec.name] = _SparseShard(spec, _core.EmbeddingTable(
-                    spec.dim, optimizer.to_config(), init.to_config(), spec.seed))
-            else:
-                raise ValueError(f"table {spec.name!r}: unknown kind {spec.kind}")
+            self._install(self._new_shard(spec, blocks))
             return True
+
+    @staticmethod
+    def _new_shard(spec: pb.TableSpec, blocks: tuple[int, ...]) -> _DenseShard | _SparseShard:
+        optimizer = optimizer_from_spec(spec.optimizer)
+        if spec.kind == pb.TableSpec.DENSE:
+            size = int(np.prod(spec.shape, dtype=np.int64))
+            # The core validates sizes and block ids; its errors arrive as ValueError.
+            table = _core.DenseTable(size, spec.block_size, optimizer.to_config(), list(blocks))
+            return _DenseShard(spec, blocks, table)
+        if spec.kind == pb.TableSpec.EMBEDDING:
+            init = initializer_from_json(spec.initializer_json)
+            return _SparseShard(spec, _core.EmbeddingTable(
+                spec.dim, optimizer.to_config(), init.to_config(), spec.seed))
+        raise ValueError(f"table {spec.name!r}: unknown kind {spec.kind}")
+
+    def _install(self, shard: _DenseShard | _SparseShard) -> None:
+        """Publish a shard under its name, replacing any table of that name. Caller holds _lock."""
+        name = shard.spec.name
+        self._dense.pop(name, None)
+        self._sparse.pop(name, None)
+        if isinstance(shard, _DenseShard):
+            self._dense[name] = shard
+        else:
+            self._sparse[name] = shard
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def prepare_cut(self, request: pb.PrepareCutRequest) -> pb.PrepareCutReply:
+        """Phase 1 of a cut: size the snapshot buffers (writes still flow), then close the gate."""
+        with self._lock:
+            dense, sparse = dict(self._dense), dict(self._sparse)
+        self._snapshot.prepare(dense, sparse)
+        return pb.PrepareCutReply(ops=self.gate.prepare(request.cut, request.lease))
+
+    def snapshot_cut(self, request: pb.SnapshotCutRequest) -> pb.SnapshotCutReply:
+        """Phase 2: wait for the cut's operations, copy the tables, reopen the gate."""
+        self.gate.drain(request.cut, list(request.ops), request.timeout)
+        try:
+            with self._lock:
+                dense, sparse = dict(self._dense), dict(self._sparse)
+            copied, steps = self._snapshot.take(request.cut, list(request.tables), dense, sparse,
+                                                self._apply_threads)
+        finally:
+            held = self.gate.reopen(request.cut)
+        return pb.SnapshotCutReply(bytes=copied, hold_seconds=held, updates=steps)
+
+    def persist_cut(self, request: pb.PersistCutRequest) -> pb.PersistCutReply:
+        """Phase 3: write the snapshot's shard files into ``request.dir`` (fsynced)."""
+        try:
+            files = self._snapshot.persist(request.cut, request.dir, self.rank)
+        except OSError as exc:
+            raise CheckpointError(f"{self.node} could not write its shards: {exc.strerror or exc}"
+                                  f" ({exc})") from None
+        return pb.PersistCutReply(files=files)
+
+    def restore(self, request: pb.RestoreRequest) -> pb.RestoreReply:
+        """Create the listed tables with this server's part of their placement and load their
+        state from the checkpoint's shard files (any server's); each table appears only once it
+        is fully loaded, replacing a table of the same name."""
+        files: dict[str, list[Path]] = {}
+        for shard in request.files:
+            files.setdefault(shard.table, []).append(Path(request.dir) / shard.file)
+        total = 0
+        for placement in request.tables:
+            spec = placement.spec
+            if spec.kind == pb.TableSpec.DENSE:
+                blocks = tuple(b for b, s in enumerate(placement.block_servers) if s == self.rank)
+                if not blocks:
+                    continue
+                shard = self._new_shard(spec, blocks)
+                total += restore_dense(shard.table, spec.name, files.get(spec.name, []))
+            else:
+                shard = self._new_shard(spec, ())
+                total += restore_embedding(shard.table, spec.name, files.get(spec.name, []),
+                                           self.rank, self.num_servers)
+            with self._lock:
+                self._install(shard)
+        return pb.RestoreReply(bytes=total)
 
     def _shard(self, name: str, sparse: bool) -> Any:
         tables, other = (self._sparse, self._dense) if sparse else (self._dense, self._sparse)
@@ -145,7 +219,7 @@ class _Shards:
     @staticmethod
     def _check_data(op: int, table: str, payload: bytes, length: int,
                     what: str) -> np.ndarray | None:
-        if op == pb.PULL:
+        if op in (pb.PULL, pb.LOOKUP):
             if payload:
                 raise ValueError(f"table {table!r}: a pull carries no data")
             return None
@@ -172,14 +246,27 @@ class _Shards:
         """Validate every slice of a request, then apply it. Returns the reply's slices:
         dense ``(table, blocks, values)`` and embedding ``(table, ids, rows)``, empty for writes."""
         op = request.op
-        if op not in (pb.PUSH, pb.PULL, pb.PUSH_PULL, pb.ASSIGN):
+        if op not in (pb.PUSH, pb.PULL, pb.PUSH_PULL, pb.ASSIGN, pb.LOOKUP):
             raise ValueError(f"unknown op {op}")
+        if op in (pb.PULL, pb.LOOKUP):
+            return self._apply(request)
+        # A write: admitted by the gate (or refused while a checkpoint's cut holds writes).
+        tag = request.op_tag if isinstance(request, RequestView) or request.HasField("op_tag") \
+            else None
+        handle = self.gate.enter(tag)
+        try:
+            return self._apply(request)
+        finally:
+            self.gate.leave(handle)
+
+    def _apply(self, request: pb.DataRequest | RequestView) -> tuple[list, list]:
+        op = request.op
         dense = [self._check_dense(op, piece) for piece in request.dense]
         sparse = [self._check_sparse(op, piece) for piece in request.sparse]
         # Everything is valid: from here on nothing raises on the request's content.
         dense_out: list[tuple[str, list[int], np.ndarray]] = []
         sparse_out: list[tuple[str, np.ndarray, np.ndarray]] = []
-        reads = op in (pb.PULL, pb.PUSH_PULL)
+        reads = op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
         for shard, blocks, data, length in dense:
             if op == pb.ASSIGN:
                 shard.table.assign_many(blocks, data)
@@ -192,7 +279,10 @@ class _Shards:
         for shard, ids, rows in sparse:
             if rows is not None:
                 shard.table.push(ids, rows, self._apply_threads)
-            if reads:
+            if op == pb.LOOKUP:
+                sparse_out.append((shard.spec.name, ids,
+                                   shard.table.lookup(ids, None, self._apply_threads)))
+            elif reads:
                 sparse_out.append((shard.spec.name, ids,
                                    shard.table.pull(ids, None, self._apply_threads)))
         with self._lock:
@@ -233,10 +323,29 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
     # Exchange is registered on raw bytes (see _add_service): the request is decoded inside
     # abort_on, so a malformed message is INVALID_ARGUMENT naming the problem.
     def Exchange(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
+        try:
+            return rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
+        except WritesHeld as exc:  # the client retries it once the checkpoint's cut is taken
+            context.abort(grpc.StatusCode.ABORTED, str(exc))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
         return self._shards.stats()
+
+    def PrepareCut(self, request: pb.PrepareCutRequest, context: grpc.ServicerContext) -> pb.PrepareCutReply:
+        return rpc.abort_on(context, lambda: self._shards.prepare_cut(request))
+
+    def SnapshotCut(self, request: pb.SnapshotCutRequest, context: grpc.ServicerContext) -> pb.SnapshotCutReply:
+        return rpc.abort_on(context, lambda: self._shards.snapshot_cut(request))
+
+    def PersistCut(self, request: pb.PersistCutRequest, context: grpc.ServicerContext) -> pb.PersistCutReply:
+        return rpc.abort_on(context, lambda: self._shards.persist_cut(request))
+
+    def AbortCut(self, request: pb.AbortCutRequest, context: grpc.ServicerContext) -> pb.AbortCutReply:
+        self._shards.gate.reopen(request.cut)
+        return pb.AbortCutReply()
+
+    def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> pb.RestoreReply:
+        return rpc.abort_on(context, lambda: self._shards.restore(request))
 
 
 def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
@@ -244,14 +353,20 @@ def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
     Exchange without (de)serializers, on the wire bytes, which paramserver.wire encodes and
     decodes without protobuf's copies of the payload."""
     handlers = {
-        "CreateTable": grpc.unary_unary_rpc_method_handler(
-            service.CreateTable, request_deserializer=pb.CreateTableRequest.FromString,
-            response_serializer=pb.CreateTableReply.SerializeToString),
-        "Stats": grpc.unary_unary_rpc_method_handler(
-            service.Stats, request_deserializer=pb.StatsRequest.FromString,
-            response_serializer=pb.ServerStats.SerializeToString),
-        "Exchange": grpc.unary_unary_rpc_method_handler(service.Exchange),
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name), request_deserializer=request.FromString,
+            response_serializer=reply.SerializeToString)
+        for name, request, reply in [
+            ("CreateTable", pb.CreateTableRequest, pb.CreateTableReply),
+            ("Stats", pb.StatsRequest, pb.ServerStats),
+            ("PrepareCut", pb.PrepareCutRequest, pb.PrepareCutReply),
+            ("SnapshotCut", pb.SnapshotCutRequest, pb.SnapshotCutReply),
+            ("PersistCut", pb.PersistCutRequest, pb.PersistCutReply),
+            ("AbortCut", pb.AbortCutRequest, pb.AbortCutReply),
+            ("Restore", pb.RestoreRequest, pb.RestoreReply),
+        ]
     }
+    handlers["Exchange"] = grpc.unary_unary_rpc_method_handler(service.Exchange)
     name = "paramserver.v1.ParameterServer"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)  # as the generated code does
@@ -289,6 +404,8 @@ class Server:
             raise
         self.rank = self._membership.rank
         self._shards.node = f"server-{self.rank} at {self.address}"
+        self._shards.gate.node = self._shards.node
+        self._shards.gate.rank = self.rank
         self._shards.rank = self.rank
         self._shards.num_servers = self._membership.reply.num_servers
         self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)

@@ -10,7 +10,7 @@ from typing import Any
 from paramserver import rpc
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.wire import optimizer_from_spec
+from paramserver.wire import spec_to_dict
 
 __all__ = ["fetch_status", "status_to_dict", "format_status"]
 
@@ -37,27 +37,25 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
     } for n in reply.cluster.nodes]
     tables = []
     for t in reply.tables:
-        spec = t.spec
-        entry: dict[str, Any] = {
-            "name": spec.name,
-            "kind": "dense" if spec.kind == pb.TableSpec.DENSE else "embedding",
-            "optimizer": optimizer_from_spec(spec.optimizer).to_dict(),
-            "ready": t.ready,
-            "bytes_per_server": list(t.bytes_per_server),
-        }
-        if spec.kind == pb.TableSpec.DENSE:
-            entry.update(shape=list(spec.shape), block_size=spec.block_size,
-                         blocks_per_server=list(t.blocks_per_server))
+        entry = spec_to_dict(t.spec)
+        entry.update(ready=t.ready, bytes_per_server=list(t.bytes_per_server))
+        if t.spec.kind == pb.TableSpec.DENSE:
+            entry.update(blocks_per_server=list(t.blocks_per_server))
         else:
-            entry.update(dim=spec.dim, rows_per_server=list(t.rows_per_server))
+            entry.update(rows_per_server=list(t.rows_per_server))
         tables.append(entry)
     servers = [{
         "rank": rank, "push_requests": s.push_requests, "pull_requests": s.pull_requests,
         "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
     } for rank, s in enumerate(reply.server_stats)]
+    c = reply.checkpoint
+    checkpoint = {"dir": c.dir, "every_s": c.every, "last_version": c.last_version,
+                  "last_age_s": None if c.last_age < 0 else round(c.last_age, 3),
+                  "last_error": c.last_error, "completed": c.checkpoints,
+                  "restored_version": c.restored_version, "restore_notes": list(c.restore_notes)}
     return {"uptime_s": round(reply.uptime, 3), "num_servers": reply.cluster.num_servers,
             "num_workers": reply.cluster.num_workers, "nodes": nodes, "tables": tables,
-            "servers": servers}
+            "servers": servers, "checkpoint": checkpoint}
 
 
 def _bytes(n: int) -> str:
@@ -90,6 +88,21 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"  {t['name']:<24} embedding dim={t['dim']} {opt}  rows {layout}")
         lines.append(f"  {'':<24} bytes " + " ".join(
             f"s{r}:{_bytes(b)}" for r, b in enumerate(t["bytes_per_server"])))
+    c = status.get("checkpoint") or {}
+    lines += ["", "CHECKPOINTS"]
+    if not c.get("dir") and not c.get("last_version"):
+        lines.append("  (no checkpoint directory)")
+    else:
+        age = "never" if c["last_age_s"] is None else f"{c['last_age_s']:.0f} s ago"
+        every = f"every {c['every_s']:g} s" if c["every_s"] else "on request"
+        lines.append(f"  dir {c['dir'] or '-'}  {every}  last version {c['last_version']} "
+                     f"({age}), {c['completed']} taken by this scheduler")
+    if c.get("last_error"):
+        lines.append(f"  LAST CHECKPOINT FAILED: {c['last_error']}")
+    if c.get("restored_version"):
+        lines.append(f"  resumed from checkpoint {c['restored_version']}")
+    for note in c.get("restore_notes", []):
+        lines.append(f"  resume: {note}")
     lines += ["", "SERVERS"]
     for s in status["servers"]:
         lines.append(f"  server-{s['rank']:<5} pushes {s['push_requests']:>8}  pulls "

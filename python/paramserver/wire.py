@@ -19,8 +19,8 @@ from paramserver.optim import SGD, Adagrad, Adam, AdamW, Optimizer
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["FLOAT", "floats", "ids_view", "optimizer_to_spec", "optimizer_from_spec",
-           "initializer_to_json", "initializer_from_json", "describe_spec", "specs_match",
-           "DenseItem", "SparseItem", "iter_requests", "encode_reply", "decode_request",
+           "initializer_to_json", "initializer_from_json", "describe_spec", "specs_match", "spec_to_dict",
+           "DenseItem", "SparseItem", "plan_requests", "iter_requests", "encode_reply", "decode_request",
            "decode_reply", "RequestView", "SliceView", "SparseView"]
 
 #: The wire dtype of tensors: float32, little-endian.
@@ -97,9 +97,32 @@ def describe_spec(spec: pb.TableSpec) -> str:
     return (f"embedding dim={spec.dim} init={spec.initializer_json} seed={spec.seed} {opt}")
 
 
-def specs_match(a: pb.TableSpec, b: pb.TableSpec) -> bool:
-    """True when two declarations describe the same table (exact field equality)."""
-    return a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+def specs_match(existing: pb.TableSpec, declared: pb.TableSpec) -> bool:
+    """True when a declaration describes an existing table (exact field equality, except that a
+    dense declaration with ``block_size`` 0, "the default", matches any block size)."""
+    if declared.kind == pb.TableSpec.DENSE and declared.block_size == 0:
+        copy = pb.TableSpec()
+        copy.CopyFrom(declared)
+        copy.block_size = existing.block_size
+        declared = copy
+    return existing.SerializeToString(deterministic=True) == \
+        declared.SerializeToString(deterministic=True)
+
+
+def spec_to_dict(spec: pb.TableSpec) -> dict[str, Any]:
+    """A table spec as JSON-ready data: name, kind, optimizer, and shape and block_size (dense)
+    or dim, initializer and seed (embedding)."""
+    entry: dict[str, Any] = {
+        "name": spec.name,
+        "kind": "dense" if spec.kind == pb.TableSpec.DENSE else "embedding",
+        "optimizer": optimizer_from_spec(spec.optimizer).to_dict(),
+    }
+    if spec.kind == pb.TableSpec.DENSE:
+        entry.update(shape=list(spec.shape), block_size=spec.block_size)
+    else:
+        entry.update(dim=spec.dim, initializer=json.loads(spec.initializer_json or "{}"),
+                     seed=spec.seed)
+    return entry
 
 
 @dataclass
@@ -252,16 +275,27 @@ def _sparse_field(tag: bytes, table: str, ids: np.ndarray, rows: np.ndarray | No
     return [tag + _uvarint(size)] + body
 
 
-def iter_requests(op: int, items: list[DenseItem | SparseItem], message_bytes: int,
-                  node_id: str) -> tuple[int, Iterator[bytes]]:
-    """Serialized DataRequests carrying ``items``, lazily: the number of messages, and an iterator
-    that encodes each when asked, so the first message can be on the wire while the next is being
-    built. Block data is copied once, straight from the caller's arrays into the message, and each
-    dense payload is 16-byte aligned in its message."""
-    plan = _plan_messages(items, message_bytes)
+def plan_requests(items: list[DenseItem | SparseItem], message_bytes: int) -> list[list[Run]]:
+    """How ``items`` are cut into messages of about ``message_bytes``: one list of runs per
+    message (its length is the number of messages). Encode them with :func:`iter_requests`."""
+    return _plan_messages(items, message_bytes)
+
+
+def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]],
+                  message_bytes: int, node_id: str,
+                  op_tag: pb.OpTag | None = None) -> tuple[int, Iterator[bytes]]:
+    """Serialized DataRequests carrying ``items`` (or a :func:`plan_requests` plan of them),
+    lazily: the number of messages, and an iterator that encodes each when asked, so the first
+    message can be on the wire while the next is being built. Block data is copied once, straight
+    from the caller's arrays into the message, and each dense payload is 16-byte aligned in its
+    message. ``op_tag`` (writes) names the logical operation every message belongs to."""
+    plan = items if items and isinstance(items[0], list) else _plan_messages(items, message_bytes)
     prefix = (b"\x08" + _uvarint(op)) if op else b""
     name = node_id.encode()
     suffix = b"\x22" + _uvarint(len(name)) + name if name else b""
+    if op_tag is not None:
+        tag = op_tag.SerializeToString()
+        suffix += b"\x2a" + _uvarint(len(tag)) + tag
 
     def encode(runs: list[Run]) -> bytes:
         parts: list[Any] = [prefix]
@@ -326,6 +360,7 @@ class RequestView:
     dense: list[SliceView]
     sparse: list[SparseView]
     node_id: str
+    op_tag: pb.OpTag | None = None
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -416,6 +451,11 @@ def decode_request(message: bytes) -> RequestView:
             request.sparse.append(_decode_sparse(value))
         elif field == 4 and wire == 2:
             request.node_id = bytes(value).decode("utf-8")
+        elif field == 5 and wire == 2:
+            try:
+                request.op_tag = pb.OpTag.FromString(bytes(value))
+            except Exception as exc:  # protobuf's DecodeError
+                raise ValueError(f"malformed message: bad op_tag ({exc})") from None
     return request
 
 

@@ -71,6 +71,11 @@ class EmbeddingTable {
   // the hardware's cores for large ones); >= 1 is an upper bound. Blocks on stripe locks.
   void pull(const std::uint64_t* ids, std::size_t n, float* out, int num_threads = 0);
 
+  // Like pull(), but never creates a row: an id not held gets the initializer's values for it (the
+  // row it would be created with) and the table is left unchanged. For evaluation and serving,
+  // which must not grow the table. Blocks on stripe locks.
+  void lookup(const std::uint64_t* ids, std::size_t n, float* out, int num_threads = 0) const;
+
   // Applies one optimizer step to every distinct id of ids[0, n). The gradients grads[i * dim,
   // (i + 1) * dim) of equal ids are summed first, in the order they appear (as torch's sparse
   // coalesce does); missing rows are created with the initializer before their first step.
@@ -88,6 +93,11 @@ class EmbeddingTable {
   // Every row, stripe by stripe, in creation order within a stripe. A consistent snapshot: all
   // stripes are locked for the copy.
   EmbeddingRows export_rows() const;
+  // export_rows() into caller-provided buffers of `capacity` rows (layout as EmbeddingRows), so a
+  // checkpoint can copy into memory it allocated and touched beforehand. Returns the number of rows
+  // written, or, without writing anything, the number of rows held when that exceeds `capacity`.
+  std::size_t export_rows_into(std::size_t capacity, std::uint64_t* ids, float* values,
+                               float* slots, std::int64_t* steps) const;
   // Creates or overwrites n rows with the given values, slots (layout as EmbeddingRows) and step
   // counts. Throws std::invalid_argument, before changing anything, on a negative step or a
   // repeated id.

@@ -1,0 +1,278 @@
+"""The scheduler's side of checkpoints: the cut across servers, persisting, retention, periodic
+checkpoints, and restoring a checkpoint onto the servers of a resumed job.
+
+A checkpoint runs in three phases, each sent to every server at once (tensors never pass through
+the scheduler):
+
+1. PrepareCut: each server sizes its snapshot buffers, closes its write gate and reports the
+   multi-server write operations it admitted (:mod:`paramserver.cut`).
+2. SnapshotCut: each server gets the union of those operations, admits them, waits until their
+   messages are applied and nothing is in flight, copies its tables to memory and reopens.
+   Workers' writes were held (refused and retried) only between phases 1 and 2.
+3. PersistCut: each server writes its shard files into the checkpoint's temporary directory and
+   fsyncs them; then the scheduler writes the manifest and renames the directory into place
+   (:mod:`paramserver.checkpoint`).
+
+Any failure aborts the cut (servers reopen), removes the temporary directory and leaves the job
+running and the previous checkpoints as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from paramserver import checkpoint as ckpt
+from paramserver import rpc
+from paramserver.checkpoint import CheckpointError, Manifest
+from paramserver.cut import op_key
+from paramserver.errors import ParamServerError
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
+
+__all__ = ["CheckpointCoordinator", "checkpoint_reply_to_dict"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds a server keeps its gate closed without hearing from the scheduler before reopening.
+_LEASE = 30.0
+#: Seconds a server waits for the messages of the cut's operations to arrive.
+_DRAIN_TIMEOUT = 20.0
+
+
+def checkpoint_reply_to_dict(reply: pb.CheckpointReply) -> dict[str, Any]:
+    """A CheckpointReply as the dict :meth:`paramserver.Client.checkpoint` returns."""
+    return {"version": reply.version, "path": reply.path, "bytes": reply.bytes,
+            "step": reply.step, "hold_s": reply.hold_seconds,
+            "snapshot_s": reply.snapshot_seconds, "persist_s": reply.persist_seconds,
+            "total_s": reply.total_seconds}
+
+
+class CheckpointCoordinator:
+    """Takes checkpoints of a job and restores them. Thread safe; one checkpoint at a time.
+
+    Args:
+        root: the job's checkpoint directory (None: checkpoints only into an explicit directory).
+        keep: complete checkpoints to keep in ``root`` (0: all).
+        num_servers: servers of the job.
+        servers: returns ``{rank: address}`` of the live servers.
+        tables: returns ``{name: TablePlacement}`` of the ready tables.
+        call_timeout: seconds allowed for each call to a server.
+    """
+
+    def __init__(self, root: Path | None, keep: int, num_servers: int,
+                 servers: Callable[[], dict[int, str]],
+                 tables: Callable[[], dict[str, pb.TablePlacement]],
+                 call_timeout: float = 600.0) -> None:
+        self.root = root
+        self.keep = keep
+        self._num_servers = num_servers
+        self._servers = servers
+        self._tables = tables
+        self._call_timeout = call_timeout
+        self._lock = threading.Lock()         # one checkpoint at a time
+        self._state = threading.Lock()        # the fields below
+        self._channels: dict[str, grpc.Channel] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(2, num_servers),
+                                        thread_name_prefix="ps-ckpt")
+        self._cut_base = random.getrandbits(40) << 20
+        self._cuts = 0
+        self.last_version = max(ckpt.list_versions(root), default=0) if root else 0
+        self.last_time: float | None = None
+        self.last_error = ""
+        self.completed = 0
+        self.restored_version = 0
+        self.restore_notes: list[str] = []
+        self.every = 0.0
+        self._last_metadata: dict[str, Any] = {}
+        self._periodic_stop = threading.Event()
+        self._periodic: threading.Thread | None = None
+
+    # -- server calls --------------------------------------------------------------------------
+
+    def _stub(self, address: str) -> pb_grpc.ParameterServerStub:
+        with self._state:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = rpc.make_channel(address)
+        return pb_grpc.ParameterServerStub(channel)
+
+    def _on_all(self, servers: dict[int, str], method: str, requests: dict[int, Any] | Any,
+                what: str, timeout: float) -> dict[int, Any]:
+        """Call ``method`` on every server at once; the first error (naming the server) raises
+        after every call has returned."""
+        def one(rank: int, address: str) -> Any:
+            request = requests[rank] if isinstance(requests, dict) else requests
+            return rpc.call(getattr(self._stub(address), method), request, timeout=timeout,
+                            what=what, node=f"server-{rank}", address=address)
+
+        futures = {rank: self._pool.submit(one, rank, address) for rank, address in servers.items()}
+        results, error = {}, None
+        for rank, future in futures.items():
+            try:
+                results[rank] = future.result()
+            except ParamServerError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    # -- checkpoint ----------------------------------------------------------------------------
+
+    def checkpoint(self, metadata: dict[str, Any] | None, directory: str = "",
+                   timeout: float = 600.0) -> pb.CheckpointReply:
+        """Take a checkpoint into ``directory`` (default: the job's root); block until durable.
+        ``metadata`` None (periodic and final checkpoints) saves the metadata of the latest
+        checkpoint that had some, so a job resumed from any checkpoint knows where it was.
+        Raises CheckpointError naming what failed; the job keeps running."""
+        with self._lock:
+            if metadata is None:
+                metadata = self._last_metadata
+            else:
+                self._last_metadata = metadata
+            try:
+                reply = self._checkpoint(metadata, directory, timeout)
+            except Exception as exc:
+                with self._state:
+                    self.last_error = str(exc)
+                log.error("checkpoint failed: %s", exc)
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise CheckpointError(f"checkpoint failed: {exc}") from None
+            with self._state:
+                self.last_error = ""
+                self.last_version = reply.version
+                self.last_time = time.monotonic()
+                self.completed += 1
+            log.info("checkpoint %d complete: %s (%d bytes, hold %.1f ms, total %.2f s)",
+                     reply.version, reply.path, reply.bytes, reply.hold_seconds * 1e3,
+                     reply.total_seconds)
+            return reply
+
+    def _checkpoint(self, metadata: dict[str, Any], directory: str,
+                    timeout: float) -> pb.CheckpointReply:
+        start = time.monotonic()
+        if not directory and self.root is None:
+            raise CheckpointError("this job has no checkpoint directory: start the scheduler "
+                                  "(or paramserver launch) with --checkpoint-dir DIR")
+        root = Path(directory) if directory else self.root
+        assert root is not None
+        ckpt.check_writable(root)
+        servers = self._servers()
+        missing = sorted(set(range(self._num_servers)) - set(servers))
+        if missing:
+            raise CheckpointError(f"cannot checkpoint: servers {missing} are not alive")
+        tables = self._tables()
+        version = max(ckpt.next_version(root), self.last_version + 1)
+        with self._state:
+            self._cuts += 1
+            cut = self._cut_base + self._cuts
+        tmp = ckpt.begin(root, version)
+        call_timeout = min(timeout, self._call_timeout)
+        try:
+            prepared = self._on_all(servers, "PrepareCut", pb.PrepareCutRequest(
+                cut=cut, lease=max(_LEASE, call_timeout)), "checkpoint: prepare the cut",
+                call_timeout)
+            ops = {}
+            for reply in prepared.values():
+                for tag in reply.ops:
+                    ops[op_key(tag)] = tag
+            snap_start = time.monotonic()
+            snapshots = self._on_all(servers, "SnapshotCut", pb.SnapshotCutRequest(
+                cut=cut, ops=list(ops.values()), timeout=min(_DRAIN_TIMEOUT, call_timeout),
+                tables=sorted(tables)), "checkpoint: snapshot", call_timeout)
+            snapshot_seconds = time.monotonic() - snap_start
+            persist_start = time.monotonic()
+            persisted = self._on_all(servers, "PersistCut", pb.PersistCutRequest(
+                cut=cut, dir=str(tmp)), "checkpoint: persist", call_timeout)
+            files: dict[str, list[pb.ShardFile]] = {}
+            for reply in persisted.values():
+                for shard in reply.files:
+                    files.setdefault(shard.table, []).append(shard)
+            manifest = ckpt.commit(root, tmp, version,
+                                   step=sum(s.updates for s in snapshots.values()),
+                                   metadata=metadata, num_servers=self._num_servers,
+                                   tables={name: p.spec for name, p in tables.items()},
+                                   files=files)
+            persist_seconds = time.monotonic() - persist_start
+        except BaseException:
+            self._abort(servers, cut)
+            ckpt.abandon(tmp)
+            raise
+        if not directory or Path(directory) == self.root:
+            deleted = ckpt.prune(root, self.keep)
+            if deleted:
+                log.info("deleted checkpoints %s (keeping %d)", deleted, self.keep)
+        return pb.CheckpointReply(
+            version=version, path=str(manifest.path), bytes=manifest.bytes,
+            hold_seconds=max((s.hold_seconds for s in snapshots.values()), default=0.0),
+            snapshot_seconds=snapshot_seconds, persist_seconds=persist_seconds,
+            total_seconds=time.monotonic() - start, step=manifest.step)
+
+    def _abort(self, servers: dict[int, str], cut: int) -> None:
+        try:
+            self._on_all(servers, "AbortCut", pb.AbortCutRequest(cut=cut),
+                         "checkpoint: abort the cut", 5.0)
+        except ParamServerError as exc:  # a server that is gone reopens by its lease anyway
+            log.warning("aborting checkpoint cut %d: %s", cut, exc)
+
+    # -- periodic ------------------------------------------------------------------------------
+
+    def start_periodic(self, every: float) -> None:
+        """Checkpoint every ``every`` seconds (skipped while there are no tables or a server is
+        down; a failure is logged and shown in status, and the next period tries again)."""
+        self.every = every
+        self._periodic = threading.Thread(target=self._run_periodic, name="ps-ckpt-periodic",
+                                          daemon=True)
+        self._periodic.start()
+
+    def _run_periodic(self) -> None:
+        while not self._periodic_stop.wait(self.every):
+            if not self._tables():
+                continue
+            try:
+                self.checkpoint(None)
+            except ParamServerError:
+                pass  # logged and in status; try again next period
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def restore(self, manifest: Manifest, placements: dict[str, pb.TablePlacement],
+                servers: dict[int, str]) -> None:
+        """Load ``manifest``'s tables onto ``servers`` with the given placements (each server
+        reads the shard files itself); CheckpointError naming the server and table if any
+        fails."""
+        files = [f for name in placements for f in manifest.files.get(name, [])]
+        request = pb.RestoreRequest(dir=str(manifest.path), tables=list(placements.values()),
+                                    files=files)
+        self._on_all(servers, "Restore", request, f"restore checkpoint {manifest.version}",
+                     self._call_timeout)
+
+    def status(self) -> pb.CheckpointStatus:
+        """What status shows of checkpoints."""
+        with self._state:
+            return pb.CheckpointStatus(
+                dir=str(self.root or ""), last_version=self.last_version,
+                last_age=-1.0 if self.last_time is None else time.monotonic() - self.last_time,
+                last_error=self.last_error, restored_version=self.restored_version,
+                restore_notes=list(self.restore_notes), every=self.every,
+                checkpoints=self.completed)
+
+    def close(self) -> None:
+        """Stop periodic checkpoints and close server channels (waits for one in progress)."""
+        self._periodic_stop.set()
+        if self._periodic is not None:
+            self._periodic.join(timeout=self._call_timeout)
+        self._pool.shutdown(wait=True)
+        with self._state:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
