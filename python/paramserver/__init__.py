@@ -14,6 +14,7 @@ from paramserver import init
 from paramserver.client import Client, DenseTable, EmbeddingTable, connect
 from paramserver.config import ClientConfig, SchedulerConfig, ServerConfig
 from paramserver.errors import (
+    CheckpointError,
     InvalidRequestError,
     NodeUnavailableError,
     ParamServerError,
@@ -21,6 +22,7 @@ from paramserver.errors import (
     TableMismatchError,
     TableNotFoundError,
 )
+from paramserver.export import EmbeddingLookup, load_model, load_model_info
 from paramserver.optim import SGD, Adagrad, Adam, AdamW, Optimizer
 from paramserver.scheduler import Scheduler
 from paramserver.server import Server
@@ -32,6 +34,7 @@ __all__ = [
     "init", "Client", "DenseTable", "EmbeddingTable", "connect",
     "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig",
     "ParamServerError", "InvalidRequestError", "NodeUnavailableError", "PSTimeoutError",
-    "TableMismatchError", "TableNotFoundError",
+    "TableMismatchError", "TableNotFoundError", "CheckpointError",
+    "load_model", "load_model_info", "EmbeddingLookup",
     "__version__",
 ]

@@ -86,6 +86,8 @@ class CheckpointCoordinator:
         self._cut_base = random.getrandbits(40) << 20
         self._cuts = 0
         self.last_version = max(ckpt.list_versions(root), default=0) if root else 0
+        if root is not None:
+            ckpt.prune(root, 0)  # only the temporary directories of interrupted checkpoints
         self.last_time: float | None = None
         self.last_error = ""
         self.completed = 0

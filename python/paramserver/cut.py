@@ -156,7 +156,9 @@ class WriteGate:
         with self._cond:
             self._check_cut_locked(cut)
             for tag in ops:
-                if self.rank in tag.servers:
+                # An operation below its client's done_below finished everywhere (its entry here
+                # may already be pruned): nothing to wait for.
+                if self.rank in tag.servers and tag.seq >= self._done_below.get(tag.client, 0):
                     key = op_key(tag)
                     self._allowed.add(key)
                     if key not in self._ops:

@@ -337,7 +337,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                           else "exists as")
                 raise TableMismatchError(
                     f"table {spec.name!r} {origin} {describe_spec(table.placement.spec)}; "
-                    f"it was declared as {describe_spec(spec)}")
+                    f"it was declared {'' if table.restored else 'again '}as "
+                    f"{describe_spec(spec)}")
             if table.error:
                 raise CheckpointError(f"table {spec.name!r}: {table.error}")
             if table.ready:

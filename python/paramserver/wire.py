@@ -93,7 +93,7 @@ def describe_spec(spec: pb.TableSpec) -> str:
     """One line naming a table's kind, shape and optimizer, for error messages and status."""
     opt = repr(optimizer_from_spec(spec.optimizer))
     if spec.kind == pb.TableSpec.DENSE:
-        return f"dense {tuple(spec.shape)} block_size={spec.block_size} {opt}"
+        return f"dense {tuple(spec.shape)} block_size={spec.block_size or 'default'} {opt}"
     return (f"embedding dim={spec.dim} init={spec.initializer_json} seed={spec.seed} {opt}")
 
 

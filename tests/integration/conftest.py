@@ -24,12 +24,20 @@ HEARTBEAT_TIMEOUT = 1.5
 PS = [sys.executable, "-m", "paramserver"]
 
 
-def start_node(args: list[str], ready_file: Path, log: Path) -> tuple[subprocess.Popen, dict]:
-    """Start ``paramserver ARGS --ready-file F``; wait for F; return the process and F's JSON."""
+def start_node(args: list[str], ready_file: Path, log: Path,
+               file_size_limit: int | None = None) -> tuple[subprocess.Popen, dict]:
+    """Start ``paramserver ARGS --ready-file F``; wait for F; return the process and F's JSON.
+    ``file_size_limit`` (bytes) sets RLIMIT_FSIZE in the node: a real "disk full" for its
+    writes (CPython ignores SIGXFSZ, so the write fails with EFBIG)."""
+    def limit() -> None:
+        if file_size_limit is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     out = open(log, "w")
     proc = subprocess.Popen(PS + args + ["--ready-file", str(ready_file)], stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=limit)
     out.close()
 
     def ready() -> dict | None:
@@ -61,6 +69,11 @@ class Cluster:
     scheduler_proc: subprocess.Popen
     servers: list[subprocess.Popen] = field(default_factory=list)
     server_addresses: list[str] = field(default_factory=list)
+    log_dir: Path | None = None
+
+    def stop(self) -> None:
+        """Kill every node of this cluster now (SIGKILL)."""
+        _stop_cluster(self)
 
     def connect(self, **kwargs):
         import paramserver as ps
@@ -68,19 +81,21 @@ class Cluster:
         return ps.connect(self.scheduler, **kwargs)
 
 
-def _start_cluster(tmp_path: Path, num_servers: int, num_workers: int = 0) -> Cluster:
+def _start_cluster(tmp_path: Path, num_servers: int, num_workers: int = 0,
+                   scheduler_args: tuple[str, ...] = (),
+                   server_file_size_limit: int | None = None) -> Cluster:
     sched, info = start_node(
         ["scheduler", "--port", "0", "--num-servers", str(num_servers),
          "--num-workers", str(num_workers),
          "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
-         "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)],
+         "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT), *scheduler_args],
         tmp_path / "scheduler.json", tmp_path / "scheduler.log")
     cluster = Cluster(info["address"], sched)
     try:
         for rank in range(num_servers):
             proc, sinfo = start_node(["server", "--scheduler", cluster.scheduler, "--rank",
                                       str(rank)], tmp_path / f"server-{rank}.json",
-                                     tmp_path / f"server-{rank}.log")
+                                     tmp_path / f"server-{rank}.log", server_file_size_limit)
             cluster.servers.append(proc)
             cluster.server_addresses.append(sinfo["address"])
     except BaseException:
@@ -106,13 +121,17 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 @pytest.fixture
 def cluster_factory(tmp_path: Path) -> Iterator:
-    """Start clusters of any size: ``cluster_factory(num_servers, num_workers)``."""
+    """Start clusters of any size: ``cluster_factory(num_servers, num_workers, scheduler_args=(),
+    server_file_size_limit=None)``; ``stop_cluster(c)`` ends one early."""
     started: list[Cluster] = []
 
-    def make(num_servers: int = 2, num_workers: int = 0) -> Cluster:
+    def make(num_servers: int = 2, num_workers: int = 0, scheduler_args: tuple[str, ...] = (),
+             server_file_size_limit: int | None = None) -> Cluster:
         sub = tmp_path / f"c{len(started)}"
         sub.mkdir()
-        started.append(_start_cluster(sub, num_servers, num_workers))
+        started.append(_start_cluster(sub, num_servers, num_workers, scheduler_args,
+                                      server_file_size_limit))
+        started[-1].log_dir = sub
         return started[-1]
 
     try:
