@@ -28,12 +28,15 @@ class LocalCluster:
     """
 
     def __init__(self, num_servers: int, num_workers: int = 0, server_args: tuple[str, ...] = (),
-                 startup_timeout: float = 60.0) -> None:
+                 startup_timeout: float = 60.0, **scheduler_options: object) -> None:
+        """``scheduler_options``: further :class:`paramserver.SchedulerConfig` fields
+        (checkpoint_dir, resume, ...)."""
         self._tmp = tempfile.TemporaryDirectory(prefix="paramserver-bench-")
         self._procs: list[subprocess.Popen] = []
         self.server_pids: list[int] = []
-        self._scheduler = ps.Scheduler(ps.SchedulerConfig(
-            port=0, num_servers=num_servers, num_workers=num_workers)).start()
+        self.scheduler = ps.Scheduler(ps.SchedulerConfig(
+            port=0, num_servers=num_servers, num_workers=num_workers,
+            **scheduler_options)).start()
         try:
             files = []
             for rank in range(num_servers):
@@ -63,7 +66,7 @@ class LocalCluster:
     @property
     def address(self) -> str:
         """The scheduler's ``host:port``."""
-        return self._scheduler.address
+        return self.scheduler.address
 
     def stop(self) -> None:
         """Stop the servers (SIGTERM, then SIGKILL after 5 s) and the scheduler."""
@@ -80,7 +83,7 @@ class LocalCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._procs = []
-        self._scheduler.stop(grace=0)
+        self.scheduler.stop(grace=0)
         self._tmp.cleanup()
 
     def __enter__(self) -> LocalCluster:

@@ -14,6 +14,15 @@ Run it distributed (2 servers, 2 workers)::
     paramserver launch --num-servers 2 --num-workers 2 -- python examples/mlp.py --dataset digits
     paramserver launch --num-servers 2 --num-workers 2 -- python examples/mlp.py
 
+With checkpoints: ``--checkpoint-epochs`` makes rank 0 checkpoint the job at the end of every
+epoch (saving the epoch in the checkpoint's metadata), and a job resumed from a checkpoint
+continues from the epoch after the saved one::
+
+    paramserver launch --num-servers 2 --num-workers 2 --checkpoint-dir ckpt -- \
+        python examples/mlp.py --dataset digits --checkpoint-epochs
+    paramserver launch --num-servers 2 --num-workers 2 --checkpoint-dir ckpt --resume -- \
+        python examples/mlp.py --dataset digits --epochs 30 --checkpoint-epochs
+
 or as the single-process numpy reference of the same model and optimizer (no servers)::
 
     python examples/mlp.py --local
@@ -153,8 +162,8 @@ class LocalAdam:
 def train(step: Callable[[Params], Params], params: Params, x: np.ndarray, y: np.ndarray,
           args: argparse.Namespace, rng: np.random.Generator, say: Callable[[str], None],
           on_epoch: Callable[[int, Params], str] | None = None,
-          step_name: str = "step") -> dict:
-    """Run ``args.epochs`` epochs of mini-batch training on ``x, y``.
+          step_name: str = "step", first_epoch: int = 1) -> dict:
+    """Run epochs ``first_epoch`` to ``args.epochs`` of mini-batch training on ``x, y``.
 
     ``step(grads)`` applies one optimizer step and returns the parameters to use next; the progress
     lines give the share of time spent in it as "% in ``step_name``". Returns statistics of the run
@@ -164,8 +173,8 @@ def train(step: Callable[[Params], Params], params: Params, x: np.ndarray, y: np
     steps_per_epoch = -(-n // args.batch_size)
     start = time.perf_counter()
     comm_time = 0.0
-    stats: dict = {}
-    for epoch in range(1, args.epochs + 1):
+    stats = {"train_loss": float("nan"), "train_accuracy": float("nan")}
+    for epoch in range(first_epoch, args.epochs + 1):
         epoch_start = time.perf_counter()
         order = rng.permutation(n)
         loss_sum, correct, epoch_comm = 0.0, 0, 0.0
@@ -185,8 +194,9 @@ def train(step: Callable[[Params], Params], params: Params, x: np.ndarray, y: np
             f"{extra}")
         stats = {"train_loss": loss_sum / n, "train_accuracy": correct / n}
     seconds = time.perf_counter() - start
-    stats.update(steps=steps_per_epoch * args.epochs, train_seconds=seconds,
-                 samples_per_second=n * args.epochs / seconds,
+    epochs = max(0, args.epochs + 1 - first_epoch)
+    stats.update(steps=steps_per_epoch * epochs, train_seconds=seconds,
+                 samples_per_second=n * epochs / seconds if epochs else 0.0,
                  step_time_fraction=comm_time / seconds)
     return stats
 
@@ -234,14 +244,24 @@ def run_distributed(data: Dataset, args: argparse.Namespace) -> tuple[Params | N
         say(f"{len(y)} training examples (shard {rank} of {workers}), {client.num_servers} "
             f"servers, {sum(p.size for p in params.values()):,} parameters")
 
+        # A resumed job continues after the epoch its checkpoint saved (0: a fresh job).
+        done = int(client.restored_metadata.get("epoch", 0))
+        if done:
+            say(f"resumed from checkpoint {client.restored_version} after epoch {done}")
+
         def on_epoch(epoch: int, p: Params) -> str:
             if rank != 0:
                 return ""
-            return f"  test acc {evaluate(p, data.x_test, data.y_test)[0]:.4f} (current weights)"
+            saved = ""
+            if args.checkpoint_epochs:
+                info = client.checkpoint({"epoch": epoch})
+                saved = f"  checkpoint {info['version']}"
+            return (f"  test acc {evaluate(p, data.x_test, data.y_test)[0]:.4f} (current weights)"
+                    f"{saved}")
 
         stats = train(client.push_pull, params, x, y, args,
-                      np.random.default_rng(args.seed + 1 + rank), say, on_epoch,
-                      step_name="push_pull")
+                      np.random.default_rng(args.seed + 1 + rank + 7919 * done), say, on_epoch,
+                      step_name="push_pull", first_epoch=done + 1)
         # Every push is applied once the barrier returns: each worker's last push_pull completed.
         client.barrier("trained")
         final = client.pull(NAMES) if rank == 0 else None
@@ -268,6 +288,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-accuracy", type=float, default=None,
                         help=f"exit with code {EXIT_BELOW_TARGET} if the final test accuracy is "
                              f"below this (rank 0)")
+    parser.add_argument("--checkpoint-epochs", action="store_true",
+                        help="rank 0 checkpoints the job after every epoch (needs "
+                             "paramserver launch --checkpoint-dir)")
     parser.add_argument("--local", action="store_true",
                         help="single process, numpy Adam, no parameter servers (the reference)")
     args = parser.parse_args(argv)

@@ -93,6 +93,9 @@ class CheckpointCoordinator:
         self.completed = 0
         self.restored_version = 0
         self.restore_notes: list[str] = []
+        self.verify_seconds = 0.0
+        self.restore_seconds = 0.0
+        self.restore_bytes = 0
         self.every = 0.0
         self._last_metadata: dict[str, Any] = {}
         self._periodic_stop = threading.Event()
@@ -255,8 +258,12 @@ class CheckpointCoordinator:
         files = [f for name in placements for f in manifest.files.get(name, [])]
         request = pb.RestoreRequest(dir=str(manifest.path), tables=list(placements.values()),
                                     files=files)
-        self._on_all(servers, "Restore", request, f"restore checkpoint {manifest.version}",
-                     self._call_timeout)
+        start = time.monotonic()
+        replies = self._on_all(servers, "Restore", request,
+                               f"restore checkpoint {manifest.version}", self._call_timeout)
+        with self._state:
+            self.restore_seconds = time.monotonic() - start
+            self.restore_bytes = sum(r.bytes for r in replies.values())
 
     def status(self) -> pb.CheckpointStatus:
         """What status shows of checkpoints."""
@@ -266,7 +273,8 @@ class CheckpointCoordinator:
                 last_age=-1.0 if self.last_time is None else time.monotonic() - self.last_time,
                 last_error=self.last_error, restored_version=self.restored_version,
                 restore_notes=list(self.restore_notes), every=self.every,
-                checkpoints=self.completed)
+                checkpoints=self.completed, verify_seconds=self.verify_seconds,
+                restore_seconds=self.restore_seconds, restore_bytes=self.restore_bytes)
 
     def close(self) -> None:
         """Stop periodic checkpoints and close server channels (waits for one in progress)."""

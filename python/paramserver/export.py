@@ -123,6 +123,7 @@ def export_checkpoint(manifest: ckpt.Manifest, out: str | Path,
     """Write ``manifest``'s tables to ``out`` as safetensors (atomically: temporary name, fsync,
     rename). Returns ``{"path", "bytes", "version", "step", "tables"}``. CheckpointError names a
     file or table that cannot be read."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     tensors: dict[str, np.ndarray] = {}
@@ -149,9 +150,12 @@ def export_checkpoint(manifest: ckpt.Manifest, out: str | Path,
         finally:
             os.close(fd)
         tmp.replace(out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"writing {out}: {exc.strerror or exc}") from None
+    except (OSError, SafetensorError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise CheckpointError(f"writing {out}: {getattr(exc, 'strerror', None) or exc}") from None
     return {"path": str(out), "bytes": out.stat().st_size, "version": manifest.version,
             "step": manifest.step, "tables": sorted(manifest.tables)}
 

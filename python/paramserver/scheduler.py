@@ -96,7 +96,9 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     def _load_checkpoint(self, root: Path) -> None:
         """Pick the newest complete checkpoint (skipping corrupt ones, said in the log and in
         status) and register its tables; they are loaded onto the servers once all registered."""
+        start = time.monotonic()
         manifest, notes = ckpt.latest(root)
+        self.checkpoints.verify_seconds = time.monotonic() - start
         for note in notes:
             log.warning("resume: %s", note)
         self.checkpoints.restore_notes = notes

@@ -139,6 +139,8 @@ def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str
         if size < 8:
             raise ShardFileError(f"{path}: truncated ({size} bytes, no header)")
         mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except OSError as exc:  # a directory or a special file
+        raise ShardFileError(f"{path}: cannot map ({exc.strerror or exc})") from None
     finally:
         os.close(fd)
     (length,) = struct.unpack_from("<Q", mapped, 0)
@@ -152,6 +154,8 @@ def read_tensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str
     if not isinstance(header, dict):
         raise ShardFileError(f"{path}: malformed header (not a JSON object)")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict):
+        raise ShardFileError(f"{path}: malformed header (__metadata__ is not a JSON object)")
     base = 8 + length
     buffer = np.frombuffer(mapped, dtype=np.uint8)
     out: dict[str, np.ndarray] = {}

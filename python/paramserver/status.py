@@ -52,7 +52,9 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
     checkpoint = {"dir": c.dir, "every_s": c.every, "last_version": c.last_version,
                   "last_age_s": None if c.last_age < 0 else round(c.last_age, 3),
                   "last_error": c.last_error, "completed": c.checkpoints,
-                  "restored_version": c.restored_version, "restore_notes": list(c.restore_notes)}
+                  "restored_version": c.restored_version, "restore_notes": list(c.restore_notes),
+                  "verify_s": round(c.verify_seconds, 3), "restore_s": round(c.restore_seconds, 3),
+                  "restore_bytes": c.restore_bytes}
     return {"uptime_s": round(reply.uptime, 3), "num_servers": reply.cluster.num_servers,
             "num_workers": reply.cluster.num_workers, "nodes": nodes, "tables": tables,
             "servers": servers, "checkpoint": checkpoint}
@@ -100,7 +102,9 @@ def format_status(status: dict[str, Any]) -> str:
     if c.get("last_error"):
         lines.append(f"  LAST CHECKPOINT FAILED: {c['last_error']}")
     if c.get("restored_version"):
-        lines.append(f"  resumed from checkpoint {c['restored_version']}")
+        lines.append(f"  resumed from checkpoint {c['restored_version']}: "
+                     f"{_bytes(c['restore_bytes'])} loaded in {c['restore_s']:.2f} s "
+                     f"(files checked in {c['verify_s']:.2f} s)")
     for note in c.get("restore_notes", []):
         lines.append(f"  resume: {note}")
     lines += ["", "SERVERS"]
