@@ -2,10 +2,11 @@
 checkpoints, and restoring a checkpoint onto the servers of a resumed job.
 
 A checkpoint runs in three phases, each sent to every server at once (tensors never pass through
-the scheduler):
+the scheduler), after every server has sized and touched its snapshot buffers (so no server holds
+writes while another is still allocating):
 
-1. PrepareCut: each server sizes its snapshot buffers, closes its write gate and reports the
-   multi-server write operations it admitted (:mod:`paramserver.cut`).
+1. PrepareCut: each server closes its write gate and reports the multi-server write operations it
+   admitted (:mod:`paramserver.cut`).
 2. SnapshotCut: each server gets the union of those operations, admits them, waits until their
    messages are applied and nothing is in flight, copies its tables to memory and reopens.
    Workers' writes were held (refused and retried) only between phases 1 and 2.
@@ -183,6 +184,8 @@ class CheckpointCoordinator:
         tmp = ckpt.begin(root, version)
         call_timeout = min(timeout, self._call_timeout)
         try:
+            self._on_all(servers, "PrepareCut", pb.PrepareCutRequest(cut=cut, buffers_only=True),
+                         "checkpoint: size the snapshot buffers", call_timeout)
             prepared = self._on_all(servers, "PrepareCut", pb.PrepareCutRequest(
                 cut=cut, lease=max(_LEASE, call_timeout)), "checkpoint: prepare the cut",
                 call_timeout)

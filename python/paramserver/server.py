@@ -126,10 +126,13 @@ class _Shards:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def prepare_cut(self, request: pb.PrepareCutRequest) -> pb.PrepareCutReply:
-        """Phase 1 of a cut: size the snapshot buffers (writes still flow), then close the gate."""
-        with self._lock:
-            dense, sparse = dict(self._dense), dict(self._sparse)
-        self._snapshot.prepare(dense, sparse)
+        """Phase 0 of a cut (``buffers_only``): size the snapshot buffers while writes flow.
+        Phase 1: close the gate and report the multi-server operations admitted."""
+        if request.buffers_only:
+            with self._lock:
+                dense, sparse = dict(self._dense), dict(self._sparse)
+            self._snapshot.prepare(dense, sparse)
+            return pb.PrepareCutReply()
         return pb.PrepareCutReply(ops=self.gate.prepare(request.cut, request.lease))
 
     def snapshot_cut(self, request: pb.SnapshotCutRequest) -> pb.SnapshotCutReply:
