@@ -68,7 +68,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
     config = ServerConfig(scheduler=args.scheduler, host=args.host, port=args.port,
                           advertise=args.advertise or "", rank=args.rank, threads=args.threads,
-                          apply_threads=args.apply_threads, timeout=args.timeout)
+                          apply_threads=args.apply_threads, timeout=args.timeout,
+                          replace=args.replace,
+                          fault_drop_reply_every=args.fault_drop_reply_every)
     server = Server(config).start()
     print(f"server-{server.rank} serving on {server.address}", flush=True)
     _write_ready(args.ready_file, address=server.address, rank=server.rank)
@@ -187,6 +189,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="core threads used within one large request")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the scheduler")
+    p.add_argument("--replace", action="store_true",
+                   help="take --rank over even if its holder still looks alive (a restart)")
+    p.add_argument("--fault-drop-reply-every", type=int, default=0, metavar="N",
+                   help="TESTING ONLY: drop the reply of every N-th applied write")
     p.add_argument("--ready-file", help="write {address, rank, pid} as JSON here once serving")
     p.set_defaults(fn=_cmd_server)
 

@@ -19,7 +19,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Union
 
-import grpc
 import numpy as np
 
 from paramserver import rpc
@@ -35,8 +34,8 @@ from paramserver.membership import Membership
 from paramserver.optim import Optimizer
 from paramserver.partition import BlockLayout
 from paramserver.plan import DensePlan, DenseRef, EmbeddingRef, SparsePlan
+from paramserver.pool import ServerPool
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import (
     FLOAT,
     DenseItem,
@@ -52,13 +51,8 @@ from paramserver.wire import (
 
 __all__ = ["Client", "DenseTable", "EmbeddingTable", "connect"]
 
-#: Messages of one large request in flight at once per server (see Client._send).
-_IN_FLIGHT = 64
-#: Ops that write, and so carry an OpTag and may be held by a checkpoint's cut.
+#: Ops that write, and so carry an OpTag (checkpoint cuts, exactly-once retries).
 _WRITES = (pb.PUSH, pb.PUSH_PULL, pb.ASSIGN)
-#: Retry delays (seconds) of a write a server held for a checkpoint's cut: short, because a cut
-#: holds writes for milliseconds and the retry's wait adds to the worker's.
-_HELD_RETRY_FIRST, _HELD_RETRY_MAX = 0.002, 0.02
 
 
 class _OpSequence:
@@ -81,18 +75,34 @@ class _OpSequence:
         with self._lock:
             self._open.discard(seq)
 
+
 #: What ``init=`` accepts: None (zeros), an array of the table's shape, or a callable of the shape.
 Init = Union[None, np.ndarray, Callable[[tuple[int, ...]], Any]]
 
 
-@dataclass(frozen=True)
-class _ServerRef:
-    rank: int
-    address: str
-    stub: pb_grpc.ParameterServerStub
-    # Exchange on serialized bytes: the client encodes DataRequests and decodes DataReplies itself
-    # (paramserver.wire), copying tensor payloads once instead of protobuf's 3-4 times.
-    exchange: Any = None
+class _OpSequence:
+    """Numbers a client's write operations and knows the lowest one still in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 1
+        self._open: set[int] = set()
+
+    def begin(self) -> tuple[int, int]:
+        """A new operation: (its number, the number below which every operation is finished)."""
+        with self._lock:
+            seq = self._next
+            self._next += 1
+            self._open.add(seq)
+            return seq, min(self._open)
+
+    def end(self, seq: int) -> None:
+        with self._lock:
+            self._open.discard(seq)
+
+
+#: What ``init=`` accepts: None (zeros), an array of the table's shape, or a callable of the shape.
+Init = Union[None, np.ndarray, Callable[[tuple[int, ...]], Any]]
 
 
 class _Handle:
@@ -234,20 +244,9 @@ class Client:
         self._restored = (json.loads(reply.restored_metadata_json)
                           if reply.restored_metadata_json else {})
         self._restored_version = reply.restored_version
-        self._channels = []
-        self._servers: dict[int, _ServerRef] = {}
-        for node in view.nodes:
-            if node.role == pb.SERVER and not node.left:
-                channel = rpc.make_channel(node.address)
-                self._channels.append(channel)
-                self._servers[node.rank] = _ServerRef(
-                    node.rank, node.address, pb_grpc.ParameterServerStub(channel),
-                    channel.unary_unary("/paramserver.v1.ParameterServer/Exchange",
-                                        _registered_method=True))
-        self._tables: dict[str, DenseRef] = {}
+        self._pool = ServerPool(self._membership, view, config.timeout)
+        self._tables: dict[str, DenseRef | EmbeddingRef] = {}
         self._lock = threading.Lock()
-        self._fanout = ThreadPoolExecutor(max_workers=max(1, len(self._servers)),
-                                          thread_name_prefix="ps-fanout")
         self._async = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-async")
         self._closed = False
 
@@ -266,7 +265,7 @@ class Client:
     @property
     def num_servers(self) -> int:
         """Servers in the job."""
-        return len(self._servers)
+        return len(self._pool)
 
     def barrier(self, name: str = "default", timeout: float | None = None) -> None:
         """Block until every worker of the job has called ``barrier(name)``.
@@ -399,14 +398,11 @@ class Client:
 
     def _table_stats(self, name: str, field: str) -> dict[int, int]:
         """``field`` of table ``name`` in every server's statistics, asked now: {rank: value}."""
-        results = self._on_servers(
-            {server: None for server in self._servers.values()},
-            lambda server, _: (server.rank, self._unary(server, server.stub.Stats,
-                                                        pb.StatsRequest(), "stats")))
-        out = {}
-        for rank, stats in results:
-            out[rank] = next((getattr(t, field) for t in stats.tables if t.name == name), 0)
-        return out
+        results = self._pool.on_servers(
+            {server.rank: None for server in self._pool.all()},
+            lambda rank, _: self._pool.call(rank, "Stats", pb.StatsRequest(), "stats"))
+        return {rank: next((getattr(t, field) for t in stats.tables if t.name == name), 0)
+                for rank, stats in results.items()}
 
     def _declare(self, spec: pb.TableSpec, values: np.ndarray | None) -> pb.TablePlacement:
         deadline = time.monotonic() + self.config.timeout
@@ -432,20 +428,20 @@ class Client:
     def _initialize(self, placement: pb.TablePlacement, values: np.ndarray | None) -> None:
         spec = placement.spec
         if spec.kind == pb.TableSpec.EMBEDDING:  # a shard on every server; rows come on demand
-            self._on_servers({s: None for s in self._servers.values()}, lambda server, _: self._unary(
-                server, server.stub.CreateTable, pb.CreateTableRequest(spec=spec),
-                f"create table {spec.name!r}"))
+            self._pool.on_servers({s.rank: None for s in self._pool.all()},
+                                  lambda rank, _: self._pool.call(
+                                      rank, "CreateTable", pb.CreateTableRequest(spec=spec),
+                                      f"create table {spec.name!r}"))
             return
         layout = BlockLayout(int(np.prod(spec.shape)), spec.block_size,
                              tuple(placement.block_servers))
         by_server = layout.blocks_by_server()
 
-        def create(server: _ServerRef) -> None:
-            request = pb.CreateTableRequest(spec=spec, blocks=by_server.get(server.rank, []))
-            self._unary(server, server.stub.CreateTable, request, f"create table {spec.name!r}")
+        def create(rank: int, _: Any) -> None:
+            request = pb.CreateTableRequest(spec=spec, blocks=by_server.get(rank, []))
+            self._pool.call(rank, "CreateTable", request, f"create table {spec.name!r}")
 
-        self._on_servers({s: None for s in self._servers.values() if s.rank in by_server},
-                         lambda server, _: create(server))
+        self._pool.on_servers({rank: None for rank in by_server}, create)
         if values is not None:
             ref = DenseRef(spec.name, tuple(spec.shape), optimizer_from_spec(spec.optimizer),
                            layout, by_server)
@@ -567,134 +563,35 @@ class Client:
             tag = pb.OpTag(client=self._client_id, seq=seq, servers=servers,
                            parts=[len(planned[s]) for s in servers], done_below=done_below)
         try:
-            replies = self._on_servers(
-                {self._servers[s]: iter_requests(op, plan, 0, self.node_id, tag)
-                 for s, plan in planned.items()},
-                lambda server, requests: self._send(server, requests, label))
+            replies = self._pool.on_servers(
+                {s: iter_requests(op, plan, 0, self.node_id, tag) for s, plan in planned.items()},
+                lambda rank, requests: self._pool.exchange(rank, requests, label))
         finally:
             if tag is not None:
                 self._op_seq.end(tag.seq)
         if op not in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP):
             return {}
-        for server_replies in replies:
-            for reply in server_replies:
-                dense, sparse = decode_reply(reply)
-                for piece in dense:
-                    plans[piece.table].absorb(piece)
-                for piece in sparse:
-                    plans[piece.table].absorb(piece)
-        return {name: plan.result() for name, plan in plans.items()}
-
-    def _on_servers(self, work: dict[_ServerRef, Any],
-                    fn: Callable[[_ServerRef, Any], Any]) -> list[Any]:
-        """Run fn(server, arg) for every server at once; the caller's thread takes one of them."""
-        entries = list(work.items())
-        if not entries:
-            return []
-        futures = [self._fanout.submit(fn, server, arg) for server, arg in entries[1:]]
-        results, first_error = [], None
+        # Every reply is checked: each requested block and row arrives exactly once, with the
+        # right length, and from the server it was asked of. A bad reply is an error naming the
+        # server, never garbage in the result.
+        for rank, server_replies in replies.items():
+            try:
+                for reply in server_replies:
+                    dense, sparse = decode_reply(reply)
+                    for piece in dense + sparse:
+                        plan = plans.get(piece.table)
+                        if plan is None:
+                            raise ValueError(f"it answered for table {piece.table!r}, which was "
+                                             f"not asked for")
+                        plan.absorb(piece, rank)
+            except ValueError as exc:
+                server = self._pool.get(rank)
+                raise ParamServerError(f"{label}: bad reply from server-{rank} at "
+                                       f"{server.address}: {exc}") from None
         try:
-            results.append(fn(*entries[0]))
-        except ParamServerError as exc:
-            first_error = exc
-        for future in futures:  # always wait for every call, so none outlives this one
-            try:
-                results.append(future.result())
-            except ParamServerError as exc:
-                first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
-        return results
-
-    def _send(self, server: _ServerRef, requests: tuple[int, Iterator[bytes]],
-              label: str) -> list[bytes]:
-        count, messages = requests
-        if count == 1:  # small requests: one unary call per server
-            return [self._exchange_one(server, next(messages), label)]
-        # A large request: every message as its own unary call, all in flight at once, each sent
-        # as soon as it is encoded. Measured faster than a stream, whose messages a sync gRPC
-        # server hands one by one between threads, and it lets the server apply chunks in
-        # parallel (different blocks, each with its own lock). Each message is whole blocks or
-        # rows and is validated whole. Every call is awaited before returning or raising, so
-        # none outlives this one.
-        # A message a server held for a checkpoint's cut (ABORTED) is sent again until accepted.
-        calls, sent, replies, error = [], [], [], None
-
-        def collect() -> None:
-            nonlocal error
-            i = len(replies)
-            try:
-                replies.append(calls[i].result())
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.ABORTED:
-                    try:
-                        replies.append(self._exchange_one(server, sent[i], label))
-                        return
-                    except ParamServerError as retry_error:
-                        replies.append(None)
-                        error = error or retry_error
-                        return
-                replies.append(None)
-                error = error or self._server_error(exc, server, label)
-
-        try:
-            for message in messages:
-                if len(calls) - len(replies) >= _IN_FLIGHT:
-                    collect()
-                calls.append(server.exchange.future(message, timeout=self.config.timeout))
-                sent.append(message)
-        except BaseException:
-            for call in calls:
-                call.cancel()
-            raise
-        while len(replies) < len(calls):
-            collect()
-        if error is not None:
-            raise error
-        return replies
-
-    def _exchange_one(self, server: _ServerRef, message: bytes, label: str) -> bytes:
-        """One Exchange call, sent again while the server holds writes for a checkpoint's cut."""
-        deadline = time.monotonic() + self.config.timeout
-        delay = _HELD_RETRY_FIRST
-        while True:
-            try:
-                return server.exchange(message, timeout=max(0.001, deadline - time.monotonic()))
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.ABORTED:
-                    raise self._server_error(error, server, label) from None
-                if time.monotonic() + delay >= deadline:
-                    raise PSTimeoutError(
-                        f"{label} on server-{server.rank} at {server.address}: writes were held "
-                        f"for a checkpoint for longer than {self.config.timeout:.1f} s "
-                        f"({error.details()})") from None
-            time.sleep(delay)
-            delay = min(delay * 2, _HELD_RETRY_MAX)
-
-    def _unary(self, server: _ServerRef, method: Callable[..., Any], request: Any,
-               label: str) -> Any:
-        try:
-            return method(request, timeout=self.config.timeout)
-        except grpc.RpcError as error:
-            raise self._server_error(error, server, label) from None
-
-    def _server_error(self, error: grpc.RpcError, server: _ServerRef,
-                      label: str) -> ParamServerError:
-        exc = rpc.translate(error, label, f"server-{server.rank}", server.address)
-        if isinstance(exc, (NodeUnavailableError, PSTimeoutError)):
-            # Say what the scheduler knows of the node: dead (missed heartbeats) or just slow.
-            try:
-                view = self._membership.cluster()
-                node = next((n for n in view.nodes
-                             if n.role == pb.SERVER and n.rank == server.rank), None)
-                if node is not None:
-                    state = ("alive" if node.alive else
-                             "left the job" if node.left else "dead (missed heartbeats)")
-                    exc = type(exc)(f"{exc} [scheduler: server-{server.rank} is {state}, last "
-                                    f"heartbeat {node.last_heartbeat_age:.1f} s ago]")
-            except ParamServerError:
-                pass
-        return exc
+            return {name: plan.result() for name, plan in plans.items()}
+        except ValueError as exc:
+            raise ParamServerError(f"{label}: incomplete replies: {exc}") from None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -704,9 +601,7 @@ class Client:
             return
         self._closed = True
         self._async.shutdown(wait=True)
-        self._fanout.shutdown(wait=True)
-        for channel in self._channels:
-            channel.close()
+        self._pool.close()
         self._membership.close()
 
     def __enter__(self) -> Client:

@@ -86,6 +86,10 @@ class ServerConfig:
         threads: gRPC handler threads (concurrent requests).
         apply_threads: threads the core uses inside one large request.
         timeout: seconds to wait for the scheduler at start and on each control call.
+        replace: take ``rank`` over even if its holder still looks alive (a supervisor restarting
+            a server it knows is dead); the old incarnation is fenced.
+        fault_drop_reply_every: test-only fault injection: after applying every N-th write,
+            drop its reply (the client sees UNAVAILABLE and retries). 0 (default): never.
     """
 
     scheduler: str
@@ -96,6 +100,8 @@ class ServerConfig:
     threads: int = 16
     apply_threads: int = 2
     timeout: float = 30.0
+    replace: bool = False
+    fault_drop_reply_every: int = 0
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ class CheckpointCoordinator:
         self.completed = 0
         self.restored_version = 0
         self.restore_notes: list[str] = []
+        self._cut_stats: tuple[int, dict[int, pb.ServerStats]] = (0, {})
         self.verify_seconds = 0.0
         self.restore_seconds = 0.0
         self.restore_bytes = 0
@@ -195,7 +196,7 @@ class CheckpointCoordinator:
                     ops[op_key(tag)] = tag
             snap_start = time.monotonic()
             snapshots = self._on_all(servers, "SnapshotCut", pb.SnapshotCutRequest(
-                cut=cut, ops=list(ops.values()), timeout=min(_DRAIN_TIMEOUT, call_timeout),
+                cut=cut, ops=list(ops.values()), timeout=min(_DRAIN_TIMEOUT, call_timeout / 2),
                 tables=sorted(tables)), "checkpoint: snapshot", call_timeout)
             snapshot_seconds = time.monotonic() - snap_start
             persist_start = time.monotonic()
@@ -211,6 +212,8 @@ class CheckpointCoordinator:
                                    tables={name: p.spec for name, p in tables.items()},
                                    files=files)
             persist_seconds = time.monotonic() - persist_start
+            with self._state:
+                self._cut_stats = (version, {r: s.stats for r, s in snapshots.items()})
         except BaseException:
             self._abort(servers, cut)
             ckpt.abandon(tmp)
@@ -267,6 +270,28 @@ class CheckpointCoordinator:
         with self._state:
             self.restore_seconds = time.monotonic() - start
             self.restore_bytes = sum(r.bytes for r in replies.values())
+
+    def cut_stats(self, version: int, rank: int) -> pb.ServerStats | None:
+        """Server ``rank``'s update counters at checkpoint ``version``'s cut, if this scheduler
+        took that checkpoint and it is the latest it took."""
+        with self._state:
+            taken, stats = self._cut_stats
+            return stats.get(rank) if taken == version else None
+
+    def restore_server(self, rank: int, address: str, manifest: Manifest | None,
+                       placements: dict[str, pb.TablePlacement], lost: list[str],
+                       at_cut: pb.ServerStats | None) -> None:
+        """Load one restarted server's shards (``placements``) from ``manifest`` and tell it
+        which tables are ``lost``; the server serves again when this returns."""
+        request = pb.RestoreRequest(
+            dir=str(manifest.path) if manifest else "", tables=list(placements.values()),
+            files=[f for name in placements for f in manifest.files.get(name, [])]
+            if manifest else [], lost=lost, version=manifest.version if manifest else 0)
+        if at_cut is not None:
+            request.at_cut.CopyFrom(at_cut)
+        what = f"restore server-{rank}" + (f" from checkpoint {manifest.version}" if manifest
+                                           else "")
+        self._on_all({rank: address}, "Restore", request, what, self._call_timeout)
 
     def status(self) -> pb.CheckpointStatus:
         """What status shows of checkpoints."""

@@ -2,6 +2,11 @@
 
 Used by servers and workers alike. Registration retries while the scheduler is unreachable (nodes of
 a job may start in any order) until ``timeout``, then fails naming the scheduler's address.
+
+Every registration gets an incarnation id from the scheduler; heartbeats and the departure carry it,
+and the scheduler refuses those of an older incarnation of the same rank. A node whose scheduler no
+longer knows it (the scheduler restarted) registers again by itself with its rank; a node told it
+was superseded (a newer incarnation took its rank) stops heartbeating and calls ``on_superseded``.
 """
 
 from __future__ import annotations
@@ -44,18 +49,24 @@ class Membership:
 
     def __init__(self, scheduler: str, role: int, *, address: str = "", requested_rank: int = -1,
                  num_workers: int = 0, timeout: float = 30.0,
-                 stats: Callable[[], pb.ServerStats] | None = None) -> None:
+                 stats: Callable[[], pb.ServerStats] | None = None, replace: bool = False,
+                 on_superseded: Callable[[], None] | None = None) -> None:
         self.scheduler = scheduler
         self._timeout = timeout
         self._stats = stats
+        self._on_superseded = on_superseded
         self._channel = rpc.make_channel(scheduler)
         self.stub = pb_grpc.SchedulerStub(self._channel)
-        request = pb.RegisterRequest(role=role, address=address, requested_rank=requested_rank,
-                                     num_workers=num_workers, pid=os.getpid(),
-                                     hostname=socket.gethostname())
-        self.reply = self._register(request)
+        self._request = pb.RegisterRequest(role=role, address=address,
+                                           requested_rank=requested_rank,
+                                           num_workers=num_workers, pid=os.getpid(),
+                                           hostname=socket.gethostname(), replace=replace)
+        self.reply = self._register(self._request)
         self.rank: int = self.reply.rank
         self.node_id: str = self.reply.node_id
+        self.incarnation: str = self.reply.incarnation
+        self.reregistrations = 0
+        self.superseded = False
         self._stop = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._beat, name=f"ps-heartbeat-{self.node_id}",
@@ -85,15 +96,21 @@ class Membership:
         interval = self.reply.heartbeat_interval
         warned = False
         while not self._stop.wait(interval):
-            request = pb.HeartbeatRequest(node_id=self.node_id)
+            request = pb.HeartbeatRequest(node_id=self.node_id, incarnation=self.incarnation)
             if self._stats is not None:
                 request.stats.CopyFrom(self._stats())
             try:
                 reply = self.stub.Heartbeat(request, timeout=max(interval, 1.0))
-                if not reply.known and not warned:
-                    log.warning("scheduler at %s no longer knows %s (was it restarted?)",
-                                self.scheduler, self.node_id)
-                    warned = True
+                if reply.superseded:
+                    log.error("%s (incarnation %s) was superseded by a newer incarnation of its "
+                              "rank; stopping", self.node_id, self.incarnation)
+                    self.superseded = True
+                    if self._on_superseded is not None:
+                        self._on_superseded()
+                    return
+                if not reply.known:
+                    self._reregister()
+                warned = False
             except grpc.RpcError as error:
                 if not warned:
                     log.warning("heartbeat of %s to scheduler at %s failed: %s", self.node_id,
@@ -101,6 +118,22 @@ class Membership:
                     warned = True
             except ValueError:  # the channel was closed under us during shutdown
                 return
+
+    def _reregister(self) -> None:
+        """The scheduler does not know this node (it restarted): register again, same rank."""
+        log.warning("scheduler at %s no longer knows %s (was it restarted?); registering again",
+                    self.scheduler, self.node_id)
+        request = pb.RegisterRequest()
+        request.CopyFrom(self._request)
+        request.requested_rank = self.rank
+        try:
+            reply = self.stub.Register(request, timeout=max(1.0, self.reply.heartbeat_interval))
+        except grpc.RpcError as error:
+            log.warning("registering %s again failed: %s", self.node_id, error.details())
+            return
+        self.reply, self.incarnation = reply, reply.incarnation
+        self.reregistrations += 1
+        log.warning("%s registered again (incarnation %s)", self.node_id, self.incarnation)
 
     def call(self, method: str, request: object, *, timeout: float | None = None,
              what: str | None = None) -> object:
@@ -128,9 +161,11 @@ class Membership:
         self._closed = True
         self._stop.set()
         self._thread.join(timeout=5.0)
-        if deregister:
+        if deregister and not self.superseded:
             try:
-                self.stub.Deregister(pb.DeregisterRequest(node_id=self.node_id), timeout=2.0)
+                self.stub.Deregister(pb.DeregisterRequest(node_id=self.node_id,
+                                                          incarnation=self.incarnation),
+                                     timeout=2.0)
             except grpc.RpcError:
                 pass  # the scheduler may already be gone at the end of a job
         self._channel.close()

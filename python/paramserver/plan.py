@@ -84,7 +84,7 @@ class DensePlan:
     def __init__(self, ref: DenseRef, op: int, value: Any) -> None:
         self.ref = ref
         self._flat = None
-        if op != pb.PULL:
+        if op not in (pb.PULL, pb.LOOKUP):
             self._flat = _float32(ref.name, value, ref.shape,
                                   "values" if op == pb.ASSIGN else "a gradient")
             if op != pb.ASSIGN:
@@ -100,18 +100,39 @@ class DensePlan:
                                     [] if flat is None else [flat[a:b] for a, b in spans])
         return out
 
-    def absorb(self, piece: SliceView) -> None:
+    def absorb(self, piece: SliceView, server: int) -> None:
+        """Take one reply slice from ``server``; ValueError if it has a block this table did not
+        ask of that server, a block twice, or the wrong number of values."""
         if self._out is None:
             self._out = np.empty(self.ref.layout.num_elements, dtype=FLOAT)
+            self._seen = np.zeros(len(self.ref.layout.block_servers), dtype=bool)
         data = np.frombuffer(piece.data, dtype=FLOAT)
+        owners = self.ref.layout.block_servers
         pos = 0
         for b in piece.blocks:
+            if not 0 <= b < len(owners) or owners[b] != server:
+                raise ValueError(f"table {self.ref.name!r}: block {b} is not one of its blocks "
+                                 f"on that server")
+            if self._seen[b]:
+                raise ValueError(f"table {self.ref.name!r}: block {b} arrived twice")
             start, stop = self.ref.layout.block_range(b)
+            if pos + stop - start > data.size:
+                raise ValueError(f"table {self.ref.name!r}: {data.size} values for blocks "
+                                 f"{piece.blocks[:8]}, which hold more")
             self._out[start:stop] = data[pos:pos + stop - start]
+            self._seen[b] = True
             pos += stop - start
+        if pos != data.size:
+            raise ValueError(f"table {self.ref.name!r}: {data.size} values for blocks that hold "
+                             f"{pos}")
 
     def result(self) -> np.ndarray:
-        assert self._out is not None
+        """The tensor, once every block has arrived; ValueError naming missing blocks."""
+        if self._out is None or not self._seen.all():
+            missing = (np.arange(len(self.ref.layout.block_servers)) if self._out is None
+                       else np.flatnonzero(~self._seen))
+            raise ValueError(f"table {self.ref.name!r}: no values for blocks "
+                             f"{missing[:10].tolist()}")
         return self._out.reshape(self.ref.shape)
 
 
@@ -162,17 +183,38 @@ class SparsePlan:
                                          None if self._summed is None else self._summed[sel])
         return out
 
-    def absorb(self, piece: SparseView) -> None:
+    def absorb(self, piece: SparseView, server: int) -> None:
+        """Take one reply slice from ``server``; ValueError if it has an id this call did not
+        ask of that server, an id twice, or rows of the wrong size."""
         if self._rows is None:
             self._rows = np.empty((self._uniq.size, self.ref.dim), dtype=FLOAT)
+            self._seen = np.zeros(self._uniq.size, dtype=bool)
         ids = ids_view(piece.ids)
+        data = np.frombuffer(piece.data, dtype=FLOAT)
+        if data.size != ids.size * self.ref.dim:
+            raise ValueError(f"table {self.ref.name!r}: {data.size} values for {ids.size} rows "
+                             f"of dim {self.ref.dim}")
         # The distinct ids are sorted, so a reply's ids find their rows by binary search.
-        self._rows[np.searchsorted(self._uniq, ids)] = np.frombuffer(
-            piece.data, dtype=FLOAT).reshape(ids.size, self.ref.dim)
+        pos = np.searchsorted(self._uniq, ids)
+        known = pos < self._uniq.size
+        known[known] = self._uniq[pos[known]] == ids[known]
+        if not known.all():
+            raise ValueError(f"table {self.ref.name!r}: id {int(ids[~known][0])} was not asked "
+                             f"for")
+        if (server_of_ids(ids, self.ref.num_servers) != server).any():
+            raise ValueError(f"table {self.ref.name!r}: rows of ids another server owns")
+        if self._seen[pos].any() or np.unique(pos).size != pos.size:
+            raise ValueError(f"table {self.ref.name!r}: a row arrived twice")
+        self._seen[pos] = True
+        self._rows[pos] = data.reshape(ids.size, self.ref.dim)
 
     def result(self) -> np.ndarray:
-        if self._rows is None:  # no ids at all
+        """The rows in the caller's shape, once every distinct id has arrived."""
+        if self._uniq.size == 0:
             return np.empty(self._shape + (self.ref.dim,), dtype=FLOAT)
+        if self._rows is None or not self._seen.all():
+            missing = self._uniq if self._rows is None else self._uniq[~self._seen]
+            raise ValueError(f"table {self.ref.name!r}: no rows for ids {missing[:10].tolist()}")
         return self._rows[self._inverse].reshape(self._shape + (self.ref.dim,))
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,10 @@ class _Node:
     last_heartbeat: float
     left: bool = False
     stats: pb.ServerStats = field(default_factory=pb.ServerStats)
+    incarnation: str = ""
+    restarts: int = 0
+    rolled_back: int = 0
+    restore_state: str = ""
 
 
 @dataclass
@@ -87,6 +92,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self.checkpoints = CheckpointCoordinator(root, config.keep, config.num_servers,
                                                  self._live_servers, self._ready_tables)
         self._restored_metadata = ""
+        self._view_version = 0
         if config.resume:
             assert root is not None
             self._load_checkpoint(root)
@@ -229,7 +235,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                 if limit and rank >= limit:
                     raise ValueError(f"{name} rank {rank} out of range [0, {limit})")
                 old = taken.get(rank)
-                if old is not None and self._alive(old, now):
+                if old is not None and self._alive(old, now) and not request.replace:
                     raise TableMismatchError(
                         f"{name} rank {rank} is held by live node {self._describe(old, now)}")
             else:
@@ -241,28 +247,94 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                         f"all {limit} {name} ranks are held by live nodes; the job expects "
                         f"{limit} {name}s")
                 rank = free[0]
+            previous = taken.get(rank)
             node = _Node(request.role, rank, f"{name}-{rank}", request.address, request.pid,
-                         request.hostname, now)
+                         request.hostname, now, incarnation=uuid.uuid4().hex[:16])
+            restoring = False
+            if previous is not None:
+                # A new incarnation of the rank: the old one is fenced from now on.
+                node.restarts = previous.restarts + 1
+                node.rolled_back = previous.rolled_back
+                log.warning("%s registered again (restart %d): incarnation %s replaces %s",
+                            node.node_id, node.restarts, node.incarnation, previous.incarnation)
+                if request.role == pb.SERVER and self._shards_on(rank):
+                    restoring = True
+                    node.restore_state = "restoring"
+                    threading.Thread(target=self._recover_server, args=(node, previous.stats),
+                                     name=f"ps-recover-{rank}", daemon=True).start()
             self._nodes[node.node_id] = node
+            self._view_version += 1
             self._cond.notify_all()
             return pb.RegisterReply(rank=rank, node_id=node.node_id,
                                     heartbeat_interval=self._config.heartbeat_interval,
                                     num_servers=self._config.num_servers,
                                     num_workers=self._num_workers,
                                     restored_version=self.checkpoints.restored_version,
-                                    restored_metadata_json=self._restored_metadata)
+                                    restored_metadata_json=self._restored_metadata,
+                                    incarnation=node.incarnation, restoring=restoring,
+                                    view_version=self._view_version)
+
+    def _shards_on(self, rank: int) -> list[str]:
+        """Ready tables with a shard on server ``rank``. Caller holds the lock."""
+        return [name for name, t in self._tables.items() if t.ready and (
+            t.placement.spec.kind == pb.TableSpec.EMBEDDING or rank in t.placement.block_servers)]
+
+    def _recover_server(self, node: _Node, last_stats: pb.ServerStats) -> None:
+        """Load a restarted server's shards from the newest complete checkpoint; the tables no
+        checkpoint has are reported lost to it (it refuses requests for them, naming them)."""
+        with self._cond:
+            tables = {n: self._tables[n].placement for n in self._shards_on(node.rank)}
+        root = self.checkpoints.root
+        manifest, notes = ckpt.latest(root) if root is not None else (None, [])
+        for note in notes:
+            log.warning("recovering %s: %s", node.node_id, note)
+        restorable = {n: p for n, p in tables.items() if manifest is not None
+                      and n in manifest.tables and specs_match(manifest.tables[n], p.spec)}
+        lost = sorted(set(tables) - set(restorable))
+        at_cut = self.checkpoints.cut_stats(manifest.version, node.rank) if manifest else None
+        rolled: dict[str, int] = {}
+        if at_cut is not None:
+            before = {t.name: t.updates for t in at_cut.tables}
+            rolled = {t.name: max(0, t.updates - before.get(t.name, 0))
+                      for t in last_stats.tables if t.name in restorable}
+        try:
+            self.checkpoints.restore_server(node.rank, node.address, manifest, restorable, lost,
+                                            at_cut)
+            state = (f"restored from checkpoint {manifest.version}" if manifest and restorable
+                     else "")
+            if lost:
+                state += ("; " if state else "") + f"lost: {', '.join(lost)}"
+            what = ", ".join(f"{n}: {c}" for n, c in sorted(rolled.items())) or "unknown"
+            if manifest is not None and restorable:
+                log.warning("%s restored %d tables from checkpoint %d; updates rolled back (at "
+                            "least, per table): %s", node.node_id, len(restorable),
+                            manifest.version, what)
+            if lost:
+                log.error("%s lost tables %s: no checkpoint has them", node.node_id, lost)
+        except ParamServerError as exc:
+            state = f"restore failed: {exc}"
+            log.error("recovering %s: %s", node.node_id, exc)
+        with self._cond:
+            node.restore_state = state
+            node.rolled_back += sum(rolled.values())
+            self._view_version += 1
+            self._cond.notify_all()
 
     def Deregister(self, request: pb.DeregisterRequest, context: grpc.ServicerContext) -> pb.DeregisterReply:
         with self._cond:
             node = self._nodes.get(request.node_id)
-            if node is not None:
+            if node is not None and (not request.incarnation
+                                     or request.incarnation == node.incarnation):
                 node.left = True
+                self._view_version += 1
                 self._cond.notify_all()
         return pb.DeregisterReply()
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         with self._cond:
             node = self._nodes.get(request.node_id)
+            if node is not None and request.incarnation and request.incarnation != node.incarnation:
+                return pb.HeartbeatReply(known=True, superseded=True)  # fenced: changes nothing
             if node is None or node.left:
                 return pb.HeartbeatReply(known=False)
             node.last_heartbeat = time.monotonic()
@@ -271,12 +343,15 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             return pb.HeartbeatReply(known=True)
 
     def _cluster(self, now: float) -> pb.ClusterView:
-        view = pb.ClusterView(num_servers=self._config.num_servers, num_workers=self._num_workers)
+        view = pb.ClusterView(num_servers=self._config.num_servers, num_workers=self._num_workers,
+                              version=self._view_version)
         for node in sorted(self._nodes.values(), key=lambda n: (n.role, n.rank)):
             view.nodes.append(pb.NodeInfo(
                 role=node.role, rank=node.rank, node_id=node.node_id, address=node.address,
                 alive=self._alive(node, now), last_heartbeat_age=now - node.last_heartbeat,
-                pid=node.pid, hostname=node.hostname, left=node.left))
+                pid=node.pid, hostname=node.hostname, left=node.left,
+                incarnation=node.incarnation, restarts=node.restarts,
+                rolled_back=node.rolled_back, restore_state=node.restore_state))
         return view
 
     def GetCluster(self, request: pb.ClusterRequest, context: grpc.ServicerContext) -> pb.ClusterView:

@@ -23,7 +23,8 @@ from paramserver import _core, rpc
 from paramserver.checkpoint import CheckpointError
 from paramserver.config import ServerConfig
 from paramserver.cut import WriteGate, WritesHeld
-from paramserver.errors import TableMismatchError, TableNotFoundError
+from paramserver.dedup import ReplyCache
+from paramserver.errors import NodeUnavailableError, TableMismatchError, TableNotFoundError
 from paramserver.membership import Membership
 from paramserver.partition import server_of_ids
 from paramserver.snapshot import Snapshot, restore_dense, restore_embedding
@@ -45,6 +46,10 @@ from paramserver.wire import (
 __all__ = ["Server"]
 
 log = logging.getLogger(__name__)
+
+
+class ReplyLost(Exception):
+    """Test-only fault: the server applied a write and then lost its reply (UNAVAILABLE)."""
 
 
 @dataclass
@@ -83,6 +88,15 @@ class _Shards:
         self.bytes_out = 0
         self.gate = WriteGate(node)
         self._snapshot = Snapshot()
+        self.replies = ReplyCache()
+        #: Set while a restarted server waits for its tables from a checkpoint: every data
+        #: request is refused UNAVAILABLE (clients retry) rather than served from empty tables.
+        self.restoring: str | None = None
+        #: Tables this server held before a restart that no checkpoint had: name -> reason.
+        self.lost: dict[str, str] = {}
+        #: Test-only fault hook: lose the reply of every N-th applied write (0: never).
+        self.drop_reply_every = 0
+        self._writes = 0
 
     def create(self, request: pb.CreateTableRequest) -> bool:
         spec = request.spec
@@ -143,9 +157,10 @@ class _Shards:
                 dense, sparse = dict(self._dense), dict(self._sparse)
             copied, steps = self._snapshot.take(request.cut, list(request.tables), dense, sparse,
                                                 self._apply_threads)
+            stats = self.stats()  # the update counters at the cut (for rollback counts)
         finally:
             held = self.gate.reopen(request.cut)
-        return pb.SnapshotCutReply(bytes=copied, hold_seconds=held, updates=steps)
+        return pb.SnapshotCutReply(bytes=copied, hold_seconds=held, updates=steps, stats=stats)
 
     def persist_cut(self, request: pb.PersistCutRequest) -> pb.PersistCutReply:
         """Phase 3: write the snapshot's shard files into ``request.dir`` (fsynced)."""
@@ -163,6 +178,7 @@ class _Shards:
         files: dict[str, list[Path]] = {}
         for shard in request.files:
             files.setdefault(shard.table, []).append(Path(request.dir) / shard.file)
+        counters = {t.name: t.updates for t in request.at_cut.tables}
         total = 0
         for placement in request.tables:
             spec = placement.spec
@@ -176,13 +192,21 @@ class _Shards:
                 shard = self._new_shard(spec, ())
                 total += restore_embedding(shard.table, spec.name, files.get(spec.name, []),
                                            self.rank, self.num_servers)
+            shard.updates = counters.get(spec.name, 0)
             with self._lock:
                 self._install(shard)
+        with self._lock:
+            for name in request.lost:
+                self.lost[name] = (f"it was on this server before a restart and no checkpoint "
+                                   f"has it (start the job with --checkpoint-dir to survive this)")
+            self.restoring = None
         return pb.RestoreReply(bytes=total)
 
     def _shard(self, name: str, sparse: bool) -> Any:
         tables, other = (self._sparse, self._dense) if sparse else (self._dense, self._sparse)
         shard = tables.get(name)
+        if shard is None and name in self.lost:
+            raise TableNotFoundError(f"table {name!r} was lost on {self.node}: {self.lost[name]}")
         if shard is None:
             kind, other_kind = ("embedding", "dense") if sparse else ("dense", "embedding")
             note = f" (it is {'an' if other_kind[0] == 'e' else 'a'} {other_kind} table)" \
@@ -241,9 +265,34 @@ class _Shards:
         """Serve one serialized DataRequest; return the serialized DataReply.
 
         Payloads are viewed in the received bytes and the reply is encoded with one copy of the
-        values (see paramserver.wire), instead of protobuf's three or four copies.
+        values (see paramserver.wire), instead of protobuf's three or four copies. A write
+        message seen before (same client, operation and part) gets its first reply and is not
+        applied again (paramserver.dedup).
         """
-        return encode_reply(*self.handle(decode_request(message)))
+        if self.restoring is not None:
+            raise NodeUnavailableError(f"{self.node} is {self.restoring}")
+        request = decode_request(message)
+        tag = request.op_tag
+        if request.op not in (pb.PUSH, pb.PUSH_PULL, pb.ASSIGN) or tag is None or not tag.client:
+            return encode_reply(*self.handle(request))
+        key = (tag.client, tag.seq, request.part)
+        cached = self.replies.begin(key, tag.done_below)
+        if cached is not None:
+            return cached
+        try:
+            reply = encode_reply(*self.handle(request))
+        except BaseException:
+            self.replies.fail(key)
+            raise
+        self.replies.finish(key, reply)
+        if self.drop_reply_every:
+            with self._lock:
+                self._writes += 1
+                drop = self._writes % self.drop_reply_every == 0
+            if drop:
+                raise ReplyLost(f"{self.node}: reply of operation {tag.seq} part {request.part} "
+                                f"dropped after applying it (fault injection)")
+        return reply
 
     def handle(self, request: pb.DataRequest | RequestView) -> tuple[list, list]:
         """Validate every slice of a request, then apply it. Returns the reply's slices:
@@ -330,6 +379,8 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
             return rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
         except WritesHeld as exc:  # the client retries it once the checkpoint's cut is taken
             context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except ReplyLost as exc:  # test-only fault: the client retries, the repeat is cached
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
         return self._shards.stats()
@@ -398,13 +449,18 @@ class Server:
         """Serve, register with the scheduler and start heartbeats. Raises NodeUnavailableError
         if the scheduler cannot be reached within ``config.timeout`` seconds."""
         self._server.start()
+        self._shards.drop_reply_every = self.config.fault_drop_reply_every
         try:
-            self._membership = Membership(self.config.scheduler, pb.SERVER, address=self.address,
-                                          requested_rank=self.config.rank,
-                                          timeout=self.config.timeout, stats=self._shards.stats)
+            self._membership = Membership(
+                self.config.scheduler, pb.SERVER, address=self.address,
+                requested_rank=self.config.rank, timeout=self.config.timeout,
+                stats=self._shards.stats, replace=self.config.replace,
+                on_superseded=self._superseded)
         except Exception:
             self._server.stop(0)
             raise
+        if self._membership.reply.restoring:
+            self._shards.restoring = "restoring its tables after a restart"
         self.rank = self._membership.rank
         self._shards.node = f"server-{self.rank} at {self.address}"
         self._shards.gate.node = self._shards.node
@@ -418,6 +474,11 @@ class Server:
     def stats(self) -> pb.ServerStats:
         """Request counts, bytes and per-table sizes of this server."""
         return self._shards.stats()
+
+    def _superseded(self) -> None:
+        # A newer incarnation holds this rank: stop serving (from another thread: this is called
+        # on the heartbeat thread, which stop() joins).
+        threading.Thread(target=self.stop, kwargs={"grace": 0.5}, daemon=True).start()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` seconds pass); True if it stopped."""

@@ -297,7 +297,7 @@ def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]]
         tag = op_tag.SerializeToString()
         suffix += b"\x2a" + _uvarint(len(tag)) + tag
 
-    def encode(runs: list[Run]) -> bytes:
+    def encode(runs: list[Run], part: int) -> bytes:
         parts: list[Any] = [prefix]
         pos = len(prefix)
         for item, i, j in runs:
@@ -314,9 +314,11 @@ def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]]
             parts += views
             pos += len(head) + nbytes
         parts.append(suffix)
+        if op_tag is not None and part:
+            parts.append(b"\x30" + _uvarint(part))
         return b"".join(parts)
 
-    return len(plan), (encode(runs) for runs in plan)
+    return len(plan), (encode(runs, i) for i, runs in enumerate(plan))
 
 
 def encode_reply(dense: list[tuple[str, list[int], np.ndarray]],
@@ -361,6 +363,7 @@ class RequestView:
     sparse: list[SparseView]
     node_id: str
     op_tag: pb.OpTag | None = None
+    part: int = 0
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -451,6 +454,8 @@ def decode_request(message: bytes) -> RequestView:
             request.sparse.append(_decode_sparse(value))
         elif field == 4 and wire == 2:
             request.node_id = bytes(value).decode("utf-8")
+        elif field == 6 and wire == 0:
+            request.part = value
         elif field == 5 and wire == 2:
             try:
                 request.op_tag = pb.OpTag.FromString(bytes(value))

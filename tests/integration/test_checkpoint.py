@@ -254,13 +254,16 @@ def test_directory_removed_under_a_running_job_fails_the_checkpoint_only(cluster
 
 def test_scheduler_killed_mid_checkpoint_leaves_the_previous_one_complete(cluster_factory,
                                                                           tmp_path):
+    """Server 1 is stopped (SIGSTOP), so the second checkpoint stalls after its temporary
+    directory exists; the scheduler is then killed (SIGKILL) in the middle of it."""
     directory = tmp_path / "ckpt"
     first = cluster_factory(2, scheduler_args=ckpt_args(directory))
-    with first.connect() as client:
-        x = client.dense("x", (4_000_000,), ps.Adam(lr=0.1))  # 48 MB of state
-        x.push(np.ones(4_000_000, np.float32))
+    with first.connect(timeout=10) as client:
+        x = client.dense("x", (1_000_000,), ps.Adam(lr=0.1))
+        x.push(np.ones(1_000_000, np.float32))
         client.checkpoint({"v": 1})
-        x.push(np.ones(4_000_000, np.float32))
+        saved = x.pull()
+        x.push(np.ones(1_000_000, np.float32))
         errors: list[BaseException] = []
 
         def second_checkpoint() -> None:
@@ -269,19 +272,25 @@ def test_scheduler_killed_mid_checkpoint_leaves_the_previous_one_complete(cluste
             except BaseException as exc:  # the scheduler is killed under it
                 errors.append(exc)
 
-        thread = threading.Thread(target=second_checkpoint)
-        thread.start()
-        wait_for(lambda: any(p.name.startswith(".ckpt-") for p in directory.iterdir()), 60,
-                 "the second checkpoint's temporary directory")
-        kill(first.scheduler_proc)
-        thread.join(120)
-        assert not thread.is_alive() and errors
+        os.kill(first.servers[1].pid, signal.SIGSTOP)
+        try:
+            thread = threading.Thread(target=second_checkpoint)
+            thread.start()
+            wait_for(lambda: any(p.name.startswith(".ckpt-") for p in directory.iterdir()), 60,
+                     "the second checkpoint's temporary directory")
+            kill(first.scheduler_proc)
+            thread.join(60)
+        finally:
+            os.kill(first.servers[1].pid, signal.SIGCONT)
+        assert not thread.is_alive() and isinstance(errors[0], ps.ParamServerError)
     first.stop()
     assert ckpt.list_versions(directory) == [1]
     assert ckpt.open_checkpoint(directory).metadata == {"v": 1}
     second = cluster_factory(1, scheduler_args=ckpt_args(directory, "--resume"))
     with second.connect() as client:
         assert client.restored_metadata == {"v": 1}
+        np.testing.assert_array_equal(client.dense("x", (1_000_000,), ps.Adam(lr=0.1)).pull(),
+                                      saved)
     assert not [p for p in directory.iterdir() if p.name.startswith(".ckpt-")]
 
 

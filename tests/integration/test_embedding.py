@@ -15,9 +15,11 @@ U64_MAX = np.uint64(2**64 - 1)
 
 def _server_stats(client):
     """Every server's statistics, asked now, by rank."""
-    stats = client._on_servers({s: None for s in client._servers.values()},
-                               lambda server, _: (server.rank, server.stub.Stats(
-                                   pb.StatsRequest(), timeout=10)))
+    pool = client._pool
+    stats = pool.on_servers({s.rank: None for s in pool.all()},
+                            lambda rank, _: (rank, pool.call(rank, "Stats", pb.StatsRequest(),
+                                                             "stats")))
+    stats = list(stats.values())
     return [s for _, s in sorted(stats, key=lambda x: x[0])]
 
 
