@@ -49,7 +49,7 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
                              num_workers=args.num_workers,
                              heartbeat_interval=args.heartbeat_interval,
                              heartbeat_timeout=args.heartbeat_timeout,
-                             **_checkpoint_config(args))
+                             **_cmd_scheduler_config(args))
     scheduler = Scheduler(config).start()
     print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers)",
           flush=True)
@@ -60,6 +60,10 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
 def _checkpoint_config(args: argparse.Namespace) -> dict:
     return {"checkpoint_dir": args.checkpoint_dir or "", "checkpoint_every": args.checkpoint_every,
             "keep": args.keep, "resume": args.resume}
+
+
+def _cmd_scheduler_config(args: argparse.Namespace) -> dict:
+    return dict(_checkpoint_config(args), recover=args.recover)
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -85,7 +89,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           num_workers=args.num_workers, host=args.host, port=args.port,
                           heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
-                          startup_timeout=args.startup_timeout, **_checkpoint_config(args))
+                          startup_timeout=args.startup_timeout, max_restarts=args.max_restarts,
+                          **_checkpoint_config(args))
     return launch(config)
 
 
@@ -174,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="workers the job expects (default: as the workers say)")
     heartbeat_flags(p)
     checkpoint_flags(p)
+    p.add_argument("--recover", action="store_true",
+                   help="continue a running job whose scheduler died, from the state kept in "
+                        "--checkpoint-dir (servers and workers register again)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     p.set_defaults(fn=_cmd_scheduler)
 
@@ -206,6 +214,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="seconds allowed for the scheduler and servers to start")
     checkpoint_flags(p)
+    p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="restart a scheduler, server or worker that dies, up to N times each "
+                        "(servers restore from the newest checkpoint; default 0)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command, after --")
     p.set_defaults(fn=_cmd_launch)
 

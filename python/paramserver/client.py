@@ -230,7 +230,8 @@ class Client:
         self.config = config
         rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
         self._membership = Membership(config.scheduler, pb.WORKER, requested_rank=config.rank,
-                                      num_workers=config.num_workers, timeout=config.timeout)
+                                      num_workers=config.num_workers, timeout=config.timeout,
+                                      replace=config.replace)
         try:
             view = self._membership.cluster(wait_for_servers=True, timeout=config.timeout)
         except Exception:
@@ -680,8 +681,11 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
     if num_workers is None:
         num_workers = _env_int("PARAMSERVER_NUM_WORKERS", 0)
     extra = {} if message_bytes is None else {"message_bytes": message_bytes}
+    # Set by `paramserver launch --max-restarts` for a worker it restarted: the rank's previous
+    # holder is known dead, so take the rank over at once.
+    replace = os.environ.get("PARAMSERVER_REPLACE") == "1"
     return Client(ClientConfig(scheduler=scheduler, rank=rank, num_workers=num_workers,
-                               timeout=timeout, **extra))
+                               timeout=timeout, replace=replace, **extra))
 
 
 def _env_int(name: str, default: int) -> int:

@@ -41,6 +41,10 @@ class SchedulerConfig:
             newer one is complete (0: keep all).
         resume: start from the newest complete checkpoint in ``checkpoint_dir`` (falling back
             past corrupt ones); a fresh job if there is none.
+        recover: continue a running job after this scheduler's predecessor died: load the job's
+            tables, placement and size from the state the scheduler keeps in
+            ``checkpoint_dir``; the servers (which kept their tables) and workers register again
+            by themselves.
     """
 
     host: str = "127.0.0.1"
@@ -54,6 +58,7 @@ class SchedulerConfig:
     checkpoint_every: float = 0.0
     keep: int = 3
     resume: bool = False
+    recover: bool = False
 
     def __post_init__(self) -> None:
         if self.num_servers < 1:
@@ -69,8 +74,8 @@ class SchedulerConfig:
         if self.checkpoint_every < 0 or self.keep < 0:
             raise ValueError(f"checkpoint_every and keep must be >= 0, got "
                              f"{self.checkpoint_every} and {self.keep}")
-        if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
-            raise ValueError("checkpoint_every and resume need a checkpoint_dir")
+        if (self.checkpoint_every or self.resume or self.recover) and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every, resume and recover need a checkpoint_dir")
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,8 @@ class ClientConfig:
             unless a call says otherwise).
         message_bytes: target payload bytes per gRPC message; a larger request is cut into
             messages of about this size, sent as parallel calls.
+        replace: take ``rank`` over even if its holder still looks alive (a supervisor
+            restarting a worker it knows is dead).
     """
 
     scheduler: str
@@ -123,3 +130,4 @@ class ClientConfig:
     num_workers: int = 0
     timeout: float = 60.0
     message_bytes: int = DEFAULT_MESSAGE_BYTES
+    replace: bool = False

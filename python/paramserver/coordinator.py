@@ -262,10 +262,13 @@ class CheckpointCoordinator:
         reads the shard files itself); CheckpointError naming the server and table if any
         fails."""
         files = [f for name in placements for f in manifest.files.get(name, [])]
-        request = pb.RestoreRequest(dir=str(manifest.path), tables=list(placements.values()),
-                                    files=files)
+        requests = {rank: pb.RestoreRequest(dir=str(manifest.path),
+                                            tables=list(placements.values()), files=files,
+                                            rank=rank, num_servers=self._num_servers,
+                                            version=manifest.version)
+                    for rank in servers}
         start = time.monotonic()
-        replies = self._on_all(servers, "Restore", request,
+        replies = self._on_all(servers, "Restore", requests,
                                f"restore checkpoint {manifest.version}", self._call_timeout)
         with self._state:
             self.restore_seconds = time.monotonic() - start
@@ -286,7 +289,8 @@ class CheckpointCoordinator:
         request = pb.RestoreRequest(
             dir=str(manifest.path) if manifest else "", tables=list(placements.values()),
             files=[f for name in placements for f in manifest.files.get(name, [])]
-            if manifest else [], lost=lost, version=manifest.version if manifest else 0)
+            if manifest else [], lost=lost, version=manifest.version if manifest else 0,
+            rank=rank, num_servers=self._num_servers)
         if at_cut is not None:
             request.at_cut.CopyFrom(at_cut)
         what = f"restore server-{rank}" + (f" from checkpoint {manifest.version}" if manifest

@@ -44,6 +44,12 @@ class LaunchConfig:
             a final checkpoint when every worker has finished, and when it is interrupted
             (Ctrl-C, SIGTERM) while the job is running.
         final_checkpoint_timeout: seconds allowed for that final checkpoint.
+        max_restarts: times each process (the scheduler, each server, each worker) is restarted
+            after it dies, with a backoff of 0.5 s doubling up to 10 s; 0: a death ends the job.
+            A restarted server takes its rank back and loads its tables from the newest
+            checkpoint; a restarted scheduler continues from the state it keeps in the
+            checkpoint directory (so restarting it needs ``checkpoint_dir``); a restarted worker
+            runs the command again with its rank.
     """
 
     command: list[str]
@@ -62,6 +68,7 @@ class LaunchConfig:
     keep: int = 3
     resume: bool = False
     final_checkpoint_timeout: float = 120.0
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -71,6 +78,8 @@ class LaunchConfig:
                              f"{self.num_workers}")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
 
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -161,39 +170,18 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    scheduler = ""
-    workers: list[_Proc] = []
+    job: _Job | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="paramserver-launch-") as tmp:
-            deadline = time.monotonic() + config.startup_timeout
-            ready = Path(tmp, "scheduler.json")
-            procs.append(_Proc("scheduler", node + [
-                "scheduler", "--host", config.host, "--port", str(config.port),
-                "--num-servers", str(config.num_servers), "--num-workers", str(config.num_workers),
-                "--heartbeat-interval", str(config.heartbeat_interval),
-                "--heartbeat-timeout", str(config.heartbeat_timeout),
-                "--ready-file", str(ready)] + _checkpoint_args(config), base_env, out, lock))
-            scheduler = _wait_ready(procs[0], ready, deadline)["address"]
-            servers: list[tuple[_Proc, Path]] = []
-            for rank in range(config.num_servers):
-                ready = Path(tmp, f"server-{rank}.json")
-                servers.append((_Proc(f"server {rank}", node + [
-                    "server", "--scheduler", scheduler, "--host", config.host, "--rank", str(rank),
-                    "--threads", str(config.server_threads), "--ready-file", str(ready)],
-                    base_env, out, lock), ready))
-                procs.append(servers[-1][0])
-            for proc, ready in servers:
-                _wait_ready(proc, ready, deadline)
-            say(f"scheduler at {scheduler}, {config.num_servers} servers ready; starting "
+            job = _Job(config, Path(tmp), base_env, out, lock, say)
+            job.start()
+            say(f"scheduler at {job.scheduler}, {config.num_servers} servers ready; starting "
                 f"{config.num_workers} workers: {' '.join(config.command)}")
             for rank in range(config.num_workers):
-                env = dict(base_env, PARAMSERVER_SCHEDULER=scheduler, PARAMSERVER_RANK=str(rank),
-                           PARAMSERVER_NUM_WORKERS=str(config.num_workers))
-                workers.append(_Proc(f"worker {rank}", list(config.command), env, out, lock))
-            procs.extend(workers)
-            code = _supervise(procs[:1 + config.num_servers], workers, say)
+                job.start_worker(rank)
+            code = job.supervise()
             if code == 0 and config.checkpoint_dir:
-                _final_checkpoint(scheduler, config, say, "the job finished")
+                _final_checkpoint(job.scheduler, config, say, "the job finished")
             return code
     except LaunchError as exc:
         say(f"error: {exc}")
@@ -203,16 +191,144 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
         return 127
     except KeyboardInterrupt:
         say("interrupted; stopping every process")
-        if scheduler and config.checkpoint_dir and all(
-                p.exit_code() is None for p in procs[:1 + config.num_servers]):
-            for w in workers:  # the workers first, so the checkpoint is of a quiet job
+        if job is not None and job.scheduler and config.checkpoint_dir and all(
+                p.exit_code() is None for p in job.nodes()):
+            for w in job.workers.values():  # the workers first: a checkpoint of a quiet job
                 w.signal(signal.SIGTERM)
-            _final_checkpoint(scheduler, config, say, "interrupted")
+            _final_checkpoint(job.scheduler, config, say, "interrupted")
         return 128 + (received[0] if received else signal.SIGINT)
     finally:
-        _stop_all(procs, config.grace)
+        if job is not None:
+            _stop_all(job.all_procs(), config.grace)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _Job:
+    """The processes of one launched job, by role and rank, and their supervision."""
+
+    def __init__(self, config: LaunchConfig, tmp: Path, env: dict[str, str], out: IO[str],
+                 lock: threading.Lock, say) -> None:
+        self.config = config
+        self._tmp = tmp
+        self._env = env
+        self._out = out
+        self._lock = lock
+        self._say = say
+        self._node = [sys.executable, "-m", "paramserver"]
+        self.scheduler = ""
+        self.scheduler_proc: _Proc | None = None
+        self.servers: dict[int, _Proc] = {}
+        self.workers: dict[int, _Proc] = {}
+        self._retired: list[_Proc] = []
+        self._restarts: dict[str, int] = {}
+        self._starts = 0
+
+    def nodes(self) -> list[_Proc]:
+        """The scheduler and the servers."""
+        return ([self.scheduler_proc] if self.scheduler_proc else []) + list(self.servers.values())
+
+    def all_procs(self) -> list[_Proc]:
+        """Every process started and not yet reaped, scheduler first, workers last."""
+        return self._retired + self.nodes() + list(self.workers.values())
+
+    def _ready_file(self, name: str) -> Path:
+        self._starts += 1
+        return self._tmp / f"{name.replace(' ', '-')}.{self._starts}.json"
+
+    def start(self) -> None:
+        """Start the scheduler and every server; wait until all are serving."""
+        deadline = time.monotonic() + self.config.startup_timeout
+        self._start_scheduler(self.config.port, deadline)
+        pending = [self._spawn_server(rank) for rank in range(self.config.num_servers)]
+        for proc, ready in pending:
+            _wait_ready(proc, ready, deadline)
+
+    def _start_scheduler(self, port: int, deadline: float, recover: bool = False) -> None:
+        config = self.config
+        ready = self._ready_file("scheduler")
+        args = ["scheduler", "--host", config.host, "--port", str(port),
+                "--num-servers", str(config.num_servers), "--num-workers", str(config.num_workers),
+                "--heartbeat-interval", str(config.heartbeat_interval),
+                "--heartbeat-timeout", str(config.heartbeat_timeout),
+                "--ready-file", str(ready)] + _checkpoint_args(config)
+        if recover:
+            args = [a for a in args if a != "--resume"] + ["--recover"]
+        self.scheduler_proc = _Proc("scheduler", self._node + args, self._env, self._out,
+                                    self._lock)
+        self.scheduler = _wait_ready(self.scheduler_proc, ready, deadline)["address"]
+
+    def _spawn_server(self, rank: int, replace: bool = False) -> tuple[_Proc, Path]:
+        ready = self._ready_file(f"server-{rank}")
+        proc = _Proc(f"server {rank}", self._node + [
+            "server", "--scheduler", self.scheduler, "--host", self.config.host, "--rank",
+            str(rank), "--threads", str(self.config.server_threads), "--ready-file", str(ready)]
+            + (["--replace"] if replace else []), self._env, self._out, self._lock)
+        self.servers[rank] = proc
+        return proc, ready
+
+    def start_worker(self, rank: int, restart: bool = False) -> None:
+        """Run the worker command as ``rank`` (again, after it died, with ``restart``)."""
+        env = dict(self._env, PARAMSERVER_SCHEDULER=self.scheduler, PARAMSERVER_RANK=str(rank),
+                   PARAMSERVER_NUM_WORKERS=str(self.config.num_workers))
+        if restart:
+            env["PARAMSERVER_REPLACE"] = "1"
+        self.workers[rank] = _Proc(f"worker {rank}", list(self.config.command), env, self._out,
+                                   self._lock)
+
+    def _may_restart(self, name: str, code: int) -> bool:
+        used = self._restarts.get(name, 0)
+        if used >= self.config.max_restarts:
+            return False
+        self._restarts[name] = used + 1
+        delay = min(10.0, 0.5 * 2 ** used)
+        self._say(f"{name} exited with code {code}; restarting it in {delay:.1f} s (restart "
+                  f"{used + 1} of {self.config.max_restarts})")
+        time.sleep(delay)
+        return True
+
+    def supervise(self) -> int:
+        """Wait for the workers; restart what dies while restarts remain. Returns the exit code."""
+        while True:
+            proc = self.scheduler_proc
+            code = proc.exit_code() if proc else None
+            if code is not None:
+                if not self.config.checkpoint_dir or not self._may_restart("scheduler", code):
+                    self._say(f"scheduler exited with code {code} while workers were running; "
+                              f"stopping the job")
+                    return code or 1
+                self._retired.append(proc)
+                port = int(self.scheduler.rsplit(":", 1)[1])
+                self._start_scheduler(port, time.monotonic() + self.config.startup_timeout,
+                                      recover=True)
+                self._say(f"scheduler restarted at {self.scheduler}")
+            for rank, proc in list(self.servers.items()):
+                code = proc.exit_code()
+                if code is None:
+                    continue
+                if not self._may_restart(proc.name, code):
+                    self._say(f"{proc.name} exited with code {code} while workers were running; "
+                              f"stopping the job")
+                    return code or 1
+                self._retired.append(proc)
+                new, ready = self._spawn_server(rank, replace=True)
+                _wait_ready(new, ready, time.monotonic() + self.config.startup_timeout)
+                self._say(f"{new.name} restarted")
+            codes = {rank: w.exit_code() for rank, w in self.workers.items()}
+            for rank, code in codes.items():
+                if code not in (None, 0) and self._may_restart(self.workers[rank].name, code):
+                    self._retired.append(self.workers[rank])
+                    self.start_worker(rank, restart=True)
+                    codes[rank] = None
+            failed = [(self.workers[r], c) for r, c in codes.items() if c not in (None, 0)]
+            if failed:
+                worker, code = failed[0]
+                self._say(f"{worker.name} failed with exit code {code}; stopping the job")
+                return code
+            if all(c == 0 for c in codes.values()):
+                self._say(f"all {len(self.workers)} workers finished")
+                return 0
+            time.sleep(0.05)
 
 
 def _checkpoint_args(config: LaunchConfig) -> list[str]:
@@ -240,26 +356,6 @@ def _final_checkpoint(scheduler: str, config: LaunchConfig, say, why: str) -> No
         say(f"{why}: final checkpoint {info['version']} written to {info['path']}")
     except ParamServerError as exc:
         say(f"{why}: the final checkpoint failed: {exc}")
-
-
-def _supervise(nodes: list[_Proc], workers: list[_Proc], say) -> int:
-    while True:
-        for proc in nodes:
-            code = proc.exit_code()
-            if code is not None:
-                say(f"{proc.name} exited with code {code} while workers were running; "
-                    f"stopping the job")
-                return code or 1
-        codes = [w.exit_code() for w in workers]
-        failed = [(w, c) for w, c in zip(workers, codes) if c not in (None, 0)]
-        if failed:
-            worker, code = failed[0]
-            say(f"{worker.name} failed with exit code {code}; stopping the job")
-            return code
-        if all(c == 0 for c in codes):
-            say(f"all {len(workers)} workers finished")
-            return 0
-        time.sleep(0.05)
 
 
 def _stop_all(procs: list[_Proc], grace: float) -> None:

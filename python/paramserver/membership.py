@@ -137,9 +137,21 @@ class Membership:
 
     def call(self, method: str, request: object, *, timeout: float | None = None,
              what: str | None = None) -> object:
-        """Call scheduler RPC ``method`` with a deadline; errors name the scheduler's address."""
-        return rpc.call(getattr(self.stub, method), request, timeout=timeout or self._timeout,
-                        what=what or method, node="scheduler", address=self.scheduler)
+        """Call scheduler RPC ``method`` with a deadline; errors name the scheduler's address.
+        While the scheduler is unreachable (restarting) the call is retried until the deadline."""
+        timeout = timeout or self._timeout
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            try:
+                return rpc.call(getattr(self.stub, method), request,
+                                timeout=max(0.1, deadline - time.monotonic()),
+                                what=what or method, node="scheduler", address=self.scheduler)
+            except NodeUnavailableError:
+                if time.monotonic() + delay >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def cluster(self, wait_for_servers: bool = False, timeout: float | None = None) -> pb.ClusterView:
         """The scheduler's view of the job; optionally wait until every server has registered."""

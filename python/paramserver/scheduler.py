@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 
 from paramserver import checkpoint as ckpt
 from paramserver import rpc
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Owner of a table being loaded from a checkpoint (not a node: never taken over).
 _RESTORE = "(checkpoint restore)"
+#: The scheduler's own state, kept in the checkpoint directory for --recover.
+_STATE_FILE = "scheduler-state.json"
 
 _ROLE_NAMES = {pb.SERVER: "server", pb.WORKER: "worker"}
 
@@ -93,9 +97,56 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                                  self._live_servers, self._ready_tables)
         self._restored_metadata = ""
         self._view_version = 0
-        if config.resume:
+        self._state_file = root / _STATE_FILE if root is not None else None
+        if config.recover:
+            self._load_state()
+        elif config.resume:
             assert root is not None
             self._load_checkpoint(root)
+        self._save_state()
+
+    # -- the scheduler's own state (for a restart) ----------------------------------------------
+
+    def _save_state(self) -> None:
+        """Write the job's tables, placement and size to the checkpoint directory (atomically),
+        so a restarted scheduler (--recover) continues the job. Caller may hold the lock."""
+        if self._state_file is None:
+            return
+        state = {"format": "paramserver-scheduler-state", "num_workers": self._num_workers,
+                 "server_load": self._server_load, "view_version": self._view_version,
+                 "restored_version": self.checkpoints.restored_version,
+                 "restored_metadata": self._restored_metadata,
+                 "tables": [json_format.MessageToDict(t.placement, preserving_proto_field_name=True)
+                            for t in self._tables.values() if t.ready]}
+        tmp = self._state_file.with_name(self._state_file.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self._state_file)
+        except OSError as exc:
+            log.error("cannot save the scheduler's state to %s: %s", self._state_file, exc)
+
+    def _load_state(self) -> None:
+        assert self._state_file is not None
+        try:
+            state = json.loads(self._state_file.read_text())
+            if state.get("format") != "paramserver-scheduler-state":
+                raise ValueError("not a scheduler state file")
+            tables = [json_format.ParseDict(t, pb.TablePlacement()) for t in state["tables"]]
+        except (OSError, ValueError, KeyError, json_format.ParseError) as exc:
+            raise CheckpointError(f"cannot recover the job from {self._state_file}: {exc}") \
+                from None
+        self._num_workers = self._num_workers or int(state["num_workers"])
+        self._server_load = list(state["server_load"])
+        self._view_version = int(state["view_version"]) + 1
+        self.checkpoints.restored_version = int(state["restored_version"])
+        self._restored_metadata = state["restored_metadata"]
+        for placement in tables:
+            self._tables[placement.spec.name] = _Table(placement, owner="", ready=True)
+        log.warning("recovering the job from %s: %d tables; waiting for nodes to register again",
+                    self._state_file, len(tables))
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -149,6 +200,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             for name in placements:
                 table = self._tables[name]
                 table.ready, table.error = not error, error
+            self._save_state()
             self._cond.notify_all()
 
     def _live_servers(self) -> dict[int, str]:
@@ -223,6 +275,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             if request.role == pb.WORKER and request.num_workers > 0:
                 if self._num_workers == 0:
                     self._num_workers = request.num_workers
+                    self._save_state()
                 elif self._num_workers != request.num_workers:
                     raise TableMismatchError(
                         f"worker expects a job of {request.num_workers} workers, the scheduler "
@@ -443,6 +496,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                               f"{request.node_id} does not own the initialization of "
                               f"{request.name!r} ({table.owner} does)")
             table.ready = True
+            self._save_state()
             self._cond.notify_all()
         return pb.TableReadyReply()
 

@@ -167,8 +167,10 @@ class _Shards:
         try:
             files = self._snapshot.persist(request.cut, request.dir, self.rank)
         except OSError as exc:
-            raise CheckpointError(f"{self.node} could not write its shards: {exc.strerror or exc}"
-                                  f" ({exc})") from None
+            detail = exc.strerror or str(exc)
+            if exc.filename:
+                detail += f" ({exc.filename})"
+            raise CheckpointError(f"{self.node} could not write its shards: {detail}") from None
         return pb.PersistCutReply(files=files)
 
     def restore(self, request: pb.RestoreRequest) -> pb.RestoreReply:
@@ -179,11 +181,12 @@ class _Shards:
         for shard in request.files:
             files.setdefault(shard.table, []).append(Path(request.dir) / shard.file)
         counters = {t.name: t.updates for t in request.at_cut.tables}
+        rank, num_servers = request.rank, request.num_servers or self.num_servers
         total = 0
         for placement in request.tables:
             spec = placement.spec
             if spec.kind == pb.TableSpec.DENSE:
-                blocks = tuple(b for b, s in enumerate(placement.block_servers) if s == self.rank)
+                blocks = tuple(b for b, s in enumerate(placement.block_servers) if s == rank)
                 if not blocks:
                     continue
                 shard = self._new_shard(spec, blocks)
@@ -191,7 +194,7 @@ class _Shards:
             else:
                 shard = self._new_shard(spec, ())
                 total += restore_embedding(shard.table, spec.name, files.get(spec.name, []),
-                                           self.rank, self.num_servers)
+                                           rank, num_servers)
             shard.updates = counters.get(spec.name, 0)
             with self._lock:
                 self._install(shard)
@@ -450,6 +453,8 @@ class Server:
         if the scheduler cannot be reached within ``config.timeout`` seconds."""
         self._server.start()
         self._shards.drop_reply_every = self.config.fault_drop_reply_every
+        if self.config.rank >= 0:  # known before registering: no window with the default rank
+            self._shards.rank = self._shards.gate.rank = self.config.rank
         try:
             self._membership = Membership(
                 self.config.scheduler, pb.SERVER, address=self.address,

@@ -34,6 +34,8 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
         "role": _ROLES.get(n.role, "unknown"), "rank": n.rank, "node_id": n.node_id,
         "address": n.address, "alive": n.alive, "left": n.left, "pid": n.pid,
         "hostname": n.hostname, "last_heartbeat_age_s": round(n.last_heartbeat_age, 3),
+        "incarnation": n.incarnation, "restarts": n.restarts, "rolled_back": n.rolled_back,
+        "restore_state": n.restore_state,
     } for n in reply.cluster.nodes]
     tables = []
     for t in reply.tables:
@@ -55,7 +57,8 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
                   "restored_version": c.restored_version, "restore_notes": list(c.restore_notes),
                   "verify_s": round(c.verify_seconds, 3), "restore_s": round(c.restore_seconds, 3),
                   "restore_bytes": c.restore_bytes}
-    return {"uptime_s": round(reply.uptime, 3), "num_servers": reply.cluster.num_servers,
+    return {"uptime_s": round(reply.uptime, 3), "view_version": reply.cluster.version,
+            "num_servers": reply.cluster.num_servers,
             "num_workers": reply.cluster.num_workers, "nodes": nodes, "tables": tables,
             "servers": servers, "checkpoint": checkpoint}
 
@@ -72,11 +75,18 @@ def format_status(status: dict[str, Any]) -> str:
     """A human-readable rendering of :func:`status_to_dict` output."""
     lines = [f"job: {status['num_servers']} servers, {status['num_workers'] or '?'} workers, "
              f"scheduler up {status['uptime_s']:.0f} s", "", "NODES"]
-    lines.append(f"  {'node':<12} {'address':<22} {'pid':>7} {'state':<6} {'heartbeat':>10}")
+    lines.append(f"  {'node':<12} {'address':<22} {'pid':>7} {'state':<6} {'heartbeat':>10} "
+                 f"{'restarts':>8}")
     for n in status["nodes"]:
         state = "left" if n["left"] else ("alive" if n["alive"] else "DEAD")
+        extra = ""
+        if n.get("restore_state"):
+            extra += f"  {n['restore_state']}"
+        if n.get("rolled_back"):
+            extra += f", {n['rolled_back']} updates rolled back"
         lines.append(f"  {n['node_id']:<12} {n['address'] or n['hostname']:<22} {n['pid']:>7} "
-                     f"{state:<6} {n['last_heartbeat_age_s']:>8.1f} s")
+                     f"{state:<6} {n['last_heartbeat_age_s']:>8.1f} s {n.get('restarts', 0):>8}"
+                     f"{extra}")
     lines += ["", "TABLES"]
     if not status["tables"]:
         lines.append("  (none)")

@@ -83,7 +83,8 @@ class Cluster:
 
 def _start_cluster(tmp_path: Path, num_servers: int, num_workers: int = 0,
                    scheduler_args: tuple[str, ...] = (),
-                   server_file_size_limit: int | None = None) -> Cluster:
+                   server_file_size_limit: int | None = None,
+                   server_args: tuple[str, ...] = ()) -> Cluster:
     sched, info = start_node(
         ["scheduler", "--port", "0", "--num-servers", str(num_servers),
          "--num-workers", str(num_workers),
@@ -94,7 +95,7 @@ def _start_cluster(tmp_path: Path, num_servers: int, num_workers: int = 0,
     try:
         for rank in range(num_servers):
             proc, sinfo = start_node(["server", "--scheduler", cluster.scheduler, "--rank",
-                                      str(rank)], tmp_path / f"server-{rank}.json",
+                                      str(rank), *server_args], tmp_path / f"server-{rank}.json",
                                      tmp_path / f"server-{rank}.log", server_file_size_limit)
             cluster.servers.append(proc)
             cluster.server_addresses.append(sinfo["address"])
@@ -126,11 +127,12 @@ def cluster_factory(tmp_path: Path) -> Iterator:
     started: list[Cluster] = []
 
     def make(num_servers: int = 2, num_workers: int = 0, scheduler_args: tuple[str, ...] = (),
-             server_file_size_limit: int | None = None) -> Cluster:
+             server_file_size_limit: int | None = None,
+             server_args: tuple[str, ...] = ()) -> Cluster:
         sub = tmp_path / f"c{len(started)}"
         sub.mkdir()
         started.append(_start_cluster(sub, num_servers, num_workers, scheduler_args,
-                                      server_file_size_limit))
+                                      server_file_size_limit, server_args))
         started[-1].log_dir = sub
         return started[-1]
 
