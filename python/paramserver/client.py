@@ -275,9 +275,21 @@ class Client:
         (default: the client's timeout), or NodeUnavailableError if one of them is dead.
         """
         timeout = self.config.timeout if timeout is None else timeout
-        self._membership.call("Barrier", pb.BarrierRequest(name=name, node_id=self.node_id,
-                                                           timeout=timeout),
-                              timeout=timeout + 10.0, what=f"barrier {name!r}")
+        deadline = time.monotonic() + timeout
+        waiting, delay = 0, 0.01
+        while True:
+            # Each call waits on the scheduler at most ~1 s (or not at all when many workers
+            # wait), so a barrier never pins one of the scheduler's threads for long.
+            left = max(0.0, deadline - time.monotonic())
+            reply = self._membership.call(
+                "Barrier", pb.BarrierRequest(name=name, node_id=self.node_id, timeout=left,
+                                             waiting=waiting, total=timeout),
+                timeout=left + 10.0, what=f"barrier {name!r}")
+            if not reply.pending:
+                return
+            waiting = reply.generation + 1
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     @property
     def restored_metadata(self) -> dict[str, Any]:

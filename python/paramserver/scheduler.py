@@ -33,6 +33,7 @@ from paramserver.errors import (
     PSTimeoutError,
     TableMismatchError,
 )
+from paramserver.config import DEFAULT_BLOCK_SIZE
 from paramserver.partition import assign_blocks, default_block_size
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
@@ -46,6 +47,17 @@ log = logging.getLogger(__name__)
 _RESTORE = "(checkpoint restore)"
 #: The scheduler's own state, kept in the checkpoint directory for --recover.
 _STATE_FILE = "scheduler-state.json"
+#: Refused before any placement work: 2^40 float32 with Adam state is 13 TB.
+_MAX_ELEMENTS = 1 << 40
+_MAX_BLOCKS = 1 << 24
+#: Longest a Barrier call waits on the scheduler before answering "pending" (seconds).
+_BARRIER_POLL = 1.0
+
+
+def _few(names: list[str], limit: int = 10) -> str:
+    """A list of names for a message, cut after ``limit``."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 _ROLE_NAMES = {pb.SERVER: "server", pb.WORKER: "worker"}
 
@@ -97,6 +109,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                                  self._live_servers, self._ready_tables)
         self._restored_metadata = ""
         self._view_version = 0
+        self._waiting = 0  # Barrier calls waiting on a handler thread
         self._state_file = root / _STATE_FILE if root is not None else None
         if config.recover:
             self._load_state()
@@ -213,9 +226,9 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         with self._cond:
             return {name: t.placement for name, t in self._tables.items() if t.ready}
 
-    def _place(self, placement: pb.TablePlacement) -> None:
-        """Fill a dense table's block placement (and its default block size). Caller holds the
-        lock."""
+    def _place(self, placement: pb.TablePlacement, load: list[int] | None = None) -> None:
+        """Fill a dense table's block placement (and its default block size), balancing over
+        ``load`` (updated; default: the scheduler's, and the caller holds the lock)."""
         spec = placement.spec
         if spec.kind != pb.TableSpec.DENSE:
             return
@@ -225,7 +238,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         if spec.block_size == 0:
             spec.block_size = default_block_size(size, self._config.num_servers)
         del placement.block_servers[:]
-        placement.block_servers.extend(assign_blocks(size, spec.block_size, self._server_load))
+        placement.block_servers.extend(
+            assign_blocks(size, spec.block_size, self._server_load if load is None else load))
 
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
         def run() -> pb.CheckpointReply:
@@ -439,6 +453,14 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                  f"{tuple(spec.shape)}")
             if spec.block_size < 0:  # 0: the default for the job's server count
                 raise ValueError(f"table {spec.name!r}: block_size must be > 0, got {spec.block_size}")
+            size = 1
+            for d in spec.shape:
+                size *= d
+            blocks = -(-size // (spec.block_size or DEFAULT_BLOCK_SIZE))
+            if size > _MAX_ELEMENTS or blocks > _MAX_BLOCKS:
+                raise ValueError(f"table {spec.name!r}: {size} elements in {blocks} blocks is "
+                                 f"more than any set of servers holds (limits: {_MAX_ELEMENTS} "
+                                 f"elements, {_MAX_BLOCKS} blocks)")
         elif spec.kind == pb.TableSpec.EMBEDDING:
             if spec.dim <= 0:
                 raise ValueError(f"table {spec.name!r}: dim must be > 0, got {spec.dim}")
@@ -450,18 +472,31 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self._check_spec(spec)
         now = time.monotonic()
         with self._cond:
+            exists = spec.name in self._tables
+            load = list(self._server_load)
+        placement = None
+        if not exists:
+            # Placement work (a loop over every block) runs outside the lock, on a copy of the
+            # servers' load; it is committed below unless another declaration won meanwhile.
+            placement = pb.TablePlacement(spec=spec, num_servers=self._config.num_servers)
+            before = list(load)
+            self._place(placement, load)
+            added = [after - b for after, b in zip(load, before)]
+        with self._cond:
             servers = self._by_role(pb.SERVER)
             if len(servers) < self._config.num_servers:
                 raise NodeUnavailableError(
                     f"cannot place table {spec.name!r}: only {len(servers)} of "
                     f"{self._config.num_servers} servers have registered")
             table = self._tables.get(spec.name)
-            if table is None:
-                placement = pb.TablePlacement(spec=spec, num_servers=self._config.num_servers)
-                self._place(placement)
+            if table is None and placement is not None:
+                for server, extra in enumerate(added):
+                    self._server_load[server] += extra
                 self._tables[spec.name] = _Table(placement, owner=request.node_id)
                 return pb.DeclareTableReply(action=pb.DeclareTableReply.INITIALIZE,
                                             placement=placement)
+            if table is None:  # it existed a moment ago and is gone: ask again
+                return pb.DeclareTableReply(action=pb.DeclareTableReply.WAIT)
             if not specs_match(table.placement.spec, spec):
                 origin = (f"was restored from checkpoint {table.restored} as" if table.restored
                           else "exists as")
@@ -506,39 +541,55 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         return rpc.abort_on(context, lambda: self._barrier(request))
 
     def _barrier(self, request: pb.BarrierRequest) -> pb.BarrierReply:
-        deadline = time.monotonic() + request.timeout
+        final = request.timeout <= _BARRIER_POLL
         with self._cond:
             if request.node_id not in self._nodes:
                 raise ValueError(f"{request.node_id!r} is not registered")
             barrier = self._barriers.setdefault(request.name, _Barrier())
-            generation = barrier.generation
+            if request.waiting:
+                generation = request.waiting - 1
+                if barrier.generation > generation:
+                    return pb.BarrierReply(generation=generation)
+            else:
+                generation = barrier.generation
             barrier.arrived.add(request.node_id)
-            while True:
-                now = time.monotonic()
-                workers = self._by_role(pb.WORKER)
-                expected = self._num_workers or len(workers)
-                if len(barrier.arrived) >= expected:
-                    barrier.generation += 1
-                    barrier.arrived.clear()
-                    self._cond.notify_all()
-                    return pb.BarrierReply(generation=generation)
-                if barrier.generation != generation:
-                    return pb.BarrierReply(generation=generation)
-                missing = [f"worker-{r}" for r in range(expected)
-                           if f"worker-{r}" not in barrier.arrived]
-                dead = [self._describe(workers[r], now) for r in range(expected)
-                        if r in workers and f"worker-{r}" not in barrier.arrived
-                        and not self._alive(workers[r], now)]
-                if dead or now >= deadline:
-                    barrier.arrived.discard(request.node_id)
-                    if dead:
-                        raise NodeUnavailableError(
-                            f"barrier {request.name!r} cannot complete: {', '.join(dead)} is dead")
-                    raise PSTimeoutError(
-                        f"barrier {request.name!r} timed out after {request.timeout:.1f} s: "
-                        f"{len(barrier.arrived) + 1} of {expected} workers arrived; waiting for "
-                        f"{', '.join(missing)}")
-                self._cond.wait(min(deadline - now, 0.25))
+            # Waiting holds a handler thread: only up to half of them, so heartbeats and
+            # everything else always find one; the other callers poll.
+            may_wait = final or self._waiting < self._config.max_threads // 2
+            deadline = time.monotonic() + (min(request.timeout, _BARRIER_POLL) if may_wait else 0)
+            self._waiting += may_wait
+            try:
+                while True:
+                    now = time.monotonic()
+                    workers = self._by_role(pb.WORKER)
+                    expected = self._num_workers or len(workers)
+                    if len(barrier.arrived) >= expected:
+                        barrier.generation += 1
+                        barrier.arrived.clear()
+                        self._cond.notify_all()
+                        return pb.BarrierReply(generation=generation)
+                    if barrier.generation != generation:
+                        return pb.BarrierReply(generation=generation)
+                    missing = [f"worker-{r}" for r in range(expected)
+                               if f"worker-{r}" not in barrier.arrived]
+                    dead = [self._describe(workers[r], now) for r in range(expected)
+                            if r in workers and f"worker-{r}" not in barrier.arrived
+                            and not self._alive(workers[r], now)]
+                    if dead or (final and now >= deadline):
+                        barrier.arrived.discard(request.node_id)
+                        if dead:
+                            raise NodeUnavailableError(
+                                f"barrier {request.name!r} cannot complete: {_few(dead)} "
+                                f"{'is' if len(dead) == 1 else 'are'} dead")
+                        raise PSTimeoutError(
+                            f"barrier {request.name!r} timed out after "
+                            f"{request.total or request.timeout:.1f} s: {len(barrier.arrived) + 1}"
+                            f" of {expected} workers arrived; waiting for {_few(missing)}")
+                    if now >= deadline:
+                        return pb.BarrierReply(generation=generation, pending=True)
+                    self._cond.wait(min(deadline - now, 0.25))
+            finally:
+                self._waiting -= may_wait
 
     # -- status --------------------------------------------------------------------------------
 

@@ -330,3 +330,60 @@ def test_status_shows_restarts_and_rolled_back_updates_in_text(cluster_factory, 
                           text=True, timeout=60).stdout
     line = next(line for line in text.splitlines() if line.strip().startswith("server-1"))
     assert "restored from checkpoint 1" in line and "updates rolled back" in line
+
+
+_BARRIER_CROWD = """
+import os, sys, threading, time, paramserver as ps
+first, count, release = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+errors = []
+
+def worker(rank):
+    try:
+        with ps.connect(rank=rank, num_workers=128, timeout=120) as c:
+            if rank == 127:  # the last worker arrives only when the test says so
+                while not os.path.exists(release):
+                    time.sleep(0.05)
+            c.barrier("crowd", timeout=120)
+    except BaseException as exc:
+        errors.append(f"{rank}: {exc!r}")
+
+threads = [threading.Thread(target=worker, args=(r,)) for r in range(first, first + count)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("ERRORS", errors)
+sys.exit(1 if errors else 0)
+"""
+
+
+@pytest.mark.slow
+def test_128_workers_wait_in_a_barrier_while_heartbeats_stay_on_time(cluster_factory, tmp_path):
+    """127 workers wait in a barrier on a scheduler with 64 handler threads; while they wait,
+    every node keeps being seen alive (its heartbeats get through); then the last one arrives and
+    all 128 pass."""
+    cluster = cluster_factory(1, 128, scheduler_args=("--heartbeat-interval", "0.5",
+                                                      "--heartbeat-timeout", "5"))
+    release = tmp_path / "release"
+    procs = [subprocess.Popen([sys.executable, "-c", _BARRIER_CROWD, str(first), "64",
+                               str(release)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=dict(os.environ, PARAMSERVER_SCHEDULER=cluster.scheduler))
+             for first in (0, 64)]
+    try:
+        def arrived() -> bool:
+            nodes = fetch_status(cluster.scheduler, timeout=30)["nodes"]
+            return sum(n["role"] == "worker" for n in nodes) == 128
+        wait_for(arrived, 120, "128 workers to register")
+        for _ in range(8):  # ~8 status polls over a few seconds of waiting, each all alive
+            nodes = fetch_status(cluster.scheduler, timeout=30)["nodes"]
+            dead = [n["node_id"] for n in nodes if not n["alive"]]
+            assert not dead, dead
+            threading.Event().wait(0.4)
+        release.touch()
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert all(p.returncode == 0 for p in procs), outputs
