@@ -8,7 +8,9 @@ asked: never a bare ``_InactiveRpcError``, never a call without a deadline.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import socket
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any, TypeVar
@@ -38,6 +40,11 @@ _OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
+
+#: Server-only options. gRPC sets SO_REUSEPORT on listening sockets by default, so a second
+#: scheduler or server on a taken port would start too and the kernel would split connections
+#: between the two: two jobs on one machine mixed silently. A port belongs to one node.
+_SERVER_OPTIONS = _OPTIONS + [("grpc.so_reuseport", 0)]
 
 T = TypeVar("T")
 
@@ -82,14 +89,52 @@ def make_server(threads: int) -> grpc.Server:
     """A thread-pool gRPC server with paramserver's limits; ``threads`` concurrent handlers."""
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
                                                   thread_name_prefix="ps-rpc"),
-                       options=_OPTIONS, maximum_concurrent_rpcs=None)
+                       options=_SERVER_OPTIONS, maximum_concurrent_rpcs=None)
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """True if some socket already listens on ``host:port`` (probed with a plain bind, as gRPC
+    binds: SO_REUSEADDR, no SO_REUSEPORT). Lets :func:`bind` name the cause in one line before
+    gRPC logs its own multi-line error."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return False  # an unresolvable host: gRPC's bind reports it
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
 
 def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Bind ``host:port`` (port 0: any free port) and return the port actually bound."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+    """Bind ``host:port`` (port 0: any free port) and return the port actually bound.
+
+    The port is exclusive to this server (no SO_REUSEPORT, see ``_SERVER_OPTIONS``).
+
+    Raises:
+        NodeUnavailableError: one line naming the address: ``address in use`` when another process
+            listens on the port, otherwise that the address cannot be bound.
+    """
+    address = f"{host}:{port}"
+    in_use = (f"cannot listen on {address}: address in use (port {port} is taken by another "
+              f"process; choose another --port, or 0 for any free port)")
+    if port and _port_taken(host, port):
+        raise NodeUnavailableError(in_use)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpc >= 1.50 raises instead of returning 0
+        bound = 0
     if bound == 0:
-        raise NodeUnavailableError(f"cannot listen on {host}:{port} (address in use or invalid)")
+        if port and _port_taken(host, port):  # taken between the probe and the bind
+            raise NodeUnavailableError(in_use)
+        raise NodeUnavailableError(f"cannot listen on {address}: the address cannot be bound "
+                                   f"(is {host!r} an interface of this machine?)")
     return bound
 
 
