@@ -12,8 +12,9 @@ it over gRPC; workers push gradients and pull weights through :func:`connect`::
 
 from paramserver import init
 from paramserver.client import Client, DenseTable, EmbeddingTable, connect
-from paramserver.config import ClientConfig, SchedulerConfig, ServerConfig
+from paramserver.config import ClientConfig, SchedulerConfig, Security, ServerConfig
 from paramserver.errors import (
+    AuthenticationError,
     InvalidRequestError,
     NodeUnavailableError,
     ParamServerError,
@@ -30,8 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SGD", "Adagrad", "Adam", "AdamW", "Optimizer",
     "init", "Client", "DenseTable", "EmbeddingTable", "connect",
-    "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig",
+    "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig", "Security",
     "ParamServerError", "InvalidRequestError", "NodeUnavailableError", "PSTimeoutError",
-    "TableMismatchError", "TableNotFoundError",
+    "TableMismatchError", "TableNotFoundError", "AuthenticationError",
     "__version__",
 ]

@@ -1,6 +1,7 @@
 """The ``paramserver`` command: scheduler, server, launch and status.
 
-The only place that reads flags; it builds the config objects every node class receives.
+The only place that reads flags (and, with :func:`paramserver.config.load_security`, the token's
+environment variable and files); it builds the config objects every node class receives.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def _serve_until_signal(node, name: str) -> int:
     return 0
 
 
+def _security(args: argparse.Namespace):
+    """The node's Security from ``--token-file`` or ``$PARAMSERVER_TOKEN``."""
+    from paramserver.config import load_security
+
+    return load_security(token_file=args.token_file)
+
+
 def _cmd_scheduler(args: argparse.Namespace) -> int:
     from paramserver.config import SchedulerConfig
     from paramserver.scheduler import Scheduler
@@ -48,7 +56,7 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
     config = SchedulerConfig(host=args.host, port=args.port, num_servers=args.num_servers,
                              num_workers=args.num_workers,
                              heartbeat_interval=args.heartbeat_interval,
-                             heartbeat_timeout=args.heartbeat_timeout)
+                             heartbeat_timeout=args.heartbeat_timeout, security=_security(args))
     scheduler = Scheduler(config).start()
     print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers)",
           flush=True)
@@ -62,7 +70,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
     config = ServerConfig(scheduler=args.scheduler, host=args.host, port=args.port,
                           advertise=args.advertise or "", rank=args.rank, threads=args.threads,
-                          apply_threads=args.apply_threads, timeout=args.timeout)
+                          apply_threads=args.apply_threads, timeout=args.timeout,
+                          security=_security(args))
     server = Server(config).start()
     print(f"server-{server.rank} serving on {server.address}", flush=True)
     _write_ready(args.ready_file, address=server.address, rank=server.rank)
@@ -77,14 +86,14 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           num_workers=args.num_workers, host=args.host, port=args.port,
                           heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
-                          startup_timeout=args.startup_timeout)
+                          startup_timeout=args.startup_timeout, token=_security(args).token)
     return launch(config)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from paramserver.status import fetch_status, format_status
 
-    status = fetch_status(args.scheduler, timeout=args.timeout)
+    status = fetch_status(args.scheduler, timeout=args.timeout, security=_security(args))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
@@ -96,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def security_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--token-file", metavar="FILE",
+                       help="file holding the job token (default: $PARAMSERVER_TOKEN; none: no "
+                            "authentication)")
 
     def heartbeat_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S",
@@ -111,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="workers the job expects (default: as the workers say)")
     heartbeat_flags(p)
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
+    security_flags(p)
     p.set_defaults(fn=_cmd_scheduler)
 
     p = sub.add_parser("server", help="run a parameter server")
@@ -126,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the scheduler")
     p.add_argument("--ready-file", help="write {address, rank, pid} as JSON here once serving")
+    security_flags(p)
     p.set_defaults(fn=_cmd_server)
 
     p = sub.add_parser("launch", help="run a whole job on this machine",
@@ -137,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     heartbeat_flags(p)
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="seconds allowed for the scheduler and servers to start")
+    security_flags(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command, after --")
     p.set_defaults(fn=_cmd_launch)
 
@@ -144,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", required=True, metavar="HOST:PORT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0)
+    security_flags(p)
     p.set_defaults(fn=_cmd_status)
     return parser
 

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from paramserver import rpc
-from paramserver.config import ClientConfig
+from paramserver.config import ClientConfig, load_security
 from paramserver.errors import (
     InvalidRequestError,
     NodeUnavailableError,
@@ -185,7 +185,8 @@ class Client:
         self.config = config
         rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
         self._membership = Membership(config.scheduler, pb.WORKER, requested_rank=config.rank,
-                                      num_workers=config.num_workers, timeout=config.timeout)
+                                      num_workers=config.num_workers, timeout=config.timeout,
+                                      security=config.security)
         try:
             view = self._membership.cluster(wait_for_servers=True, timeout=config.timeout)
         except Exception:
@@ -197,7 +198,7 @@ class Client:
         self._servers: dict[int, _ServerRef] = {}
         for node in view.nodes:
             if node.role == pb.SERVER and not node.left:
-                channel = rpc.make_channel(node.address)
+                channel = rpc.make_channel(node.address, config.security)
                 self._channels.append(channel)
                 self._servers[node.rank] = _ServerRef(
                     node.rank, node.address, pb_grpc.ParameterServerStub(channel),
@@ -605,7 +606,7 @@ def _init_values(name: str, shape: tuple[int, ...], init: Init) -> np.ndarray:
 
 def connect(scheduler: str | None = None, *, rank: int | None = None,
             num_workers: int | None = None, timeout: float = 60.0,
-            message_bytes: int | None = None) -> Client:
+            message_bytes: int | None = None, token: str | None = None) -> Client:
     """Connect this process to a job as a worker and return its :class:`Client`.
 
     Args:
@@ -615,10 +616,14 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
         num_workers: job size; default ``$PARAMSERVER_NUM_WORKERS`` or what the scheduler knows.
         timeout: seconds for each remote call and for waiting on servers, tables and barriers.
         message_bytes: payload bytes per gRPC message (default 2 MiB).
+        token: the job token, attached to every call; default ``$PARAMSERVER_TOKEN`` (set by
+            ``paramserver launch``) or none.
 
     Raises:
         ParamServerError: no scheduler given and ``PARAMSERVER_SCHEDULER`` unset.
         NodeUnavailableError: the scheduler is unreachable within ``timeout``.
+        AuthenticationError: the scheduler refused the token (missing or wrong).
+        InvalidRequestError: the token is not printable ASCII.
     """
     scheduler = scheduler or os.environ.get("PARAMSERVER_SCHEDULER")
     if not scheduler:
@@ -629,8 +634,12 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
     if num_workers is None:
         num_workers = _env_int("PARAMSERVER_NUM_WORKERS", 0)
     extra = {} if message_bytes is None else {"message_bytes": message_bytes}
+    try:
+        security = load_security(token=token)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
     return Client(ClientConfig(scheduler=scheduler, rank=rank, num_workers=num_workers,
-                               timeout=timeout, **extra))
+                               timeout=timeout, security=security, **extra))
 
 
 def _env_int(name: str, default: int) -> int:

@@ -1,15 +1,22 @@
 """One configuration object per node kind, used by the CLI and the Python API alike.
 
-Only the CLI (and :func:`paramserver.connect` for ``PARAMSERVER_SCHEDULER``) reads flags and
-environment variables; every class below them receives one of these explicit values.
+Only the CLI and :func:`paramserver.connect` read flags, environment variables and files (with
+:func:`load_security` for the job token and the TLS files); every class below them receives one of
+these explicit values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["SchedulerConfig", "ServerConfig", "ClientConfig", "DEFAULT_BLOCK_SIZE",
-           "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES"]
+__all__ = ["Security", "load_security", "TOKEN_ENV", "SchedulerConfig", "ServerConfig",
+           "ClientConfig", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES"]
+
+#: The environment variable holding the job token (set by ``paramserver launch`` for its children).
+TOKEN_ENV = "PARAMSERVER_TOKEN"
 
 #: Largest default dense block: 256Ki float32 = 1 MiB, two to a ~2 MiB message.
 DEFAULT_BLOCK_SIZE = 256 * 1024
@@ -19,6 +26,56 @@ MIN_BLOCK_SIZE = 16 * 1024
 #: 2 MiB measured best for 16-64 MB pushes and pulls (benchmarks/bench_transport.py, messages sent
 #: as parallel unary calls): 4 MiB was 15-30% slower, 1 MiB about the same or slightly slower.
 DEFAULT_MESSAGE_BYTES = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a node proves who it is and checks its peers: the job token (and TLS, see below).
+
+    One value serves both directions of a node: the scheduler and the servers check incoming
+    calls with it, and every node (servers are clients of the scheduler) attaches it to its own
+    calls. Build it from flags, environment and files with :func:`load_security`; the node classes
+    only receive it. The token never appears in ``repr``.
+
+    Attributes:
+        token: the job token. Incoming calls must carry ``authorization: Bearer <token>`` (else
+            UNAUTHENTICATED; the health service stays open) and outgoing calls carry it. Empty:
+            no authentication. Printable ASCII without spaces (it travels as gRPC metadata).
+    """
+
+    token: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.token, str):
+            raise TypeError(f"token must be a str, got {type(self.token).__name__}")
+        bad = next((i for i, c in enumerate(self.token) if not "!" <= c <= "~"), None)
+        if bad is not None:  # never echo the token itself
+            raise ValueError(f"the job token must be printable ASCII without spaces (it travels "
+                             f"as gRPC metadata); character {bad} of {len(self.token)} is not")
+
+
+def load_security(*, token: str | None = None, token_file: str | os.PathLike[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Security:
+    """The :class:`Security` a user asked for at the edge (CLI flags, ``connect()`` arguments).
+
+    The token is ``token`` if given, else the contents of ``token_file`` (surrounding whitespace
+    stripped), else ``$PARAMSERVER_TOKEN`` from ``environ`` (default ``os.environ``), else none.
+
+    Raises:
+        ValueError: the token file cannot be read or is empty, or the token is not printable ASCII.
+    """
+    environ = os.environ if environ is None else environ
+    if token is None and token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read token file {os.fspath(token_file)}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise ValueError(f"token file {os.fspath(token_file)} is empty")
+    if token is None:
+        token = environ.get(TOKEN_ENV, "")
+    return Security(token=token)
 
 
 @dataclass(frozen=True)
@@ -34,6 +91,7 @@ class SchedulerConfig:
         heartbeat_interval: seconds between heartbeats that nodes are told to send.
         heartbeat_timeout: seconds without a heartbeat after which a node is marked dead.
         max_threads: gRPC handler threads (barriers hold one each while waiting).
+        security: the job token (and TLS) incoming calls are checked against.
     """
 
     host: str = "127.0.0.1"
@@ -43,6 +101,7 @@ class SchedulerConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     max_threads: int = 64
+    security: Security = Security()
 
     def __post_init__(self) -> None:
         if self.num_servers < 1:
@@ -70,6 +129,8 @@ class ServerConfig:
         threads: gRPC handler threads (concurrent requests).
         apply_threads: threads the core uses inside one large request.
         timeout: seconds to wait for the scheduler at start and on each control call.
+        security: the job token (and TLS) of incoming calls and of this server's calls to the
+            scheduler.
     """
 
     scheduler: str
@@ -80,6 +141,7 @@ class ServerConfig:
     threads: int = 16
     apply_threads: int = 2
     timeout: float = 30.0
+    security: Security = Security()
 
 
 @dataclass(frozen=True)
@@ -94,6 +156,7 @@ class ClientConfig:
             unless a call says otherwise).
         message_bytes: target payload bytes per gRPC message; a larger request is cut into
             messages of about this size, sent as parallel calls.
+        security: the job token (and TLS) attached to every call to the scheduler and servers.
     """
 
     scheduler: str
@@ -101,3 +164,4 @@ class ClientConfig:
     num_workers: int = 0
     timeout: float = 60.0
     message_bytes: int = DEFAULT_MESSAGE_BYTES
+    security: Security = Security()

@@ -13,6 +13,7 @@ __all__ = [
     "TableMismatchError",
     "NodeUnavailableError",
     "PSTimeoutError",
+    "AuthenticationError",
 ]
 
 
@@ -41,3 +42,10 @@ class NodeUnavailableError(ParamServerError, ConnectionError):
 
 class PSTimeoutError(ParamServerError, TimeoutError):
     """Waiting for something (servers to register, a barrier, a table) took longer than allowed."""
+
+
+class AuthenticationError(ParamServerError, PermissionError):
+    """A scheduler or server refused a call: the job token was missing or wrong (UNAUTHENTICATED).
+
+    Give the job's token with ``PARAMSERVER_TOKEN``, ``--token-file`` or ``connect(token=...)``.
+    """

@@ -1,7 +1,9 @@
 """``paramserver launch``: a whole job on this machine — a scheduler, N servers and W workers.
 
 Each worker runs the user's command with ``PARAMSERVER_SCHEDULER``, ``PARAMSERVER_RANK`` and
-``PARAMSERVER_NUM_WORKERS`` in its environment. Every line a process prints is prefixed with its
+``PARAMSERVER_NUM_WORKERS`` in its environment. Every process gets the job token in
+``PARAMSERVER_TOKEN``: the one given, or a random one made for this job, so a local job is
+protected without any flag. Every line a process prints is prefixed with its
 role and rank. The launcher exits with the first failing worker's exit code (0 when all succeed),
 and on every path — success, a failing worker, a dead server, Ctrl-C, SIGTERM — it stops every
 process it started (each runs in its own process group, so their children go too).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from paramserver.config import TOKEN_ENV, Security
 
 __all__ = ["LaunchConfig", "launch"]
 
@@ -39,6 +44,7 @@ class LaunchConfig:
         grace: seconds between SIGTERM and SIGKILL when stopping processes.
         server_threads: gRPC handler threads per server.
         env: extra environment variables for every process.
+        token: the job token handed to every process; empty: a random token made for this job.
     """
 
     command: list[str]
@@ -52,6 +58,7 @@ class LaunchConfig:
     grace: float = 5.0
     server_threads: int = 16
     env: dict[str, str] = field(default_factory=dict)
+    token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -59,6 +66,7 @@ class LaunchConfig:
         if self.num_servers < 1 or self.num_workers < 1:
             raise ValueError(f"need at least 1 server and 1 worker, got {self.num_servers} and "
                              f"{self.num_workers}")
+        Security(token=self.token)  # raises ValueError on a token gRPC metadata cannot carry
 
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -135,6 +143,8 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
     for var in _THREAD_VARIABLES:
         base_env.setdefault(var, "1")
     base_env.update(config.env)
+    # The token travels by environment, never on a command line (visible to every user in ps).
+    base_env[TOKEN_ENV] = config.token or secrets.token_urlsafe(32)
     node = [sys.executable, "-m", "paramserver"]
 
     def say(message: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import grpc
 
 from paramserver import rpc
+from paramserver.config import Security
 from paramserver.errors import NodeUnavailableError, PSTimeoutError
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
@@ -36,19 +37,22 @@ class Membership:
         num_workers: job size a worker expects (0: unknown).
         timeout: seconds to keep trying to reach the scheduler, and the deadline of each call.
         stats: called before each heartbeat for a server's statistics (None for workers).
+        security: the job token (and TLS) for the calls to the scheduler.
 
     Raises (from the constructor):
         NodeUnavailableError: the scheduler stayed unreachable for ``timeout`` seconds.
         TableMismatchError: the rank is held by a live node, or the job is full.
+        AuthenticationError: the scheduler refused this node's token.
     """
 
     def __init__(self, scheduler: str, role: int, *, address: str = "", requested_rank: int = -1,
                  num_workers: int = 0, timeout: float = 30.0,
-                 stats: Callable[[], pb.ServerStats] | None = None) -> None:
+                 stats: Callable[[], pb.ServerStats] | None = None,
+                 security: Security = Security()) -> None:
         self.scheduler = scheduler
         self._timeout = timeout
         self._stats = stats
-        self._channel = rpc.make_channel(scheduler)
+        self._channel = rpc.make_channel(scheduler, security)
         self.stub = pb_grpc.SchedulerStub(self._channel)
         request = pb.RegisterRequest(role=role, address=address, requested_rank=requested_rank,
                                      num_workers=num_workers, pid=os.getpid(),
@@ -72,6 +76,7 @@ class Membership:
             except grpc.RpcError as error:
                 code = error.code()
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._channel.close()
                     raise rpc.translate(error, "register", "scheduler", self.scheduler) from None
                 if time.monotonic() + delay >= deadline:
                     self._channel.close()

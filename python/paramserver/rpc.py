@@ -3,12 +3,21 @@
 Every remote call goes through :func:`call`, which sets a deadline and turns a ``grpc.RpcError``
 into a :class:`~paramserver.errors.ParamServerError` that names the node, its address and what was
 asked: never a bare ``_InactiveRpcError``, never a call without a deadline.
+
+Security lives here and only here: :func:`make_server`, :func:`bind` and :func:`make_channel` take
+the node's :class:`~paramserver.config.Security` and install the token check (one server
+interceptor per node), the token on every outgoing call (one client interceptor per channel) and,
+when configured, TLS. A new command or node only passes that object along.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
+import hmac
+import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -18,7 +27,9 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from paramserver.config import Security
 from paramserver.errors import (
+    AuthenticationError,
     InvalidRequestError,
     NodeUnavailableError,
     ParamServerError,
@@ -27,8 +38,8 @@ from paramserver.errors import (
     TableNotFoundError,
 )
 
-__all__ = ["MAX_MESSAGE_BYTES", "tune_malloc", "make_channel", "make_server", "bind", "serve_health", "call",
-           "translate", "abort_on"]
+__all__ = ["MAX_MESSAGE_BYTES", "tune_malloc", "make_channel", "make_server", "bind",
+           "is_loopback", "serve_health", "call", "translate", "abort_on"]
 
 #: Hard cap on one message. Requests are cut into ~2 MB messages, so this is only a safety margin.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -47,6 +58,11 @@ _OPTIONS = [
 _SERVER_OPTIONS = _OPTIONS + [("grpc.so_reuseport", 0)]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+#: Methods open without a token: load balancers and orchestrators probe health anonymously.
+_OPEN_PREFIX = "/grpc.health.v1.Health/"
 
 _MALLOC_TUNED = False
 
@@ -80,16 +96,96 @@ def tune_malloc() -> None:
     mallopt(m_trim_threshold, 256 * 1024 * 1024)
 
 
-def make_channel(address: str) -> grpc.Channel:
-    """An insecure channel to ``host:port`` with paramserver's message-size limits."""
-    return grpc.insecure_channel(address, options=_OPTIONS)
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
 
 
-def make_server(threads: int) -> grpc.Server:
-    """A thread-pool gRPC server with paramserver's limits; ``threads`` concurrent handlers."""
+class _AttachToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        metadata.append(self._header)
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        """Call on with the token attached."""
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        """Call on with the token attached."""
+        return continuation(self._details(client_call_details), request)
+
+
+class _CheckToken(grpc.ServerInterceptor):
+    """Refuses every call but the health service's unless it carries the job token.
+
+    The comparison is constant-time (``hmac.compare_digest``), so timing does not reveal how much
+    of a guess was right.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def refuse(why: str) -> grpc.RpcMethodHandler:
+            def handler(request: Any, context: grpc.ServicerContext) -> None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+            return grpc.unary_unary_rpc_method_handler(handler)
+
+        self._missing = refuse("no job token: the call carried no 'authorization: Bearer' "
+                               "metadata")
+        self._wrong = refuse("wrong job token")
+
+    def intercept_service(self, continuation, handler_call_details):
+        """Continue to the method's handler if the token matches, else a refusing handler."""
+        if handler_call_details.method.startswith(_OPEN_PREFIX):
+            return continuation(handler_call_details)
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                if hmac.compare_digest(given, self._expected):
+                    return continuation(handler_call_details)
+                return self._wrong
+        return self._missing
+
+
+def make_channel(address: str, security: Security) -> grpc.Channel:
+    """A channel to ``host:port`` with paramserver's message-size limits that attaches the job
+    token of ``security`` (if any) to every call."""
+    channel = grpc.insecure_channel(address, options=_OPTIONS)
+    if security.token:
+        channel = grpc.intercept_channel(channel, _AttachToken(security.token))
+    return channel
+
+
+def make_server(threads: int, security: Security) -> grpc.Server:
+    """A thread-pool gRPC server with paramserver's limits; ``threads`` concurrent handlers.
+
+    With a token in ``security``, every call but the health service's must carry it (else
+    UNAUTHENTICATED). Bind it with :func:`bind` and the same ``security``.
+    """
+    interceptors = [_CheckToken(security.token)] if security.token else []
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
                                                   thread_name_prefix="ps-rpc"),
-                       options=_SERVER_OPTIONS, maximum_concurrent_rpcs=None)
+                       interceptors=interceptors, options=_SERVER_OPTIONS,
+                       maximum_concurrent_rpcs=None)
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` names only this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: may resolve to anything
 
 
 def _port_taken(host: str, port: int) -> bool:
@@ -112,16 +208,22 @@ def _port_taken(host: str, port: int) -> bool:
     return False
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
+def bind(server: grpc.Server, host: str, port: int, security: Security) -> int:
     """Bind ``host:port`` (port 0: any free port) and return the port actually bound.
 
-    The port is exclusive to this server (no SO_REUSEPORT, see ``_SERVER_OPTIONS``).
+    The port is exclusive to this server (no SO_REUSEPORT, see ``_SERVER_OPTIONS``). Binding an
+    address other than loopback without a token in ``security`` logs a warning: anyone who can
+    reach it could read and change every table.
 
     Raises:
         NodeUnavailableError: one line naming the address: ``address in use`` when another process
             listens on the port, otherwise that the address cannot be bound.
     """
     address = f"{host}:{port}"
+    if not security.token and not is_loopback(host):
+        log.warning("listening on %s without a job token: anyone who can reach this address can "
+                    "read and change the job's state; set PARAMSERVER_TOKEN or --token-file",
+                    address)
     in_use = (f"cannot listen on {address}: address in use (port {port} is taken by another "
               f"process; choose another --port, or 0 for any free port)")
     if port and _port_taken(host, port):
@@ -154,6 +256,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ParamServerError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: TableMismatchError,
     grpc.StatusCode.UNAVAILABLE: NodeUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: PSTimeoutError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
 }
 
 
@@ -166,6 +269,10 @@ def translate(error: grpc.RpcError, what: str, node: str, address: str) -> Param
         return cls(f"{node} at {address} is unreachable during {what}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return cls(f"{what} on {node} at {address} timed out: {details}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return cls(f"{what} on {node} at {address} failed: authentication failed ({details}); "
+                   f"give the job's token with PARAMSERVER_TOKEN, --token-file or "
+                   f"connect(token=...)")
     return cls(f"{what} on {node} at {address} failed: {details}")
 
 

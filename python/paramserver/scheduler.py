@@ -323,11 +323,11 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self._server = rpc.make_server(config.max_threads)
+        self._server = rpc.make_server(config.max_threads, config.security)
         self._service = _SchedulerService(config)
         pb_grpc.add_SchedulerServicer_to_server(self._service, self._server)
         self._health = rpc.serve_health(self._server)
-        self._port = rpc.bind(self._server, config.host, config.port)
+        self._port = rpc.bind(self._server, config.host, config.port, config.security)
 
     @property
     def address(self) -> str:

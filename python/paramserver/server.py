@@ -267,8 +267,8 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
-        self._server = rpc.make_server(config.threads)
-        self._port = rpc.bind(self._server, config.host, config.port)
+        self._server = rpc.make_server(config.threads, config.security)
+        self._port = rpc.bind(self._server, config.host, config.port, config.security)
         self.address = config.advertise or f"{config.host}:{self._port}"
         self._shards = _Shards(f"server at {self.address}", config.apply_threads)
         _add_service(_ParameterServerService(self._shards), self._server)
@@ -283,7 +283,8 @@ class Server:
         try:
             self._membership = Membership(self.config.scheduler, pb.SERVER, address=self.address,
                                           requested_rank=self.config.rank,
-                                          timeout=self.config.timeout, stats=self._shards.stats)
+                                          timeout=self.config.timeout, stats=self._shards.stats,
+                                          security=self.config.security)
         except Exception:
             self._server.stop(0)
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from paramserver import rpc
+from paramserver.config import Security
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import optimizer_from_spec
@@ -17,9 +18,12 @@ __all__ = ["fetch_status", "status_to_dict", "format_status"]
 _ROLES = {pb.SCHEDULER: "scheduler", pb.SERVER: "server", pb.WORKER: "worker"}
 
 
-def fetch_status(scheduler: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Ask the scheduler at ``host:port`` for the job's status; NodeUnavailableError if it is down."""
-    channel = rpc.make_channel(scheduler)
+def fetch_status(scheduler: str, timeout: float = 10.0,
+                 security: Security | None = None) -> dict[str, Any]:
+    """Ask the scheduler at ``host:port`` for the job's status, with the job token (and TLS) of
+    ``security``. Raises NodeUnavailableError if it is down, AuthenticationError if it refuses
+    the token."""
+    channel = rpc.make_channel(scheduler, security or Security())
     try:
         reply = rpc.call(pb_grpc.SchedulerStub(channel).Status, pb.StatusRequest(),
                          timeout=timeout, what="status", node="scheduler", address=scheduler)

@@ -24,12 +24,14 @@ HEARTBEAT_TIMEOUT = 1.5
 PS = [sys.executable, "-m", "paramserver"]
 
 
-def start_node(args: list[str], ready_file: Path, log: Path) -> tuple[subprocess.Popen, dict]:
-    """Start ``paramserver ARGS --ready-file F``; wait for F; return the process and F's JSON."""
+def start_node(args: list[str], ready_file: Path, log: Path,
+               env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+    """Start ``paramserver ARGS --ready-file F`` (with ``env`` added to the environment); wait
+    for F; return the process and F's JSON."""
     out = open(log, "w")
     proc = subprocess.Popen(PS + args + ["--ready-file", str(ready_file)], stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=dict(os.environ, **(env or {})))
     out.close()
 
     def ready() -> dict | None:
