@@ -43,10 +43,12 @@ def _serve_until_signal(node, name: str) -> int:
 
 
 def _security(args: argparse.Namespace):
-    """The node's Security from ``--token-file`` or ``$PARAMSERVER_TOKEN``."""
+    """The node's Security from ``--token-file`` / ``--tls-*`` or their environment variables."""
     from paramserver.config import load_security
 
-    return load_security(token_file=args.token_file)
+    return load_security(token_file=args.token_file, tls_cert=args.tls_cert,
+                         tls_key=args.tls_key, tls_ca=args.tls_ca,
+                         tls_client_auth=getattr(args, "tls_client_auth", False))
 
 
 def _cmd_scheduler(args: argparse.Namespace) -> int:
@@ -58,8 +60,8 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
                              heartbeat_interval=args.heartbeat_interval,
                              heartbeat_timeout=args.heartbeat_timeout, security=_security(args))
     scheduler = Scheduler(config).start()
-    print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers)",
-          flush=True)
+    print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers; "
+          f"{config.security})", flush=True)
     _write_ready(args.ready_file, address=scheduler.address)
     return _serve_until_signal(scheduler, "scheduler")
 
@@ -73,20 +75,25 @@ def _cmd_server(args: argparse.Namespace) -> int:
                           apply_threads=args.apply_threads, timeout=args.timeout,
                           security=_security(args))
     server = Server(config).start()
-    print(f"server-{server.rank} serving on {server.address}", flush=True)
+    print(f"server-{server.rank} serving on {server.address} ({config.security})", flush=True)
     _write_ready(args.ready_file, address=server.address, rank=server.rank)
     return _serve_until_signal(server, f"server-{server.rank}")
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    from paramserver.config import TLS_ENV
     from paramserver.launch import LaunchConfig, launch
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    security = _security(args)  # read and checked here, so a bad file fails before any start
+    tls = {name: os.path.abspath(path) for name in ("tls_cert", "tls_key", "tls_ca")
+           if (path := getattr(args, name) or os.environ.get(TLS_ENV[name], ""))}
     config = LaunchConfig(command=command, num_servers=args.num_servers,
                           num_workers=args.num_workers, host=args.host, port=args.port,
                           heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
-                          startup_timeout=args.startup_timeout, token=_security(args).token)
+                          startup_timeout=args.startup_timeout, token=security.token,
+                          tls_client_auth=args.tls_client_auth, **tls)
     return launch(config)
 
 
@@ -106,10 +113,24 @@ def _parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def security_flags(p: argparse.ArgumentParser) -> None:
+    def security_flags(p: argparse.ArgumentParser, serving: bool) -> None:
         p.add_argument("--token-file", metavar="FILE",
                        help="file holding the job token (default: $PARAMSERVER_TOKEN; none: no "
                             "authentication)")
+        p.add_argument("--tls-cert", metavar="PEM",
+                       help=("this node's TLS certificate chain: serve TLS with it" if serving
+                             else "client certificate, for mutual TLS") +
+                       " (default: $PARAMSERVER_TLS_CERT)")
+        p.add_argument("--tls-key", metavar="PEM",
+                       help="private key of --tls-cert (default: $PARAMSERVER_TLS_KEY)")
+        p.add_argument("--tls-ca", metavar="PEM",
+                       help="CA certificates that sign the peers' certificates; calls to the "
+                            "scheduler and servers use TLS and verify them (default: "
+                            "$PARAMSERVER_TLS_CA)")
+        if serving:
+            p.add_argument("--tls-client-auth", action="store_true",
+                           help="mutual TLS: refuse callers without a certificate signed by "
+                                "--tls-ca")
 
     def heartbeat_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S",
@@ -125,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="workers the job expects (default: as the workers say)")
     heartbeat_flags(p)
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
-    security_flags(p)
+    security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_scheduler)
 
     p = sub.add_parser("server", help="run a parameter server")
@@ -141,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the scheduler")
     p.add_argument("--ready-file", help="write {address, rank, pid} as JSON here once serving")
-    security_flags(p)
+    security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_server)
 
     p = sub.add_parser("launch", help="run a whole job on this machine",
@@ -153,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     heartbeat_flags(p)
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="seconds allowed for the scheduler and servers to start")
-    security_flags(p)
+    security_flags(p, serving=True)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command, after --")
     p.set_defaults(fn=_cmd_launch)
 
@@ -161,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", required=True, metavar="HOST:PORT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0)
-    security_flags(p)
+    security_flags(p, serving=False)
     p.set_defaults(fn=_cmd_status)
     return parser
 

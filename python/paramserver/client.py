@@ -606,7 +606,10 @@ def _init_values(name: str, shape: tuple[int, ...], init: Init) -> np.ndarray:
 
 def connect(scheduler: str | None = None, *, rank: int | None = None,
             num_workers: int | None = None, timeout: float = 60.0,
-            message_bytes: int | None = None, token: str | None = None) -> Client:
+            message_bytes: int | None = None, token: str | None = None,
+            tls_ca: str | os.PathLike[str] | None = None,
+            tls_cert: str | os.PathLike[str] | None = None,
+            tls_key: str | os.PathLike[str] | None = None) -> Client:
     """Connect this process to a job as a worker and return its :class:`Client`.
 
     Args:
@@ -618,12 +621,17 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
         message_bytes: payload bytes per gRPC message (default 2 MiB).
         token: the job token, attached to every call; default ``$PARAMSERVER_TOKEN`` (set by
             ``paramserver launch``) or none.
+        tls_ca: path of the PEM CA certificates that signed the scheduler's and servers'
+            certificates; calls then use TLS and verify them. Default ``$PARAMSERVER_TLS_CA``.
+        tls_cert, tls_key: paths of this worker's PEM client certificate and key, for mutual TLS.
+            Default ``$PARAMSERVER_TLS_CERT`` / ``$PARAMSERVER_TLS_KEY``.
 
     Raises:
         ParamServerError: no scheduler given and ``PARAMSERVER_SCHEDULER`` unset.
         NodeUnavailableError: the scheduler is unreachable within ``timeout``.
         AuthenticationError: the scheduler refused the token (missing or wrong).
-        InvalidRequestError: the token is not printable ASCII.
+        InvalidRequestError: the token is not printable ASCII, or a TLS file cannot be read or
+            is not PEM.
     """
     scheduler = scheduler or os.environ.get("PARAMSERVER_SCHEDULER")
     if not scheduler:
@@ -635,7 +643,7 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
         num_workers = _env_int("PARAMSERVER_NUM_WORKERS", 0)
     extra = {} if message_bytes is None else {"message_bytes": message_bytes}
     try:
-        security = load_security(token=token)
+        security = load_security(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
     return Client(ClientConfig(scheduler=scheduler, rank=rank, num_workers=num_workers,

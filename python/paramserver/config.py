@@ -8,11 +8,12 @@ these explicit values.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Security", "load_security", "TOKEN_ENV", "SchedulerConfig", "ServerConfig",
+__all__ = ["Security", "load_security", "TOKEN_ENV", "TLS_ENV", "SchedulerConfig", "ServerConfig",
            "ClientConfig", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES"]
 
 #: The environment variable holding the job token (set by ``paramserver launch`` for its children).
@@ -30,20 +31,32 @@ DEFAULT_MESSAGE_BYTES = 2 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Security:
-    """How a node proves who it is and checks its peers: the job token (and TLS, see below).
+    """How a node proves who it is and checks its peers: the job token and TLS.
 
     One value serves both directions of a node: the scheduler and the servers check incoming
-    calls with it, and every node (servers are clients of the scheduler) attaches it to its own
+    calls with it, and every node (servers are clients of the scheduler) uses it for its own
     calls. Build it from flags, environment and files with :func:`load_security`; the node classes
-    only receive it. The token never appears in ``repr``.
+    only receive it. Secrets never appear in ``repr``.
 
     Attributes:
         token: the job token. Incoming calls must carry ``authorization: Bearer <token>`` (else
             UNAUTHENTICATED; the health service stays open) and outgoing calls carry it. Empty:
             no authentication. Printable ASCII without spaces (it travels as gRPC metadata).
+        tls_cert: PEM certificate chain of this node. A scheduler or server serves TLS with it;
+            as a caller, the node presents it when the peer asks for a client certificate.
+        tls_key: PEM private key of ``tls_cert``.
+        tls_ca: PEM certificates of the CA that signed the peers' certificates: outgoing calls
+            verify the peer against it (and against the host name or IP in its address). A node
+            with ``tls_ca`` or ``tls_cert`` calls others over TLS only (system roots when no CA).
+        tls_client_auth: mutual TLS: a scheduler or server refuses callers that do not present a
+            certificate signed by ``tls_ca``.
     """
 
     token: str = field(default="", repr=False)
+    tls_cert: bytes = field(default=b"", repr=False)
+    tls_key: bytes = field(default=b"", repr=False)
+    tls_ca: bytes = field(default=b"", repr=False)
+    tls_client_auth: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str):
@@ -52,17 +65,63 @@ class Security:
         if bad is not None:  # never echo the token itself
             raise ValueError(f"the job token must be printable ASCII without spaces (it travels "
                              f"as gRPC metadata); character {bad} of {len(self.token)} is not")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            if not isinstance(getattr(self, name), bytes):
+                raise TypeError(f"{name} must be PEM bytes, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("a TLS certificate needs its key and a key its certificate: give "
+                             "both tls_cert and tls_key (--tls-cert and --tls-key), or neither")
+        if self.tls_client_auth and not (self.tls_ca and self.tls_cert):
+            raise ValueError("mutual TLS (tls_client_auth, --tls-client-auth) needs this node's "
+                             "certificate and key and the CA that signs the callers' "
+                             "certificates (--tls-ca)")
+
+    @property
+    def tls(self) -> bool:
+        """True if this node's outgoing calls use TLS (a CA or a certificate is set)."""
+        return bool(self.tls_ca or self.tls_cert)
+
+    def __str__(self) -> str:
+        parts = ["token" if self.token else "no token"]
+        if self.tls_cert:
+            parts.append("mutual TLS" if self.tls_client_auth else "TLS")
+        elif self.tls_ca:
+            parts.append("TLS client")
+        return ", ".join(parts)
+
+
+#: Environment variables of the TLS files (paths), read by :func:`load_security` when no path is
+#: given; ``paramserver launch`` sets them for its workers.
+TLS_ENV = {"tls_cert": "PARAMSERVER_TLS_CERT", "tls_key": "PARAMSERVER_TLS_KEY",
+           "tls_ca": "PARAMSERVER_TLS_CA"}
+
+def _read_pem(path: str | os.PathLike[str], what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} file {os.fspath(path)}: "
+                         f"{exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{what} file {os.fspath(path)} is not PEM (no '-----BEGIN' line)")
+    return data
 
 
 def load_security(*, token: str | None = None, token_file: str | os.PathLike[str] | None = None,
+                  tls_cert: str | os.PathLike[str] | None = None,
+                  tls_key: str | os.PathLike[str] | None = None,
+                  tls_ca: str | os.PathLike[str] | None = None, tls_client_auth: bool = False,
                   environ: Mapping[str, str] | None = None) -> Security:
     """The :class:`Security` a user asked for at the edge (CLI flags, ``connect()`` arguments).
 
     The token is ``token`` if given, else the contents of ``token_file`` (surrounding whitespace
     stripped), else ``$PARAMSERVER_TOKEN`` from ``environ`` (default ``os.environ``), else none.
+    Each TLS file is the path given, else the path in ``$PARAMSERVER_TLS_CERT`` /
+    ``$PARAMSERVER_TLS_KEY`` / ``$PARAMSERVER_TLS_CA``, else none; files are read here.
 
     Raises:
-        ValueError: the token file cannot be read or is empty, or the token is not printable ASCII.
+        ValueError: a file cannot be read, is empty or is not PEM; the token is not printable
+            ASCII; a certificate without its key (or the reverse).
     """
     environ = os.environ if environ is None else environ
     if token is None and token_file is not None:
@@ -75,7 +134,28 @@ def load_security(*, token: str | None = None, token_file: str | os.PathLike[str
             raise ValueError(f"token file {os.fspath(token_file)} is empty")
     if token is None:
         token = environ.get(TOKEN_ENV, "")
-    return Security(token=token)
+    pem, paths = {}, {}
+    for name, given, what in (("tls_cert", tls_cert, "TLS certificate"),
+                              ("tls_key", tls_key, "TLS key"), ("tls_ca", tls_ca, "TLS CA")):
+        paths[name] = given if given is not None else environ.get(TLS_ENV[name], "")
+        pem[name] = _read_pem(paths[name], what) if paths[name] else b""
+    security = Security(token=token, tls_client_auth=tls_client_auth, **pem)
+    # Check the files with Python's ssl now: gRPC reports a bad pair only at the first handshake.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        if paths["tls_cert"]:
+            context.load_cert_chain(paths["tls_cert"], paths["tls_key"])
+    except ssl.SSLError as exc:
+        raise ValueError(f"TLS certificate {os.fspath(paths['tls_cert'])} and key "
+                         f"{os.fspath(paths['tls_key'])} do not load as a pair: "
+                         f"{exc.reason or exc}") from None
+    try:
+        if paths["tls_ca"]:
+            context.load_verify_locations(cafile=paths["tls_ca"])
+    except ssl.SSLError as exc:
+        raise ValueError(f"TLS CA file {os.fspath(paths['tls_ca'])} holds no usable "
+                         f"certificate: {exc.reason or exc}") from None
+    return security
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Each worker runs the user's command with ``PARAMSERVER_SCHEDULER``, ``PARAMSERVER_RANK`` and
 ``PARAMSERVER_NUM_WORKERS`` in its environment. Every process gets the job token in
 ``PARAMSERVER_TOKEN``: the one given, or a random one made for this job, so a local job is
-protected without any flag. Every line a process prints is prefixed with its
+protected without any flag. TLS files are handed over by path in ``PARAMSERVER_TLS_CERT``,
+``PARAMSERVER_TLS_KEY`` and ``PARAMSERVER_TLS_CA``: the scheduler and servers serve TLS with them,
+and every process verifies its peers with them. Every line a process prints is prefixed with its
 role and rank. The launcher exits with the first failing worker's exit code (0 when all succeed),
 and on every path — success, a failing worker, a dead server, Ctrl-C, SIGTERM — it stops every
 process it started (each runs in its own process group, so their children go too).
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from paramserver.config import TOKEN_ENV, Security
+from paramserver.config import TLS_ENV, TOKEN_ENV, Security
 
 __all__ = ["LaunchConfig", "launch"]
 
@@ -45,6 +47,10 @@ class LaunchConfig:
         server_threads: gRPC handler threads per server.
         env: extra environment variables for every process.
         token: the job token handed to every process; empty: a random token made for this job.
+        tls_cert / tls_key: paths of the PEM certificate and key the scheduler and servers serve
+            TLS with (also presented by every process for mutual TLS); "" for none.
+        tls_ca: path of the PEM CA certificates every process verifies its peers with.
+        tls_client_auth: mutual TLS: the scheduler and servers require client certificates.
     """
 
     command: list[str]
@@ -59,6 +65,10 @@ class LaunchConfig:
     server_threads: int = 16
     env: dict[str, str] = field(default_factory=dict)
     token: str = field(default="", repr=False)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_client_auth: bool = False
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -145,6 +155,9 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
     base_env.update(config.env)
     # The token travels by environment, never on a command line (visible to every user in ps).
     base_env[TOKEN_ENV] = config.token or secrets.token_urlsafe(32)
+    for name, variable in TLS_ENV.items():
+        base_env[variable] = getattr(config, name)
+    client_auth = ["--tls-client-auth"] if config.tls_client_auth else []
     node = [sys.executable, "-m", "paramserver"]
 
     def say(message: str) -> None:
@@ -168,14 +181,15 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
                 "--num-servers", str(config.num_servers), "--num-workers", str(config.num_workers),
                 "--heartbeat-interval", str(config.heartbeat_interval),
                 "--heartbeat-timeout", str(config.heartbeat_timeout),
-                "--ready-file", str(ready)], base_env, out, lock))
+                "--ready-file", str(ready)] + client_auth, base_env, out, lock))
             scheduler = _wait_ready(procs[0], ready, deadline)["address"]
             servers = []
             for rank in range(config.num_servers):
                 ready = Path(tmp, f"server-{rank}.json")
                 servers.append((_Proc(f"server {rank}", node + [
                     "server", "--scheduler", scheduler, "--host", config.host, "--rank", str(rank),
-                    "--threads", str(config.server_threads), "--ready-file", str(ready)],
+                    "--threads", str(config.server_threads), "--ready-file", str(ready)]
+                    + client_auth,
                     base_env, out, lock), ready))
                 procs.append(servers[-1][0])
             for proc, ready in servers:

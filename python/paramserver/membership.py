@@ -52,6 +52,7 @@ class Membership:
         self.scheduler = scheduler
         self._timeout = timeout
         self._stats = stats
+        self._security = security
         self._channel = rpc.make_channel(scheduler, security)
         self.stub = pb_grpc.SchedulerStub(self._channel)
         request = pb.RegisterRequest(role=role, address=address, requested_rank=requested_rank,
@@ -80,9 +81,16 @@ class Membership:
                     raise rpc.translate(error, "register", "scheduler", self.scheduler) from None
                 if time.monotonic() + delay >= deadline:
                     self._channel.close()
+                    # A TLS mismatch looks like an unreachable peer: gRPC retries the handshake.
+                    hint = ("; this node calls over TLS: is the scheduler serving TLS with a "
+                            "certificate signed by --tls-ca that names the host in its address (and, for "
+                            "mutual TLS, does it accept this node's certificate)?"
+                            if self._security.tls else
+                            "; this node calls in plaintext: if the scheduler serves TLS, give "
+                            "--tls-ca (PARAMSERVER_TLS_CA)")
                     raise NodeUnavailableError(
                         f"scheduler at {self.scheduler} unreachable: could not register within "
-                        f"{self._timeout:.1f} s ({error.details()})") from None
+                        f"{self._timeout:.1f} s ({error.details()}{hint})") from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 

@@ -157,8 +157,19 @@ class _CheckToken(grpc.ServerInterceptor):
 
 def make_channel(address: str, security: Security) -> grpc.Channel:
     """A channel to ``host:port`` with paramserver's message-size limits that attaches the job
-    token of ``security`` (if any) to every call."""
-    channel = grpc.insecure_channel(address, options=_OPTIONS)
+    token of ``security`` (if any) to every call.
+
+    With TLS settings (``security.tls``) the channel is TLS: the peer's certificate must be signed
+    by ``security.tls_ca`` (system roots if empty) and name the host of ``address``; this node's
+    certificate is presented when the peer asks for one (mutual TLS).
+    """
+    if security.tls:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=security.tls_ca or None, private_key=security.tls_key or None,
+            certificate_chain=security.tls_cert or None)
+        channel = grpc.secure_channel(address, credentials, options=_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(address, options=_OPTIONS)
     if security.token:
         channel = grpc.intercept_channel(channel, _AttachToken(security.token))
     return channel
@@ -211,9 +222,10 @@ def _port_taken(host: str, port: int) -> bool:
 def bind(server: grpc.Server, host: str, port: int, security: Security) -> int:
     """Bind ``host:port`` (port 0: any free port) and return the port actually bound.
 
-    The port is exclusive to this server (no SO_REUSEPORT, see ``_SERVER_OPTIONS``). Binding an
-    address other than loopback without a token in ``security`` logs a warning: anyone who can
-    reach it could read and change every table.
+    The port is exclusive to this server (no SO_REUSEPORT, see ``_SERVER_OPTIONS``). With a
+    certificate in ``security`` the port serves TLS only, and with ``tls_client_auth`` it also
+    requires a client certificate signed by ``tls_ca``. Binding an address other than loopback
+    without a token logs a warning: anyone who can reach it could read and change every table.
 
     Raises:
         NodeUnavailableError: one line naming the address: ``address in use`` when another process
@@ -229,14 +241,21 @@ def bind(server: grpc.Server, host: str, port: int, security: Security) -> int:
     if port and _port_taken(host, port):
         raise NodeUnavailableError(in_use)
     try:
-        bound = server.add_insecure_port(address)
+        if security.tls_cert:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials(
+                [(security.tls_key, security.tls_cert)],
+                root_certificates=security.tls_ca if security.tls_client_auth else None,
+                require_client_auth=security.tls_client_auth))
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError:  # grpc >= 1.50 raises instead of returning 0
         bound = 0
     if bound == 0:
         if port and _port_taken(host, port):  # taken between the probe and the bind
             raise NodeUnavailableError(in_use)
         raise NodeUnavailableError(f"cannot listen on {address}: the address cannot be bound "
-                                   f"(is {host!r} an interface of this machine?)")
+                                   f"(is {host!r} an interface of this machine?"
+                                   f"{' Are the TLS certificate and key valid?' if security.tls_cert else ''})")
     return bound
 
 
