@@ -9,19 +9,28 @@ and every process verifies its peers with them. Every line a process prints is p
 role and rank. The launcher exits with the first failing worker's exit code (0 when all succeed),
 and on every path — success, a failing worker, a dead server, Ctrl-C, SIGTERM — it stops every
 process it started (each runs in its own process group, so their children go too).
+
+Even ``kill -9`` of the launcher leaves nothing behind: on Linux every child asks the kernel for
+SIGKILL when the launcher dies (``PR_SET_PDEATHSIG``), and a small watchdog process, which outlives
+the launcher, then stops the children's whole process groups (their own children included) and
+removes the launcher's temporary directory. Should the watchdog die too, the next launch removes
+the temporary directories of launchers that are gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -86,16 +95,156 @@ class LaunchError(RuntimeError):
     """The job could not start (a node failed to come up in time)."""
 
 
+#: Prefix of the launchers' temporary directories (ready files), under tempfile.gettempdir().
+_TMP_PREFIX = "paramserver-launch-"
+#: In each such directory: "PID START" of the launcher that owns it (see _process_start).
+_OWNER_FILE = "launcher.pid"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), to tell it from a later
+    process that reuses its pid; "" where /proc is missing; None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        try:  # no /proc (not Linux): the pid alone
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime
+
+
+def _clean_stale_dirs(parent: str) -> list[str]:
+    """Remove this user's launcher directories whose launcher is gone (killed before it could
+    clean up); return their paths. A directory without an owner file is left alone unless it is
+    a minute old (its launcher writes the file right after creating it)."""
+    removed = []
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(_TMP_PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+                continue
+            owner = Path(entry.path, _OWNER_FILE)
+            if owner.exists():
+                pid, start = owner.read_text().split()
+                if _process_start(int(pid)) == start:
+                    continue  # its launcher still runs
+            elif time.time() - entry.stat().st_mtime < 60:
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def _die_with_launcher() -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get SIGKILL when the launcher dies (Linux), or None.
+
+    Runs in the child between fork and exec, so it only calls what was looked up before the fork.
+    If the launcher died before the prctl, the child's parent already changed: it kills itself.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    launcher = os.getpid()
+    kill, getppid, getpid = os.kill, os.getppid, os.getpid
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if getppid() != launcher:
+            kill(getpid(), signal.SIGKILL)
+    return preexec
+
+
+#: The watchdog (run as ``python -c``): reads the children's process group ids, one a line, on
+#: stdin. "done" means the launcher stopped them itself. End of input without "done" means the
+#: launcher died: SIGTERM to every group, SIGKILL after the grace period to what is left, then
+#: remove the launcher's temporary directory. Only the standard library, so it starts fast.
+_WATCHDOG = r"""
+import os, shutil, signal, sys, time
+tmp, grace = sys.argv[1], float(sys.argv[2])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+groups, done = [], False
+for line in sys.stdin:
+    line = line.strip()
+    if line == "done":
+        done = True
+        break
+    groups.append(int(line))
+if not done:
+    def signal_all(sig):
+        alive = []
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+                alive.append(group)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return alive
+    deadline = time.monotonic() + grace
+    signal_all(signal.SIGTERM)
+    while time.monotonic() < deadline and signal_all(0):
+        time.sleep(0.05)
+    signal_all(signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+"""
+
+
+class _Watchdog:
+    """The watchdog process of one launch (see ``_WATCHDOG``)."""
+
+    def __init__(self, tmp: str, grace: float) -> None:
+        self._popen = subprocess.Popen([sys.executable, "-I", "-c", _WATCHDOG, tmp, str(grace)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True,
+                                       text=True)
+
+    def watch(self, pgid: int) -> None:
+        """Have the watchdog stop process group ``pgid`` if the launcher dies."""
+        assert self._popen.stdin is not None
+        self._popen.stdin.write(f"{pgid}\n")
+        self._popen.stdin.flush()
+
+    def release(self) -> None:
+        """The launcher stopped everything itself: let the watchdog exit without acting."""
+        try:
+            assert self._popen.stdin is not None
+            self._popen.stdin.write("done\n")
+            self._popen.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            self._popen.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self._popen.kill()
+            self._popen.wait()
+
+
 class _Proc:
     """One child process whose output is copied line by line behind a prefix."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], out: IO[str],
-                 lock: threading.Lock) -> None:
+                 lock: threading.Lock, watchdog: _Watchdog | None = None) -> None:
         self.name = name
         self.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=True, text=True, errors="replace",
-                                      bufsize=1)
+                                      bufsize=1, preexec_fn=_die_with_launcher())
+        if watchdog is not None:
+            watchdog.watch(self.popen.pid)  # its own session: the group id is its pid
         self._thread = threading.Thread(target=self._pump, args=(out, lock), daemon=True,
                                         name=f"launch-{name}")
         self._thread.start()
@@ -171,9 +320,14 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
         received.append(signum)
         raise KeyboardInterrupt
 
+    for path in _clean_stale_dirs(tempfile.gettempdir()):
+        say(f"removed {path}, left by a launcher that was killed")
+    watchdog: _Watchdog | None = None
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with tempfile.TemporaryDirectory(prefix="paramserver-launch-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX) as tmp:
+            Path(tmp, _OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}")
+            watchdog = _Watchdog(tmp, config.grace)
             deadline = time.monotonic() + config.startup_timeout
             ready = Path(tmp, "scheduler.json")
             procs.append(_Proc("scheduler", node + [
@@ -181,7 +335,7 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
                 "--num-servers", str(config.num_servers), "--num-workers", str(config.num_workers),
                 "--heartbeat-interval", str(config.heartbeat_interval),
                 "--heartbeat-timeout", str(config.heartbeat_timeout),
-                "--ready-file", str(ready)] + client_auth, base_env, out, lock))
+                "--ready-file", str(ready)] + client_auth, base_env, out, lock, watchdog))
             scheduler = _wait_ready(procs[0], ready, deadline)["address"]
             servers = []
             for rank in range(config.num_servers):
@@ -190,7 +344,7 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
                     "server", "--scheduler", scheduler, "--host", config.host, "--rank", str(rank),
                     "--threads", str(config.server_threads), "--ready-file", str(ready)]
                     + client_auth,
-                    base_env, out, lock), ready))
+                    base_env, out, lock, watchdog), ready))
                 procs.append(servers[-1][0])
             for proc, ready in servers:
                 _wait_ready(proc, ready, deadline)
@@ -200,7 +354,8 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
             for rank in range(config.num_workers):
                 env = dict(base_env, PARAMSERVER_SCHEDULER=scheduler, PARAMSERVER_RANK=str(rank),
                            PARAMSERVER_NUM_WORKERS=str(config.num_workers))
-                workers.append(_Proc(f"worker {rank}", list(config.command), env, out, lock))
+                workers.append(_Proc(f"worker {rank}", list(config.command), env, out, lock,
+                                     watchdog))
             procs.extend(workers)
             return _supervise(procs[:1 + config.num_servers], workers, say)
     except LaunchError as exc:
@@ -214,6 +369,8 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
         return 128 + (received[0] if received else signal.SIGINT)
     finally:
         _stop_all(procs, config.grace)
+        if watchdog is not None:
+            watchdog.release()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
