@@ -19,6 +19,7 @@ from paramserver.errors import (
     NodeUnavailableError,
     ParamServerError,
     PSTimeoutError,
+    ResourceExhaustedError,
     TableMismatchError,
     TableNotFoundError,
 )
@@ -33,6 +34,6 @@ __all__ = [
     "init", "Client", "DenseTable", "EmbeddingTable", "connect",
     "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig", "Security",
     "ParamServerError", "InvalidRequestError", "NodeUnavailableError", "PSTimeoutError",
-    "TableMismatchError", "TableNotFoundError", "AuthenticationError",
+    "TableMismatchError", "TableNotFoundError", "AuthenticationError", "ResourceExhaustedError",
     "__version__",
 ]

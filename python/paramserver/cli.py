@@ -20,6 +20,24 @@ from paramserver import __version__
 __all__ = ["main"]
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """A byte count from ``--max-memory``: ``1073741824``, ``512M``, ``8G``, ``1.5GiB`` (binary
+    units; 0: no limit)."""
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = raw[-1:] if raw[-1:] in _UNITS and raw[-1:] else ""
+    try:
+        value = float(raw[:-1] if unit else raw) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 8G, "
+                                         f"1073741824)") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
+    return int(value)
+
+
 def _write_ready(path: str | None, **info: object) -> None:
     """Announce a node is serving: atomically write JSON to ``path`` (read by the launcher)."""
     if not path:
@@ -73,7 +91,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     config = ServerConfig(scheduler=args.scheduler, host=args.host, port=args.port,
                           advertise=args.advertise or "", rank=args.rank, threads=args.threads,
                           apply_threads=args.apply_threads, timeout=args.timeout,
-                          security=_security(args))
+                          security=_security(args), max_memory=args.max_memory)
     server = Server(config).start()
     print(f"server-{server.rank} serving on {server.address} ({config.security})", flush=True)
     _write_ready(args.ready_file, address=server.address, rank=server.rank)
@@ -161,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="core threads used within one large request")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the scheduler")
+    p.add_argument("--max-memory", type=_size, default=0, metavar="SIZE",
+                   help="memory budget for table values and optimizer state, e.g. 8G; requests "
+                        "that would pass it are refused with RESOURCE_EXHAUSTED (default: none)")
     p.add_argument("--ready-file", help="write {address, rank, pid} as JSON here once serving")
     security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_server)

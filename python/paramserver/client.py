@@ -21,7 +21,14 @@ import grpc
 import numpy as np
 
 from paramserver import rpc
-from paramserver.config import ClientConfig, load_security
+from paramserver.config import (
+    MAX_BLOCK_SIZE,
+    MAX_DIM,
+    MAX_NAME_BYTES,
+    MAX_TABLE_ELEMENTS,
+    ClientConfig,
+    load_security,
+)
 from paramserver.errors import (
     InvalidRequestError,
     NodeUnavailableError,
@@ -267,15 +274,17 @@ class Client:
             InvalidRequestError: a bad shape, optimizer or init value.
             PSTimeoutError: another worker is initializing it and did not finish in time.
         """
+        _check_name(name)
         shape_t = _shape_tuple(name, shape)
         if not isinstance(optimizer, Optimizer):
             raise InvalidRequestError(f"table {name!r}: optimizer must be a paramserver optimizer "
                                       f"(e.g. paramserver.Adam()), got {optimizer!r}")
         if block_size is None:
             block_size = default_block_size(int(np.prod(shape_t)), self.num_servers)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise InvalidRequestError(f"table {name!r}: block_size must be a positive int, "
-                                      f"got {block_size!r}")
+        if (isinstance(block_size, bool) or not isinstance(block_size, int)
+                or not 0 < block_size <= MAX_BLOCK_SIZE):
+            raise InvalidRequestError(f"table {name!r}: block_size must be an int in "
+                                      f"[1, {MAX_BLOCK_SIZE}], got {block_size!r}")
         values = None if init is None else _init_values(name, shape_t, init)
         spec = pb.TableSpec(name=name, kind=pb.TableSpec.DENSE, shape=shape_t,
                             block_size=block_size, optimizer=optimizer_to_spec(optimizer))
@@ -303,8 +312,11 @@ class Client:
         """
         from paramserver import init as initializers
 
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-            raise InvalidRequestError(f"table {name!r}: dim must be a positive int, got {dim!r}")
+        _check_name(name)
+        if (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))
+                or not 0 < dim <= MAX_DIM):
+            raise InvalidRequestError(f"table {name!r}: dim must be an int in [1, {MAX_DIM}], "
+                                      f"got {dim!r}")
         if not isinstance(optimizer, Optimizer):
             raise InvalidRequestError(f"table {name!r}: optimizer must be a paramserver optimizer "
                                       f"(e.g. paramserver.Adagrad()), got {optimizer!r}")
@@ -577,11 +589,24 @@ class Client:
                 f"scheduler={self.config.scheduler!r}, servers={self.num_servers})")
 
 
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not 0 < len(name.encode()) <= MAX_NAME_BYTES:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:80] + "..."
+        raise InvalidRequestError(f"a table name must be a str of 1 to {MAX_NAME_BYTES} UTF-8 "
+                                  f"bytes, got {shown}")
+
+
 def _shape_tuple(name: str, shape: Sequence[int] | int) -> tuple[int, ...]:
     dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
     if not dims or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d <= 0
                        for d in dims):
         raise InvalidRequestError(f"table {name!r}: shape must be positive ints, got {shape!r}")
+    size = 1
+    for d in dims:
+        size *= int(d)
+    if size > MAX_TABLE_ELEMENTS:
+        raise InvalidRequestError(f"table {name!r}: shape {shape!r} has {size} elements, more "
+                                  f"than the {MAX_TABLE_ELEMENTS} a table may hold")
     return tuple(int(d) for d in dims)
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["Security", "load_security", "TOKEN_ENV", "TLS_ENV", "SchedulerConfig", "ServerConfig",
-           "ClientConfig", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES"]
+           "ClientConfig", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES",
+           "MAX_DIM", "MAX_BLOCK_SIZE", "MAX_TABLE_ELEMENTS", "MAX_NAME_BYTES"]
 
 #: The environment variable holding the job token (set by ``paramserver launch`` for its children).
 TOKEN_ENV = "PARAMSERVER_TOKEN"
@@ -23,6 +24,16 @@ TOKEN_ENV = "PARAMSERVER_TOKEN"
 DEFAULT_BLOCK_SIZE = 256 * 1024
 #: Smallest default block: 16Ki float32 = 64 KiB, below which per-block overhead dominates.
 MIN_BLOCK_SIZE = 16 * 1024
+#: Largest embedding dim: 64Ki floats, a 256 KiB row (plus optimizer state). Rows of this width
+#: already cost more per id than any message batch should; the cap stops a declaration of dim
+#: 2.5e8 from allocating a gigabyte per row touched.
+MAX_DIM = 64 * 1024
+#: Largest dense block: 4Mi float32 = 16 MiB, so a block (and a pull of it) fits in a message.
+MAX_BLOCK_SIZE = 4 * 1024 * 1024
+#: Largest dense table: 2**40 elements (4 TiB of float32), far beyond any server set, within int64.
+MAX_TABLE_ELEMENTS = 1 << 40
+#: Longest table name, in UTF-8 bytes.
+MAX_NAME_BYTES = 256
 #: Target payload bytes of one gRPC message (PERF.md: 1-4 MB messages move 3-5x faster than 16 MB+).
 #: 2 MiB measured best for 16-64 MB pushes and pulls (benchmarks/bench_transport.py, messages sent
 #: as parallel unary calls): 4 MiB was 15-30% slower, 1 MiB about the same or slightly slower.
@@ -211,6 +222,9 @@ class ServerConfig:
         timeout: seconds to wait for the scheduler at start and on each control call.
         security: the job token (and TLS) of incoming calls and of this server's calls to the
             scheduler.
+        max_memory: bytes of table values and optimizer state this server may hold (0: no
+            limit). A table creation or a request creating embedding rows that would pass it is
+            refused with RESOURCE_EXHAUSTED naming the table, and changes nothing.
     """
 
     scheduler: str
@@ -222,6 +236,7 @@ class ServerConfig:
     apply_threads: int = 2
     timeout: float = 30.0
     security: Security = Security()
+    max_memory: int = 0
 
 
 @dataclass(frozen=True)

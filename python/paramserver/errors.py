@@ -14,6 +14,7 @@ __all__ = [
     "NodeUnavailableError",
     "PSTimeoutError",
     "AuthenticationError",
+    "ResourceExhaustedError",
 ]
 
 
@@ -49,3 +50,8 @@ class AuthenticationError(ParamServerError, PermissionError):
 
     Give the job's token with ``PARAMSERVER_TOKEN``, ``--token-file`` or ``connect(token=...)``.
     """
+
+
+class ResourceExhaustedError(ParamServerError, MemoryError):
+    """A server refused a request that would pass its memory budget (``--max-memory``) or the
+    message size limit (RESOURCE_EXHAUSTED); the message names the table. Nothing changed."""

@@ -34,11 +34,12 @@ from paramserver.errors import (
     NodeUnavailableError,
     ParamServerError,
     PSTimeoutError,
+    ResourceExhaustedError,
     TableMismatchError,
     TableNotFoundError,
 )
 
-__all__ = ["MAX_MESSAGE_BYTES", "tune_malloc", "make_channel", "make_server", "bind",
+__all__ = ["MAX_MESSAGE_BYTES", "MAX_ERROR_CHARS", "bounded", "tune_malloc", "make_channel", "make_server", "bind",
            "is_loopback", "serve_health", "call", "translate", "abort_on"]
 
 #: Hard cap on one message. Requests are cut into ~2 MB messages, so this is only a safety margin.
@@ -276,7 +277,20 @@ _BY_CODE: dict[grpc.StatusCode, type[ParamServerError]] = {
     grpc.StatusCode.UNAVAILABLE: NodeUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: PSTimeoutError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
 }
+
+#: Longest error detail a node sends. gRPC carries details in a header and peers refuse headers of
+#: more than 8 KiB by default, so an error that echoed a request (a 4M-id push once made a 12 MB
+#: message) would be lost as an opaque failure. Messages are written bounded; this is the backstop.
+MAX_ERROR_CHARS = 2000
+
+
+def bounded(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``message`` cut to about ``limit`` characters, saying how much was cut."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... ({len(message) - limit} more characters cut)"
 
 
 def translate(error: grpc.RpcError, what: str, node: str, address: str) -> ParamServerError:
@@ -309,20 +323,24 @@ def abort_on(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
 
     ``ValueError``/``TypeError`` -> INVALID_ARGUMENT, ``IndexError`` -> OUT_OF_RANGE,
     :class:`TableNotFoundError` -> NOT_FOUND, :class:`TableMismatchError` -> ALREADY_EXISTS,
-    :class:`PSTimeoutError` -> DEADLINE_EXCEEDED. Anything else propagates (an internal error).
+    :class:`PSTimeoutError` -> DEADLINE_EXCEEDED, :class:`ResourceExhaustedError` ->
+    RESOURCE_EXHAUSTED. Anything else propagates (an internal error). The reason is cut to
+    :data:`MAX_ERROR_CHARS`.
     """
     try:
         return fn()
     except TableNotFoundError as exc:
-        context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        context.abort(grpc.StatusCode.NOT_FOUND, bounded(str(exc)))
     except TableMismatchError as exc:
-        context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        context.abort(grpc.StatusCode.ALREADY_EXISTS, bounded(str(exc)))
     except PSTimeoutError as exc:
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, bounded(str(exc)))
     except NodeUnavailableError as exc:
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        context.abort(grpc.StatusCode.UNAVAILABLE, bounded(str(exc)))
+    except ResourceExhaustedError as exc:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, bounded(str(exc)))
     except (ValueError, TypeError) as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(exc)))
     except IndexError as exc:
-        context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+        context.abort(grpc.StatusCode.OUT_OF_RANGE, bounded(str(exc)))
     raise AssertionError("unreachable")  # context.abort always raises

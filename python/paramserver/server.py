@@ -1,8 +1,12 @@
 """A parameter server: holds shards of every table in the C++ core and serves pushes and pulls.
 
-Each request is checked whole before any state is touched: unknown tables, blocks held elsewhere,
-payloads of the wrong length and non-finite gradients are rejected with INVALID_ARGUMENT /
-NOT_FOUND / OUT_OF_RANGE and a message naming the table, and the server keeps serving unchanged.
+Each message is checked whole before any state is touched: unknown tables, a table or a block
+listed twice, blocks held elsewhere, payloads of the wrong length, non-finite values and replies
+that would not fit in a message are rejected with INVALID_ARGUMENT / NOT_FOUND / OUT_OF_RANGE
+and a message naming the table, and the server keeps serving unchanged. Nothing a request asks
+for is allocated before it is known to fit: table creations and new embedding rows are checked
+against the memory budget (``max_memory``, RESOURCE_EXHAUSTED). Error messages never echo
+unbounded request contents.
 The tensor bytes of a request are handed to the core without a copy; the core applies updates with
 the GIL released, so requests for different blocks proceed in parallel.
 """
@@ -18,8 +22,14 @@ import grpc
 import numpy as np
 
 from paramserver import _core, rpc
-from paramserver.config import ServerConfig
-from paramserver.errors import TableMismatchError, TableNotFoundError
+from paramserver.config import (
+    MAX_BLOCK_SIZE,
+    MAX_DIM,
+    MAX_NAME_BYTES,
+    MAX_TABLE_ELEMENTS,
+    ServerConfig,
+)
+from paramserver.errors import ResourceExhaustedError, TableMismatchError, TableNotFoundError
 from paramserver.membership import Membership
 from paramserver.partition import server_of_ids
 from paramserver.v1 import paramserver_pb2 as pb
@@ -40,6 +50,57 @@ from paramserver.wire import (
 __all__ = ["Server"]
 
 log = logging.getLogger(__name__)
+
+#: Bytes a reply may hold: the message limit, less room for the slices' headers.
+_MAX_REPLY_BYTES = rpc.MAX_MESSAGE_BYTES - 1024 * 1024
+#: Bookkeeping bytes per embedding row beyond values and state (id, step count, map slot), for the
+#: memory budget's estimate.
+_ROW_OVERHEAD = 32
+
+
+def _preview(values: Any, limit: int = 8) -> str:
+    """At most ``limit`` items of a sequence for an error message, and how many there are."""
+    items = list(values[:limit])
+    more = len(values) - len(items)
+    return f"{items}" if not more else f"{items[:-1] + ['...']} ({len(values)} in all)"
+
+
+def _name(name: str) -> str:
+    """A table name for an error message: quoted, and cut if it is absurdly long."""
+    return repr(name) if len(name) <= 80 else repr(name[:80]) + f"... ({len(name)} characters)"
+
+
+def _check_spec(spec: pb.TableSpec, blocks: tuple[int, ...]) -> int:
+    """Validate a CreateTableRequest as the scheduler validates a declaration, with the limits a
+    server enforces; return the number of elements of a dense table (0 for an embedding)."""
+    name = _name(spec.name)
+    if not spec.name or len(spec.name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"a table needs a name of 1 to {MAX_NAME_BYTES} bytes, got {name}")
+    if spec.kind == pb.TableSpec.DENSE:
+        if not spec.shape or any(d <= 0 for d in spec.shape):
+            raise ValueError(f"table {name}: shape must have positive dimensions, got "
+                             f"{_preview(tuple(spec.shape))}")
+        size = 1
+        for d in spec.shape:  # Python ints: numpy's product would wrap around silently
+            size *= d
+            if size > MAX_TABLE_ELEMENTS:
+                raise ValueError(f"table {name}: more than {MAX_TABLE_ELEMENTS} elements")
+        if not 0 < spec.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"table {name}: block_size must be in [1, {MAX_BLOCK_SIZE}], got "
+                             f"{spec.block_size}")
+        if not blocks:  # the core would read an empty list as "every block"
+            raise ValueError(f"table {name}: a server is created with the blocks it holds; "
+                             f"the request lists none")
+        num_blocks = -(-size // spec.block_size)
+        if len(set(blocks)) != len(blocks) or not all(0 <= b < num_blocks for b in blocks):
+            raise ValueError(f"table {name}: blocks must be distinct ids in [0, {num_blocks}), "
+                             f"got {_preview(blocks)}")
+        return size
+    if spec.kind == pb.TableSpec.EMBEDDING:
+        if not 0 < spec.dim <= MAX_DIM:
+            raise ValueError(f"table {name}: dim must be in [1, {MAX_DIM}], got {spec.dim}")
+        return 0
+    raise ValueError(f"table {name}: unknown kind {spec.kind}")
 
 
 @dataclass
@@ -64,11 +125,12 @@ class _Shards:
     only by the server its hash maps to.
     """
 
-    def __init__(self, node: str, apply_threads: int) -> None:
+    def __init__(self, node: str, apply_threads: int, max_memory: int = 0) -> None:
         self.node = node
         self.rank = 0
         self.num_servers = 1
         self._apply_threads = apply_threads
+        self._max_memory = max_memory
         self._dense: dict[str, _DenseShard] = {}
         self._sparse: dict[str, _SparseShard] = {}
         self._lock = threading.Lock()
@@ -77,10 +139,25 @@ class _Shards:
         self.bytes_in = 0
         self.bytes_out = 0
 
+    def _held_bytes(self) -> int:
+        return sum(s.table.bytes() for s in self._dense.values()) + sum(
+            s.table.bytes() for s in self._sparse.values())
+
+    def _check_budget(self, table: str, more: int, what: str) -> None:
+        """ResourceExhaustedError if ``more`` bytes would take the server past its budget."""
+        if not self._max_memory:
+            return
+        held = self._held_bytes()
+        if held + more > self._max_memory:
+            raise ResourceExhaustedError(
+                f"table {_name(table)}: {what} needs about {more} bytes; {self.node} holds "
+                f"{held} of its {self._max_memory}-byte memory budget (--max-memory)")
+
     def create(self, request: pb.CreateTableRequest) -> bool:
         spec = request.spec
-        optimizer = optimizer_from_spec(spec.optimizer)
         blocks = tuple(request.blocks)
+        size = _check_spec(spec, blocks)
+        optimizer = optimizer_from_spec(spec.optimizer)
         with self._lock:
             existing = self._dense.get(spec.name) or self._sparse.get(spec.name)
             if existing is not None:
@@ -91,8 +168,11 @@ class _Shards:
                     f"table {spec.name!r} exists on {self.node} as {describe_spec(existing.spec)}; "
                     f"asked for {describe_spec(spec)}")
             if spec.kind == pb.TableSpec.DENSE:
-                size = int(np.prod(spec.shape, dtype=np.int64))
-                # The core validates sizes and block ids; its errors arrive as ValueError.
+                last = -(-size // spec.block_size) - 1
+                elements = len(blocks) * spec.block_size - (
+                    (last + 1) * spec.block_size - size if last in blocks else 0)
+                self._check_budget(spec.name, elements * 4 * (1 + _core.num_slots(optimizer.to_config())),
+                                   f"creating {len(blocks)} blocks ({elements} elements)")
                 table = _core.DenseTable(size, spec.block_size, optimizer.to_config(), list(blocks))
                 self._dense[spec.name] = _DenseShard(spec, blocks, table)
             elif spec.kind == pb.TableSpec.EMBEDDING:
@@ -115,26 +195,34 @@ class _Shards:
 
     def _check_dense(self, op: int, piece: pb.DenseSlice) -> tuple:
         shard: _DenseShard = self._shard(piece.table, sparse=False)
+        if len(set(piece.blocks)) != len(piece.blocks):
+            # A repeated block would be stepped twice by a push and read twice by a pull: a 5 KB
+            # pull of one block listed 5,000 times once made a server allocate gigabytes.
+            seen: set[int] = set()
+            repeated = next(b for b in piece.blocks if b in seen or seen.add(b))
+            raise ValueError(f"table {_name(piece.table)}: block {repeated} is listed more than "
+                             f"once in one message")
         blocks = np.array(piece.blocks, dtype=np.int64)
         length = 0
         for b in piece.blocks:
             if not shard.table.holds(b):
-                raise IndexError(f"table {piece.table!r}: block {b} is not held by {self.node} "
-                                 f"(it holds {len(shard.blocks)} of {shard.table.num_blocks})")
+                raise IndexError(f"table {_name(piece.table)}: block {b} is not held by "
+                                 f"{self.node} (it holds {len(shard.blocks)} of "
+                                 f"{shard.table.num_blocks})")
             length += shard.table.block_length(b)
         data = self._check_data(op, piece.table, piece.data, length,
-                                f"blocks {list(piece.blocks)} hold")
+                                f"blocks {_preview(piece.blocks)} hold")
         return shard, blocks, data, length
 
     def _check_sparse(self, op: int, piece: pb.SparseSlice) -> tuple:
         shard: _SparseShard = self._shard(piece.table, sparse=True)
         if op == pb.ASSIGN:
-            raise ValueError(f"table {piece.table!r}: embedding rows cannot be assigned")
+            raise ValueError(f"table {_name(piece.table)}: embedding rows cannot be assigned")
         ids = ids_view(piece.ids)
         if self.num_servers > 1:
             wrong = np.flatnonzero(server_of_ids(ids, self.num_servers) != self.rank)
             if wrong.size:
-                raise ValueError(f"table {piece.table!r}: id {int(ids[wrong[0]])} belongs to "
+                raise ValueError(f"table {_name(piece.table)}: id {int(ids[wrong[0]])} belongs to "
                                  f"server-{int(server_of_ids(ids[wrong[:1]], self.num_servers)[0])}"
                                  f", not {self.node}")
         dim = shard.spec.dim
@@ -147,16 +235,17 @@ class _Shards:
                     what: str) -> np.ndarray | None:
         if op == pb.PULL:
             if payload:
-                raise ValueError(f"table {table!r}: a pull carries no data")
+                raise ValueError(f"table {_name(table)}: a pull carries no data")
             return None
         data = floats(payload)
         if data.size != length:
-            raise ValueError(f"table {table!r}: {what} {length} elements, the request carries "
-                             f"{data.size}")
+            raise ValueError(f"table {_name(table)}: {what} {length} elements, the request "
+                             f"carries {data.size}")
         # A float64 sum propagates NaN/inf and cannot overflow on finite float32: one cheap pass.
-        if op != pb.ASSIGN and not np.isfinite(np.add.reduce(data, dtype=np.float64)):
+        if not np.isfinite(np.add.reduce(data, dtype=np.float64)):
             bad = int(np.flatnonzero(~np.isfinite(data))[0])
-            raise ValueError(f"table {table!r}: gradient is not finite ({data[bad]} at element "
+            kind = "values to assign are" if op == pb.ASSIGN else "gradient is"
+            raise ValueError(f"table {_name(table)}: {kind} not finite ({data[bad]} at element "
                              f"{bad} of the slice)")
         return data
 
@@ -174,12 +263,29 @@ class _Shards:
         op = request.op
         if op not in (pb.PUSH, pb.PULL, pb.PUSH_PULL, pb.ASSIGN):
             raise ValueError(f"unknown op {op}")
+        for pieces in (request.dense, request.sparse):
+            if len({p.table for p in pieces}) != len(pieces):
+                seen: set[str] = set()
+                repeated = next(p.table for p in pieces if p.table in seen or seen.add(p.table))
+                raise ValueError(f"table {_name(repeated)} appears more than once in one message")
         dense = [self._check_dense(op, piece) for piece in request.dense]
         sparse = [self._check_sparse(op, piece) for piece in request.sparse]
+        reads = op in (pb.PULL, pb.PUSH_PULL)
+        if reads:  # the reply must fit in a message: check before building it or creating rows
+            reply = sum(4 * length + 64 for _, _, _, length in dense) + sum(
+                ids.size * (8 + 4 * shard.spec.dim) + 64 for shard, ids, _ in sparse)
+            if reply > _MAX_REPLY_BYTES:
+                raise ResourceExhaustedError(
+                    f"the reply to this message would be {reply} bytes, over the "
+                    f"{_MAX_REPLY_BYTES}-byte limit (tables "
+                    f"{_preview([p.table for p in request.dense] + [p.table for p in request.sparse])}"
+                    f"); send fewer blocks or ids per message")
+        if self._max_memory:
+            for shard, ids, _ in sparse:
+                self._check_new_rows(shard, ids)
         # Everything is valid: from here on nothing raises on the request's content.
         dense_out: list[tuple[str, list[int], np.ndarray]] = []
         sparse_out: list[tuple[str, np.ndarray, np.ndarray]] = []
-        reads = op in (pb.PULL, pb.PUSH_PULL)
         for shard, blocks, data, length in dense:
             if op == pb.ASSIGN:
                 shard.table.assign_many(blocks, data)
@@ -209,6 +315,19 @@ class _Shards:
             if reads:
                 self.pull_requests += 1
         return dense_out, sparse_out
+
+    def _check_new_rows(self, shard: _SparseShard, ids: np.ndarray) -> None:
+        """ResourceExhaustedError if the rows ``ids`` would create pass the memory budget.
+
+        Cheap when far from the budget (every id counted as new); near it, the new ids are
+        counted exactly. Concurrent requests are checked independently, so the budget can be
+        overrun by at most what the requests in flight create together.
+        """
+        row = 4 * shard.spec.dim * (1 + shard.table.num_slots) + _ROW_OVERHEAD
+        if self._held_bytes() + ids.size * row <= self._max_memory:
+            return
+        new = sum(1 for i in np.unique(ids).tolist() if not shard.table.contains(i))
+        self._check_budget(shard.spec.name, new * row, f"creating {new} embedding rows")
 
     def stats(self) -> pb.ServerStats:
         with self._lock:
@@ -270,7 +389,8 @@ class Server:
         self._server = rpc.make_server(config.threads, config.security)
         self._port = rpc.bind(self._server, config.host, config.port, config.security)
         self.address = config.advertise or f"{config.host}:{self._port}"
-        self._shards = _Shards(f"server at {self.address}", config.apply_threads)
+        self._shards = _Shards(f"server at {self.address}", config.apply_threads,
+                               config.max_memory)
         _add_service(_ParameterServerService(self._shards), self._server)
         self._health = rpc.serve_health(self._server)
         self._membership: Membership | None = None

@@ -65,6 +65,8 @@ def test_malformed_requests_to_a_server_are_rejected_and_state_is_unchanged(clus
     client, t = table
     address = cluster.server_addresses[0]
     mine = t._ref.by_server[0][0]  # a block of "w" that server 0 holds
+    v = client.dense("v", shape=(300,), optimizer=ps.SGD(lr=1.0), block_size=30)
+    vmine = v._ref.by_server[0][0]  # and one of "v"
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
 
@@ -82,22 +84,23 @@ def test_malformed_requests_to_a_server_are_rejected_and_state_is_unchanged(clus
         # A good slice followed by a bad one: the whole request is rejected before applying.
         good = pb.DenseSlice(table="w", blocks=[mine], data=np.ones(30, np.float32).tobytes())
         rejected(pb.DataRequest(op=pb.PUSH, dense=[good, pb.DenseSlice(
-            table="w", blocks=[mine], data=b"\0" * 7)]),
+            table="v", blocks=[vmine], data=b"\0" * 7)]),
             grpc.StatusCode.INVALID_ARGUMENT, "whole number of float32")
         rejected(pb.DataRequest(op=pb.PUSH, dense=[good, pb.DenseSlice(
-            table="w", blocks=[mine], data=np.ones(29, np.float32).tobytes())]),
+            table="v", blocks=[vmine], data=np.ones(29, np.float32).tobytes())]),
             grpc.StatusCode.INVALID_ARGUMENT, "hold 30 elements, the request carries 29")
         rejected(pb.DataRequest(op=pb.PULL, dense=[pb.DenseSlice(table="w", blocks=[mine],
                                                                  data=b"\0\0\0\0")]),
                  grpc.StatusCode.INVALID_ARGUMENT, "a pull carries no data")
         rejected(pb.DataRequest(op=7), grpc.StatusCode.INVALID_ARGUMENT, "unknown op 7")
         create = pb.CreateTableRequest(spec=pb.TableSpec(name="w", shape=[3], block_size=3,
-                                                         optimizer=pb.OptimizerSpec(lr=1)))
+                                                         optimizer=pb.OptimizerSpec(lr=1)),
+                                       blocks=[0])
         with pytest.raises(grpc.RpcError) as info:
             stub.CreateTable(create, timeout=10)
         assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
         bad_opt = pb.CreateTableRequest(spec=pb.TableSpec(
-            name="q", shape=[3], block_size=3, optimizer=pb.OptimizerSpec(lr=-1)))
+            name="q", shape=[3], block_size=3, optimizer=pb.OptimizerSpec(lr=-1)), blocks=[0])
         with pytest.raises(grpc.RpcError) as info:
             stub.CreateTable(bad_opt, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
