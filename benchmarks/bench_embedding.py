@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 import paramserver as ps
-from paramserver import _core
+from paramserver import _core, rpc
 
 BATCH = 4096
 
@@ -251,6 +251,7 @@ def through_servers(settings: Settings) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     ids64 = rng.integers(0, 2**64, settings.universe, dtype=np.uint64)
     results = []
+    rpc.tune_malloc()  # as `paramserver launch` does for its workers (the library does not)
     for servers in settings.servers:
         with LocalCluster(servers) as cluster, ps.connect(cluster.address, timeout=60) as client:
             for dim in settings.dims:

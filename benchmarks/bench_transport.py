@@ -285,7 +285,9 @@ def _worker(args: dict[str, Any], rank: int, barrier: Any) -> dict[str, Any]:
     import numpy as np
 
     import paramserver as ps
+    from paramserver import rpc
 
+    rpc.tune_malloc()  # as `paramserver launch` does for its workers (the library does not)
     quick = args["quick"]
     extra = {"message_bytes": args["message_bytes"]} if args["message_bytes"] else {}
     out: dict[str, Any] = {"ps": {}, "raw_tcp": {}, "bare_grpc": {}, "ten_m": None}

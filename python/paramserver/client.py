@@ -190,7 +190,6 @@ class Client:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
         self._membership = Membership(config.scheduler, pb.WORKER, requested_rank=config.rank,
                                       num_workers=config.num_workers, timeout=config.timeout,
                                       security=config.security)
@@ -216,7 +215,7 @@ class Client:
         self._fanout = ThreadPoolExecutor(max_workers=max(1, len(self._servers)),
                                           thread_name_prefix="ps-fanout")
         self._async = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-async")
-        self._closed = False
+        self._closing = self._closed = False
 
     # -- job ------------------------------------------------------------------------------------
 
@@ -239,8 +238,19 @@ class Client:
         """Block until every worker of the job has called ``barrier(name)``.
 
         Raises PSTimeoutError naming the workers still missing after ``timeout`` seconds
-        (default: the client's timeout), or NodeUnavailableError if one of them is dead.
+        (default: the client's timeout), NodeUnavailableError if one of them is dead, and
+        ParamServerError if the job size is unknown (a barrier cannot know whom to wait for:
+        pass ``connect(num_workers=...)`` or start the scheduler with ``--num-workers``) or the
+        client is closed.
         """
+        self._check_open(f"barrier {name!r}")
+        if not self._num_workers:  # another worker or the scheduler may have told it since
+            self._num_workers = self._membership.cluster().num_workers
+        if not self._num_workers:
+            raise ParamServerError(
+                f"barrier {name!r} needs the job size, and neither this worker nor the "
+                f"scheduler at {self.config.scheduler} knows it: pass connect(num_workers=N), "
+                f"set PARAMSERVER_NUM_WORKERS, or start the scheduler with --num-workers N")
         timeout = self.config.timeout if timeout is None else timeout
         self._membership.call("Barrier", pb.BarrierRequest(name=name, node_id=self.node_id,
                                                            timeout=timeout),
@@ -249,6 +259,7 @@ class Client:
     def status(self) -> dict[str, Any]:
         """The scheduler's status of the job as a dict (see ``paramserver status --json``)."""
         from paramserver.status import status_to_dict
+        self._check_open("status")
         reply = self._membership.call("Status", pb.StatusRequest(), what="status")
         return status_to_dict(reply)
 
@@ -348,7 +359,12 @@ class Client:
             out[rank] = next((getattr(t, field) for t in stats.tables if t.name == name), 0)
         return out
 
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ParamServerError(f"{what}: client {self.node_id} is closed")
+
     def _declare(self, spec: pb.TableSpec, values: np.ndarray | None) -> pb.TablePlacement:
+        self._check_open(f"declare table {spec.name!r}")
         deadline = time.monotonic() + self.config.timeout
         delay = 0.01
         while True:
@@ -451,8 +467,8 @@ class Client:
         return self._submit(self.push_pull, grads)
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        if self._closed:
-            raise ParamServerError(f"client {self.node_id} is closed")
+        if self._closing:
+            raise ParamServerError(f"an async call: client {self.node_id} is closed")
         return self._async.submit(fn, *args)
 
     def _exchange(self, op: int, entries: dict[str, Any], refs: dict[str, Any],
@@ -462,6 +478,7 @@ class Client:
         ``entries`` maps a dense table to its array (None in pulls) and an embedding table to its
         ids (pulls) or ``(ids, grads)``. Every entry is validated before anything is sent.
         """
+        self._check_open(f"{what} of {sorted(refs)}")
         plans = {name: (DensePlan if isinstance(ref, DenseRef) else SparsePlan)(ref, op,
                                                                                   entries[name])
                  for name, ref in refs.items()}
@@ -569,10 +586,11 @@ class Client:
 
     def close(self) -> None:
         """Finish queued async calls, leave the job and close every connection. Idempotent."""
-        if self._closed:
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True  # refuse new async calls; the queued ones still run
         self._async.shutdown(wait=True)
+        self._closed = True
         self._fanout.shutdown(wait=True)
         for channel in self._channels:
             channel.close()

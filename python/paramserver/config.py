@@ -199,8 +199,9 @@ class SchedulerConfig:
             raise ValueError(f"num_servers must be >= 1, got {self.num_servers}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        _check_port(self.port)
+        _check_positive("max_threads", self.max_threads)
+        _check_security(self.security)
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
                 f"need 0 < heartbeat_interval < heartbeat_timeout, got "
@@ -238,6 +239,21 @@ class ServerConfig:
     security: Security = Security()
     max_memory: int = 0
 
+    def __post_init__(self) -> None:
+        _check_address("scheduler", self.scheduler)
+        if self.advertise:
+            _check_address("advertise", self.advertise)
+        _check_port(self.port)
+        if self.rank < -1:
+            raise ValueError(f"rank must be >= 0, or -1 for any, got {self.rank}")
+        _check_positive("threads", self.threads)
+        _check_positive("apply_threads", self.apply_threads)
+        _check_positive("timeout", self.timeout)
+        if self.max_memory < 0:
+            raise ValueError(f"max_memory must be >= 0 bytes (0: no limit), got "
+                             f"{self.max_memory}")
+        _check_security(self.security)
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -260,3 +276,36 @@ class ClientConfig:
     timeout: float = 60.0
     message_bytes: int = DEFAULT_MESSAGE_BYTES
     security: Security = Security()
+
+    def __post_init__(self) -> None:
+        _check_address("scheduler", self.scheduler)
+        if self.rank < -1:
+            raise ValueError(f"rank must be >= 0, or -1 for any, got {self.rank}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0: unknown), got {self.num_workers}")
+        _check_positive("timeout", self.timeout)
+        _check_positive("message_bytes", self.message_bytes)
+        _check_security(self.security)
+
+
+def _check_positive(name: str, value: float) -> None:
+    # `not value > 0` also refuses NaN.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def _check_port(port: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int in [0, 65535] (0: any free port), got {port!r}")
+
+
+def _check_address(name: str, address: str) -> None:
+    host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{name} must be 'host:port' with a port in [1, 65535], got {address!r}")
+
+
+def _check_security(security: Security) -> None:
+    if not isinstance(security, Security):
+        raise TypeError(f"security must be a paramserver.Security, got "
+                        f"{type(security).__name__}")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO
 
 from paramserver.config import TLS_ENV, TOKEN_ENV, Security
+from paramserver.rpc import MALLOC_ENV
 
 __all__ = ["LaunchConfig", "launch"]
 
@@ -301,6 +302,11 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
     # 2.7x slower training on 2 cores); like torchrun, default to one thread per process.
     for var in _THREAD_VARIABLES:
         base_env.setdefault(var, "1")
+    # Megabyte messages without a page fault per 4 KiB (rpc.tune_malloc): the launcher's decision
+    # for the processes it starts, made through glibc's own variables, never from the library.
+    if base_env.get("PARAMSERVER_TUNE_MALLOC", "1") != "0" and not any(
+            var in base_env for var in MALLOC_ENV):
+        base_env.update(MALLOC_ENV)
     base_env.update(config.env)
     # The token travels by environment, never on a command line (visible to every user in ps).
     base_env[TOKEN_ENV] = config.token or secrets.token_urlsafe(32)

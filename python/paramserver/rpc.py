@@ -39,7 +39,7 @@ from paramserver.errors import (
     TableNotFoundError,
 )
 
-__all__ = ["MAX_MESSAGE_BYTES", "MAX_ERROR_CHARS", "bounded", "tune_malloc", "make_channel", "make_server", "bind",
+__all__ = ["MAX_MESSAGE_BYTES", "MAX_ERROR_CHARS", "bounded", "tune_malloc", "MALLOC_ENV", "make_channel", "make_server", "bind",
            "is_loopback", "serve_health", "call", "translate", "abort_on"]
 
 #: Hard cap on one message. Requests are cut into ~2 MB messages, so this is only a safety margin.
@@ -67,6 +67,10 @@ _OPEN_PREFIX = "/grpc.health.v1.Health/"
 
 _MALLOC_TUNED = False
 
+#: glibc's environment variables for the settings of :func:`tune_malloc`, read at process start.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
+              "MALLOC_TRIM_THRESHOLD_": str(256 * 1024 * 1024)}
+
 
 def tune_malloc() -> None:
     """Let glibc malloc reuse the memory of freed megabyte-sized buffers (once per process).
@@ -79,6 +83,10 @@ def tune_malloc() -> None:
     Allocations up to 32 MiB (glibc's own dynamic ceiling) come from the heap and up to 256 MiB of
     free heap is kept for reuse. Skipped off glibc, when the process set MALLOC_MMAP_THRESHOLD_ /
     MALLOC_TRIM_THRESHOLD_ itself, or when PARAMSERVER_TUNE_MALLOC=0.
+
+    This changes malloc for the whole process, so the library never calls it on its own: the
+    ``paramserver server`` command does, ``paramserver launch`` sets the equivalent environment
+    variables (:data:`MALLOC_ENV`) for its processes, and a worker started otherwise may call it.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -93,8 +101,8 @@ def tune_malloc() -> None:
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-    mallopt(m_trim_threshold, 256 * 1024 * 1024)
+    mallopt(m_mmap_threshold, int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]))
+    mallopt(m_trim_threshold, int(MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]))
 
 
 class _CallDetails(collections.namedtuple(

@@ -385,7 +385,6 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
         self._server = rpc.make_server(config.threads, config.security)
         self._port = rpc.bind(self._server, config.host, config.port, config.security)
         self.address = config.advertise or f"{config.host}:{self._port}"

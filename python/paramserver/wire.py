@@ -329,6 +329,8 @@ class RequestView:
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """The unsigned 64-bit varint at ``buf[pos]`` and the position after it. ValueError if it is
+    truncated, longer than 10 bytes, or >= 2**64 (a 10th byte above 1), as protobuf refuses."""
     if pos < end and buf[pos] < 0x80:  # one byte: tags, small lengths and block ids
         return buf[pos], pos + 1
     result = shift = 0
@@ -337,12 +339,12 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise ValueError("malformed message: truncated varint")
         byte = buf[pos]
         pos += 1
+        if shift == 63 and byte > 1:  # also ends every varint longer than 10 bytes
+            raise ValueError("malformed message: varint does not fit in 64 bits")
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
             return result, pos
         shift += 7
-        if shift > 63:
-            raise ValueError("malformed message: varint too long")
 
 
 def _fields(buf: memoryview, pos: int, end: int):  # -> Iterator[tuple[int, int, Any]]

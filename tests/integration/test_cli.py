@@ -260,3 +260,23 @@ def test_the_next_launch_removes_directories_of_killed_launchers(tmp_path):
     assert f"removed {stale}, left by a launcher that was killed" in result.stdout
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paramserver-launch-live"]
+
+
+def test_malloc_is_tuned_by_the_launcher_not_by_the_library(cluster):
+    probe = ("import os, paramserver as ps, paramserver.rpc as rpc\n"
+             "with ps.connect(timeout=20) as c:\n"
+             "    c.dense('w', (2,), ps.SGD()).pull()\n"
+             "print('TUNED', rpc._MALLOC_TUNED, os.environ.get('MALLOC_MMAP_THRESHOLD_'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           env=dict(env, PARAMSERVER_SCHEDULER=cluster.scheduler), timeout=60)
+    assert plain.returncode == 0, plain.stderr
+    assert "TUNED False None" in plain.stdout  # connect() left the process's malloc alone
+    launched = subprocess.run(PS + ["launch", "--", sys.executable, "-c", probe], env=env,
+                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    assert f"TUNED False {32 * 1024 * 1024}" in launched.stdout
+    opted_out = subprocess.run(PS + ["launch", "--", sys.executable, "-c", probe],
+                               env=dict(env, PARAMSERVER_TUNE_MALLOC="0"), capture_output=True,
+                               text=True, timeout=LAUNCH_TIMEOUT)
+    assert "TUNED False None" in opted_out.stdout, opted_out.stdout + opted_out.stderr

@@ -165,3 +165,25 @@ def test_barrier_fails_fast_when_a_worker_died(cluster_factory):
                 client.barrier("b", timeout=60.0)
         finally:
             other.close()
+
+
+def test_a_closed_client_says_so(cluster):
+    client = cluster.connect(num_workers=1)
+    t = client.dense("w", shape=(2,), optimizer=ps.SGD(lr=1.0))
+    pending = t.push_async(np.ones(2, np.float32))
+    client.close()
+    assert pending.result() is None  # queued before close: still applied
+    for call in (client.barrier, client.status, t.pull, lambda: t.push(np.ones(2, np.float32)),
+                 lambda: client.dense("v", (2,), ps.SGD()), t.pull_async):
+        with pytest.raises(ps.ParamServerError, match="is closed"):
+            call()
+    with cluster.connect() as other:
+        np.testing.assert_array_equal(other.dense("w", (2,), ps.SGD(lr=1.0)).pull(), [-1, -1])
+
+
+def test_a_barrier_without_a_job_size_fails_clearly(cluster):
+    # The cluster's scheduler has no --num-workers, and this worker gives none: before, the
+    # barrier returned at once, waiting for nobody.
+    with cluster.connect(num_workers=0) as client:
+        with pytest.raises(ps.ParamServerError, match="barrier 'b' needs the job size"):
+            client.barrier("b", timeout=1.0)
