@@ -242,7 +242,10 @@ class _Shards:
             raise ValueError(f"table {_name(table)}: {what} {length} elements, the request "
                              f"carries {data.size}")
         # A float64 sum propagates NaN/inf and cannot overflow on finite float32: one cheap pass.
-        if not np.isfinite(np.add.reduce(data, dtype=np.float64)):
+        # (inf + -inf is NaN, which is what we test for: no warning wanted.)
+        with np.errstate(invalid="ignore"):
+            total = np.add.reduce(data, dtype=np.float64)
+        if not np.isfinite(total):
             bad = int(np.flatnonzero(~np.isfinite(data))[0])
             kind = "values to assign are" if op == pb.ASSIGN else "gradient is"
             raise ValueError(f"table {_name(table)}: {kind} not finite ({data[bad]} at element "
