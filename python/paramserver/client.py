@@ -181,7 +181,8 @@ class Client:
 
     Construction registers with the scheduler (retrying until ``config.timeout``), waits until every
     server has registered, and starts heartbeats. Methods are thread safe; calls issued through
-    ``*_async`` run in order on one background thread.
+    ``*_async`` run in order on one background thread; a sync call does not wait for them, so it
+    can be applied before async calls issued earlier (wait for their futures first).
 
     Raises (from the constructor):
         NodeUnavailableError: the scheduler is unreachable.

@@ -34,7 +34,8 @@ MAX_BLOCK_SIZE = 4 * 1024 * 1024
 MAX_TABLE_ELEMENTS = 1 << 40
 #: Longest table name, in UTF-8 bytes.
 MAX_NAME_BYTES = 256
-#: Target payload bytes of one gRPC message (PERF.md: 1-4 MB messages move 3-5x faster than 16 MB+).
+#: Target payload bytes of one gRPC message (measured here: 1-4 MB messages move 3-5x faster than
+#: 16 MB+ in Python gRPC).
 #: 2 MiB measured best for 16-64 MB pushes and pulls (benchmarks/bench_transport.py, messages sent
 #: as parallel unary calls): 4 MiB was 15-30% slower, 1 MiB about the same or slightly slower.
 DEFAULT_MESSAGE_BYTES = 2 * 1024 * 1024
