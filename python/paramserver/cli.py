@@ -106,14 +106,18 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     security = _security(args)  # read and checked here, so a bad file fails before any start
-    tls = {name: os.path.abspath(path) for name in ("tls_cert", "tls_key", "tls_ca")
-           if (path := getattr(args, name) or os.environ.get(TLS_ENV[name], ""))}
+
+    def tls_path(name: str) -> str:
+        path = getattr(args, name) or os.environ.get(TLS_ENV[name], "")
+        return os.path.abspath(path) if path else ""
+
     config = LaunchConfig(command=command, num_servers=args.num_servers,
                           num_workers=args.num_workers, host=args.host, port=args.port,
                           heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
                           startup_timeout=args.startup_timeout, token=security.token,
-                          tls_client_auth=args.tls_client_auth, **tls)
+                          tls_cert=tls_path("tls_cert"), tls_key=tls_path("tls_key"),
+                          tls_ca=tls_path("tls_ca"), tls_client_auth=args.tls_client_auth)
     return launch(config)
 
 

@@ -127,7 +127,7 @@ def _clean_stale_dirs(parent: str) -> list[str]:
     """Remove this user's launcher directories whose launcher is gone (killed before it could
     clean up); return their paths. A directory without an owner file is left alone unless it is
     a minute old (its launcher writes the file right after creating it)."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = [e for e in os.scandir(parent) if e.name.startswith(_TMP_PREFIX)]
     except OSError:

@@ -65,6 +65,16 @@ def _preview(values: Any, limit: int = 8) -> str:
     return f"{items}" if not more else f"{items[:-1] + ['...']} ({len(values)} in all)"
 
 
+def _first_repeated(values: Any) -> Any:
+    """The first value of ``values`` seen before in it (the caller knows there is one)."""
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    raise AssertionError("no repeated value")
+
+
 def _name(name: str) -> str:
     """A table name for an error message: quoted, and cut if it is absurdly long."""
     return repr(name) if len(name) <= 80 else repr(name[:80]) + f"... ({len(name)} characters)"
@@ -198,8 +208,7 @@ class _Shards:
         if len(set(piece.blocks)) != len(piece.blocks):
             # A repeated block would be stepped twice by a push and read twice by a pull: a 5 KB
             # pull of one block listed 5,000 times once made a server allocate gigabytes.
-            seen: set[int] = set()
-            repeated = next(b for b in piece.blocks if b in seen or seen.add(b))
+            repeated = _first_repeated(piece.blocks)
             raise ValueError(f"table {_name(piece.table)}: block {repeated} is listed more than "
                              f"once in one message")
         blocks = np.array(piece.blocks, dtype=np.int64)
@@ -268,8 +277,7 @@ class _Shards:
             raise ValueError(f"unknown op {op}")
         for pieces in (request.dense, request.sparse):
             if len({p.table for p in pieces}) != len(pieces):
-                seen: set[str] = set()
-                repeated = next(p.table for p in pieces if p.table in seen or seen.add(p.table))
+                repeated = _first_repeated([p.table for p in pieces])
                 raise ValueError(f"table {_name(repeated)} appears more than once in one message")
         dense = [self._check_dense(op, piece) for piece in request.dense]
         sparse = [self._check_sparse(op, piece) for piece in request.sparse]
