@@ -83,8 +83,8 @@ class Membership:
                     self._channel.close()
                     # A TLS mismatch looks like an unreachable peer: gRPC retries the handshake.
                     hint = ("; this node calls over TLS: is the scheduler serving TLS with a "
-                            "certificate signed by --tls-ca that names the host in its address (and, for "
-                            "mutual TLS, does it accept this node's certificate)?"
+                            "certificate signed by --tls-ca that names the host in its address "
+                            "(and, for mutual TLS, does it accept this node's certificate)?"
                             if self._security.tls else
                             "; this node calls in plaintext: if the scheduler serves TLS, give "
                             "--tls-ca (PARAMSERVER_TLS_CA)")

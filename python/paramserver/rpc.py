@@ -39,8 +39,9 @@ from paramserver.errors import (
     TableNotFoundError,
 )
 
-__all__ = ["MAX_MESSAGE_BYTES", "MAX_ERROR_CHARS", "bounded", "tune_malloc", "MALLOC_ENV", "make_channel", "make_server", "bind",
-           "is_loopback", "serve_health", "call", "translate", "abort_on"]
+__all__ = ["MAX_MESSAGE_BYTES", "MAX_ERROR_CHARS", "bounded", "tune_malloc", "MALLOC_ENV",
+           "make_channel", "make_server", "bind", "is_loopback", "serve_health", "call",
+           "translate", "abort_on"]
 
 #: Hard cap on one message. Requests are cut into ~2 MB messages, so this is only a safety margin.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -262,9 +263,9 @@ def bind(server: grpc.Server, host: str, port: int, security: Security) -> int:
     if bound == 0:
         if port and _port_taken(host, port):  # taken between the probe and the bind
             raise NodeUnavailableError(in_use)
+        tls = " Are the TLS certificate and key valid?" if security.tls_cert else ""
         raise NodeUnavailableError(f"cannot listen on {address}: the address cannot be bound "
-                                   f"(is {host!r} an interface of this machine?"
-                                   f"{' Are the TLS certificate and key valid?' if security.tls_cert else ''})")
+                                   f"(is {host!r} an interface of this machine?{tls})")
     return bound
 
 

@@ -181,7 +181,8 @@ class _Shards:
                 last = -(-size // spec.block_size) - 1
                 elements = len(blocks) * spec.block_size - (
                     (last + 1) * spec.block_size - size if last in blocks else 0)
-                self._check_budget(spec.name, elements * 4 * (1 + _core.num_slots(optimizer.to_config())),
+                per_element = 4 * (1 + _core.num_slots(optimizer.to_config()))
+                self._check_budget(spec.name, elements * per_element,
                                    f"creating {len(blocks)} blocks ({elements} elements)")
                 table = _core.DenseTable(size, spec.block_size, optimizer.to_config(), list(blocks))
                 self._dense[spec.name] = _DenseShard(spec, blocks, table)
@@ -286,11 +287,11 @@ class _Shards:
             reply = sum(4 * length + 64 for _, _, _, length in dense) + sum(
                 ids.size * (8 + 4 * shard.spec.dim) + 64 for shard, ids, _ in sparse)
             if reply > _MAX_REPLY_BYTES:
+                tables = [p.table for p in request.dense] + [p.table for p in request.sparse]
                 raise ResourceExhaustedError(
                     f"the reply to this message would be {reply} bytes, over the "
-                    f"{_MAX_REPLY_BYTES}-byte limit (tables "
-                    f"{_preview([p.table for p in request.dense] + [p.table for p in request.sparse])}"
-                    f"); send fewer blocks or ids per message")
+                    f"{_MAX_REPLY_BYTES}-byte limit (tables {_preview(tables)}); send fewer "
+                    f"blocks or ids per message")
         if self._max_memory:
             for shard, ids, _ in sparse:
                 self._check_new_rows(shard, ids)

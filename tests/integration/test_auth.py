@@ -1,4 +1,4 @@
-"""The job token: every RPC of the scheduler and the servers needs it; the health service is open."""
+"""The job token: every RPC of the scheduler and the servers needs it; health stays open."""
 
 from __future__ import annotations
 

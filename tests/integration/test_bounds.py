@@ -46,7 +46,8 @@ def test_a_block_or_a_table_listed_twice_is_refused(dense):
     ones = np.ones(30, np.float32)
     with grpc.insecure_channel(cluster.server_addresses[0]) as channel:
         # The 5 KB pull that once made a server allocate gigabytes.
-        error = _refused(channel, _message(pb.PULL, [DenseItem("w", [mine] * 5000, [30] * 5000, [])]))
+        error = _refused(channel, _message(pb.PULL, [DenseItem("w", [mine] * 5000, [30] * 5000,
+                                                               [])]))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"block {mine} is listed more than once" in error.details()
         # A push with a repeated block would have applied two steps.
