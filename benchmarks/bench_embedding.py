@@ -9,6 +9,9 @@ Scenarios (one function each, so a "through servers" section can be added beside
   forward lookup, push builds the sparse gradient and runs the optimizer step (SGD and Adagrad).
 * ``memory_core``: process RSS growth and ``bytes()`` after creating 1M rows of dim 64 with
   Adagrad, against the raw row-and-state bytes (dim x 4 x (1 + slots)).
+* ``routing_core``: the core's pull rate on the ids that one server of S holds (S = 1 and 4), with
+  the router paramserver uses (hash bits 20-51) beside the old ``hash % S``, which made every id of
+  a server share the low hash bits the core's id map uses for its slot.
 * ``through_servers``: a worker (this process) pulls, pushes, pulls then pushes, and push_pulls
   the same batches through 1 and 2 server processes over gRPC on loopback; and the server's RSS
   growth after 1M rows of dim 64 with Adagrad pushed through it.
@@ -37,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 import paramserver as ps
-from paramserver import _core
+from paramserver import _core, rpc
 
 BATCH = 4096
 
@@ -243,6 +246,37 @@ def _server_rss(pids: list[int]) -> int:
     return sum(psutil.Process(pid).memory_info().rss for pid in pids)
 
 
+def routing_core(settings: Settings) -> list[dict[str, Any]]:
+    """Core pull rows/s on the ids server 0 of S holds, for each router (see module doc)."""
+    from paramserver.partition import mix64, server_of_ids
+
+    rng = np.random.default_rng(2)
+    universe = rng.integers(0, 2**64, settings.universe * 8, dtype=np.uint64)
+    routers = {"hash bits 20-51": server_of_ids,
+               "hash % S (before)": lambda ids, s: (mix64(ids) % np.uint64(s)).astype(np.int64)}
+    out = []
+    for servers in (1, 4):
+        for router, route in routers.items():
+            if servers == 1 and router != "hash bits 20-51":
+                continue  # one server: every router is the same
+            ids = universe[route(universe, servers) == 0][:settings.universe]
+            table = _core.EmbeddingTable(16, ps.SGD(lr=0.1).to_config(),
+                                         ps.init.zeros().to_config(), 0)
+            table.pull(ids)
+            batches = [ids[i:i + BATCH] for i in range(0, ids.size - BATCH + 1, BATCH)]
+            batches = batches[:settings.batches] or [ids]
+            buf = np.empty((BATCH, 16), np.float32)
+
+            def pull() -> None:
+                for b in batches:
+                    table.pull(b, out=buf[:b.size], num_threads=1)
+
+            out.append({"servers": servers, "router": router, "rows": int(ids.size),
+                        "pull_rows_per_s": _median_rate(pull, sum(b.size for b in batches),
+                                                        settings.repeats)})
+    return out
+
+
 def through_servers(settings: Settings) -> dict[str, Any]:
     """The runtime half: one worker, 1 and 2 servers, rows/s per worker; server memory."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -251,6 +285,7 @@ def through_servers(settings: Settings) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     ids64 = rng.integers(0, 2**64, settings.universe, dtype=np.uint64)
     results = []
+    rpc.tune_malloc()  # as `paramserver launch` does for its workers (the library does not)
     for servers in settings.servers:
         with LocalCluster(servers) as cluster, ps.connect(cluster.address, timeout=60) as client:
             for dim in settings.dims:
@@ -341,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "numpy": np.__version__},
         "in_process": in_process(settings),
+        "routing_core": routing_core(settings),
         "through_servers": through_servers(settings),
     }
     report["targets"] = _targets(report)
@@ -359,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['impl']:<34}{r['dim']:>5}{r['distinct']:>6.1f}{r['optimizer']:>9}{r['threads']:>4}"
               f"{r['pull_rows_per_s'] / 1e6:>13.2f}{r['push_rows_per_s'] / 1e6:>13.2f}"
               f"{r['pull_push_rows_per_s'] / 1e6:>11.2f}")
+    print("\ncore pull on the ids of one server of S (dim 16, 1 thread)")
+    for r in report["routing_core"]:
+        print(f"  S={r['servers']} {r['router']:<20} {r['rows']:>8,} rows "
+              f"{r['pull_rows_per_s'] / 1e6:>8.2f} M rows/s")
     print(f"\nthrough servers (1 worker)\n{'servers':>8}{'dim':>5}{'dist':>6}{'pull':>10}"
           f"{'push':>10}{'pull,push':>11}{'push_pull':>11}   (M rows/s)")
     for r in report["through_servers"]["throughput"]:

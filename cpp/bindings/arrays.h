@@ -15,13 +15,17 @@ namespace py = pybind11;
 
 inline std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 
+// Whether `a` stores its numbers in this machine's byte order. A big-endian array on a
+// little-endian machine has the right kind and size but would be read as other numbers.
+inline bool native_order(const py::array& a) { return a.dtype().attr("isnative").cast<bool>(); }
+
 // Checks that `a` is a C-contiguous float32 array of exactly `expected` elements (any shape) and
 // returns its data. A wrong dtype is a TypeError and never converted: a silent copy would hide a
 // 2x cost (float64) or a precision loss from the caller.
 template <typename T>
 T* span_of(py::array& a, const char* what, std::size_t expected, bool writable, const char* dtype) {
   if (!py::isinstance<py::array_t<T>>(a) || a.dtype().kind() != py::dtype::of<T>().kind() ||
-      a.itemsize() != static_cast<py::ssize_t>(sizeof(T))) {
+      a.itemsize() != static_cast<py::ssize_t>(sizeof(T)) || !native_order(a)) {
     throw py::type_error(std::string(what) + " must be a numpy " + dtype + " array, got dtype " +
                          dtype_name(a));
   }

@@ -41,12 +41,13 @@ void require_layout(const py::array& a, const char* what) {
   }
 }
 
-// The ids of `a` as uint64 words. No conversion: a float or narrower dtype is a TypeError.
+// The ids of `a` as uint64 words. No conversion: a float, narrower or non-native-endian dtype is a
+// TypeError (a big-endian '>u8' array was once read as other ids).
 const std::uint64_t* id_span(const py::array& a, const char* what = "ids") {
   const auto kind = a.dtype().kind();
-  if (!((kind == 'i' || kind == 'u') && a.itemsize() == 8)) {
-    throw py::type_error(std::string(what) + " must be a numpy int64 or uint64 array, got dtype " +
-                         dtype_name(a));
+  if (!((kind == 'i' || kind == 'u') && a.itemsize() == 8) || !native_order(a)) {
+    throw py::type_error(std::string(what) + " must be a numpy int64 or uint64 array in native "
+                         "byte order, got dtype " + dtype_name(a));
   }
   require_layout(a, what);
   return static_cast<const std::uint64_t*>(a.data());
@@ -55,9 +56,9 @@ const std::uint64_t* id_span(const py::array& a, const char* what = "ids") {
 // A float32 array of exactly `shape`, else TypeError (dtype) or ValueError (shape, layout).
 float* float_span(py::array& a, const char* what, const std::vector<py::ssize_t>& shape,
                   bool writable) {
-  if (a.dtype().kind() != 'f' || a.itemsize() != 4) {
-    throw py::type_error(std::string(what) + " must be a numpy float32 array, got dtype " +
-                         dtype_name(a));
+  if (a.dtype().kind() != 'f' || a.itemsize() != 4 || !native_order(a)) {
+    throw py::type_error(std::string(what) + " must be a numpy float32 array in native byte "
+                         "order, got dtype " + dtype_name(a));
   }
   if (shape_of(a) != shape) {
     throw py::value_error(std::string(what) + " must have shape " + shape_str(shape) + ", got " +

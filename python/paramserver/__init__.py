@@ -12,13 +12,15 @@ it over gRPC; workers push gradients and pull weights through :func:`connect`::
 
 from paramserver import init
 from paramserver.client import Client, DenseTable, EmbeddingTable, connect
-from paramserver.config import ClientConfig, SchedulerConfig, ServerConfig
+from paramserver.config import ClientConfig, SchedulerConfig, Security, ServerConfig
 from paramserver.errors import (
     CheckpointError,
+    AuthenticationError,
     InvalidRequestError,
     NodeUnavailableError,
     ParamServerError,
     PSTimeoutError,
+    ResourceExhaustedError,
     TableMismatchError,
     TableNotFoundError,
 )
@@ -32,9 +34,9 @@ __version__ = "0.1.0"
 __all__ = [
     "SGD", "Adagrad", "Adam", "AdamW", "Optimizer",
     "init", "Client", "DenseTable", "EmbeddingTable", "connect",
-    "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig",
+    "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig", "Security",
     "ParamServerError", "InvalidRequestError", "NodeUnavailableError", "PSTimeoutError",
-    "TableMismatchError", "TableNotFoundError", "CheckpointError",
-    "load_model", "load_model_info", "EmbeddingLookup",
+    "TableMismatchError", "TableNotFoundError", "CheckpointError", "AuthenticationError",
+    "ResourceExhaustedError", "load_model", "load_model_info", "EmbeddingLookup",
     "__version__",
 ]

@@ -1,6 +1,7 @@
 """The ``paramserver`` command: scheduler, server, launch, status, checkpoint and export.
 
-The only place that reads flags; it builds the config objects every node class receives.
+The only place that reads flags (and, with :func:`paramserver.config.load_security`, the token's
+environment variable and files); it builds the config objects every node class receives.
 """
 
 from __future__ import annotations
@@ -17,6 +18,24 @@ from pathlib import Path
 from paramserver import __version__
 
 __all__ = ["main"]
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """A byte count from ``--max-memory``: ``1073741824``, ``512M``, ``8G``, ``1.5GiB`` (binary
+    units; 0: no limit)."""
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = raw[-1:] if raw[-1:] in _UNITS and raw[-1:] else ""
+    try:
+        value = float(raw[:-1] if unit else raw) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 8G, "
+                                         f"1073741824)") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
+    return int(value)
 
 
 def _write_ready(path: str | None, **info: object) -> None:
@@ -41,6 +60,15 @@ def _serve_until_signal(node, name: str) -> int:
     return 0
 
 
+def _security(args: argparse.Namespace):
+    """The node's Security from ``--token-file`` / ``--tls-*`` or their environment variables."""
+    from paramserver.config import load_security
+
+    return load_security(token_file=args.token_file, tls_cert=args.tls_cert,
+                         tls_key=args.tls_key, tls_ca=args.tls_ca,
+                         tls_client_auth=getattr(args, "tls_client_auth", False))
+
+
 def _cmd_scheduler(args: argparse.Namespace) -> int:
     from paramserver.config import SchedulerConfig
     from paramserver.scheduler import Scheduler
@@ -48,11 +76,11 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
     config = SchedulerConfig(host=args.host, port=args.port, num_servers=args.num_servers,
                              num_workers=args.num_workers,
                              heartbeat_interval=args.heartbeat_interval,
-                             heartbeat_timeout=args.heartbeat_timeout,
+                             heartbeat_timeout=args.heartbeat_timeout, security=_security(args),
                              **_cmd_scheduler_config(args))
     scheduler = Scheduler(config).start()
-    print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers)",
-          flush=True)
+    print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers; "
+          f"{config.security})", flush=True)
     _write_ready(args.ready_file, address=scheduler.address)
     return _serve_until_signal(scheduler, "scheduler")
 
@@ -67,44 +95,56 @@ def _cmd_scheduler_config(args: argparse.Namespace) -> dict:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
+    from paramserver import rpc
     from paramserver.config import ServerConfig
     from paramserver.server import Server
 
+    rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
     config = ServerConfig(scheduler=args.scheduler, host=args.host, port=args.port,
                           advertise=args.advertise or "", rank=args.rank, threads=args.threads,
                           apply_threads=args.apply_threads, timeout=args.timeout,
+                          security=_security(args), max_memory=args.max_memory,
                           replace=args.replace,
                           fault_drop_reply_every=args.fault_drop_reply_every)
     server = Server(config).start()
-    print(f"server-{server.rank} serving on {server.address}", flush=True)
+    print(f"server-{server.rank} serving on {server.address} ({config.security})", flush=True)
     _write_ready(args.ready_file, address=server.address, rank=server.rank)
     return _serve_until_signal(server, f"server-{server.rank}")
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
+    from paramserver.config import TLS_ENV
     from paramserver.launch import LaunchConfig, launch
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    security = _security(args)  # read and checked here, so a bad file fails before any start
+
+    def tls_path(name: str) -> str:
+        path = getattr(args, name) or os.environ.get(TLS_ENV[name], "")
+        return os.path.abspath(path) if path else ""
+
     config = LaunchConfig(command=command, num_servers=args.num_servers,
                           num_workers=args.num_workers, host=args.host, port=args.port,
                           heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
-                          startup_timeout=args.startup_timeout, max_restarts=args.max_restarts,
-                          **_checkpoint_config(args))
+                          startup_timeout=args.startup_timeout, token=security.token,
+                          tls_cert=tls_path("tls_cert"), tls_key=tls_path("tls_key"),
+                          tls_ca=tls_path("tls_ca"), tls_client_auth=args.tls_client_auth,
+                          max_restarts=args.max_restarts, **_checkpoint_config(args))
     return launch(config)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from paramserver.status import fetch_status, format_status
 
-    status = fetch_status(args.scheduler, timeout=args.timeout)
+    status = fetch_status(args.scheduler, timeout=args.timeout, security=_security(args))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
     from paramserver.coordinator import checkpoint_reply_to_dict
-    from paramserver.export import _scheduler_call
+    from paramserver.status import call_scheduler
     from paramserver.v1 import paramserver_pb2 as pb
 
     metadata = args.metadata or "{}"
@@ -113,9 +153,10 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
             raise ValueError("not a JSON object")
     except ValueError as exc:
         raise ValueError(f"--metadata must be a JSON object: {exc}") from None
-    call = _scheduler_call(args.scheduler, args.timeout)
-    reply = call("Checkpoint", pb.CheckpointRequest(metadata_json=metadata, timeout=args.timeout),
-                 timeout=args.timeout + 5.0, what="checkpoint")
+    reply = call_scheduler(args.scheduler, "Checkpoint",
+                           pb.CheckpointRequest(metadata_json=metadata, timeout=args.timeout),
+                           timeout=args.timeout + 5.0, what="checkpoint",
+                           security=_security(args))
     info = checkpoint_reply_to_dict(reply)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -135,7 +176,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.version is not None and not args.checkpoint:
         raise ValueError("--version needs --checkpoint")
     if args.scheduler:
-        info = export_from_job(args.scheduler, args.out, args.with_optimizer_state, args.timeout)
+        info = export_from_job(args.scheduler, args.out, args.with_optimizer_state, args.timeout,
+                               security=_security(args))
     else:
         manifest = ckpt.open_checkpoint(args.checkpoint, args.version)
         info = export_checkpoint(manifest, args.out, args.with_optimizer_state)
@@ -154,6 +196,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def security_flags(p: argparse.ArgumentParser, serving: bool) -> None:
+        p.add_argument("--token-file", metavar="FILE",
+                       help="file holding the job token (default: $PARAMSERVER_TOKEN; none: no "
+                            "authentication)")
+        p.add_argument("--tls-cert", metavar="PEM",
+                       help=("this node's TLS certificate chain: serve TLS with it" if serving
+                             else "client certificate, for mutual TLS") +
+                       " (default: $PARAMSERVER_TLS_CERT)")
+        p.add_argument("--tls-key", metavar="PEM",
+                       help="private key of --tls-cert (default: $PARAMSERVER_TLS_KEY)")
+        p.add_argument("--tls-ca", metavar="PEM",
+                       help="CA certificates that sign the peers' certificates; calls to the "
+                            "scheduler and servers use TLS and verify them (default: "
+                            "$PARAMSERVER_TLS_CA)")
+        if serving:
+            p.add_argument("--tls-client-auth", action="store_true",
+                           help="mutual TLS: refuse callers without a certificate signed by "
+                                "--tls-ca")
 
     def heartbeat_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S",
@@ -183,6 +244,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue a running job whose scheduler died, from the state kept in "
                         "--checkpoint-dir (servers and workers register again)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
+    security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_scheduler)
 
     p = sub.add_parser("server", help="run a parameter server")
@@ -201,7 +263,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="take --rank over even if its holder still looks alive (a restart)")
     p.add_argument("--fault-drop-reply-every", type=int, default=0, metavar="N",
                    help="TESTING ONLY: drop the reply of every N-th applied write")
+    p.add_argument("--max-memory", type=_size, default=0, metavar="SIZE",
+                   help="memory budget for table values and optimizer state, e.g. 8G; requests "
+                        "that would pass it are refused with RESOURCE_EXHAUSTED (default: none)")
     p.add_argument("--ready-file", help="write {address, rank, pid} as JSON here once serving")
+    security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_server)
 
     p = sub.add_parser("launch", help="run a whole job on this machine",
@@ -217,6 +283,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="restart a scheduler, server or worker that dies, up to N times each "
                         "(servers restore from the newest checkpoint; default 0)")
+    security_flags(p, serving=True)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command, after --")
     p.set_defaults(fn=_cmd_launch)
 
@@ -224,6 +291,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", required=True, metavar="HOST:PORT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0)
+    security_flags(p, serving=False)
     p.set_defaults(fn=_cmd_status)
 
     p = sub.add_parser("checkpoint", help="take a checkpoint of a running job now")
@@ -231,6 +299,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", metavar="JSON", help="a JSON object saved with the checkpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=600.0)
+    security_flags(p, serving=False)
     p.set_defaults(fn=_cmd_checkpoint)
 
     p = sub.add_parser("export", help="write a model file (safetensors) for serving")
@@ -243,6 +312,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="include optimizer state (moments, step counts)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=600.0)
+    security_flags(p, serving=False)
     p.set_defaults(fn=_cmd_export)
     return parser
 

@@ -22,7 +22,14 @@ from typing import Any, Union
 import numpy as np
 
 from paramserver import rpc
-from paramserver.config import ClientConfig
+from paramserver.config import (
+    MAX_BLOCK_SIZE,
+    MAX_DIM,
+    MAX_NAME_BYTES,
+    MAX_TABLE_ELEMENTS,
+    ClientConfig,
+    load_security,
+)
 from paramserver.errors import (
     InvalidRequestError,
     NodeUnavailableError,
@@ -219,7 +226,8 @@ class Client:
 
     Construction registers with the scheduler (retrying until ``config.timeout``), waits until every
     server has registered, and starts heartbeats. Methods are thread safe; calls issued through
-    ``*_async`` run in order on one background thread.
+    ``*_async`` run in order on one background thread; a sync call does not wait for them, so it
+    can be applied before async calls issued earlier (wait for their futures first).
 
     Raises (from the constructor):
         NodeUnavailableError: the scheduler is unreachable.
@@ -228,10 +236,9 @@ class Client:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
         self._membership = Membership(config.scheduler, pb.WORKER, requested_rank=config.rank,
                                       num_workers=config.num_workers, timeout=config.timeout,
-                                      replace=config.replace)
+                                      replace=config.replace, security=config.security)
         try:
             view = self._membership.cluster(wait_for_servers=True, timeout=config.timeout)
         except Exception:
@@ -245,11 +252,11 @@ class Client:
         self._restored = (json.loads(reply.restored_metadata_json)
                           if reply.restored_metadata_json else {})
         self._restored_version = reply.restored_version
-        self._pool = ServerPool(self._membership, view, config.timeout)
+        self._pool = ServerPool(self._membership, view, config.timeout, config.security)
         self._tables: dict[str, DenseRef | EmbeddingRef] = {}
         self._lock = threading.Lock()
         self._async = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-async")
-        self._closed = False
+        self._closing = self._closed = False
 
     # -- job ------------------------------------------------------------------------------------
 
@@ -272,8 +279,19 @@ class Client:
         """Block until every worker of the job has called ``barrier(name)``.
 
         Raises PSTimeoutError naming the workers still missing after ``timeout`` seconds
-        (default: the client's timeout), or NodeUnavailableError if one of them is dead.
+        (default: the client's timeout), NodeUnavailableError if one of them is dead, and
+        ParamServerError if the job size is unknown (a barrier cannot know whom to wait for:
+        pass ``connect(num_workers=...)`` or start the scheduler with ``--num-workers``) or the
+        client is closed.
         """
+        self._check_open(f"barrier {name!r}")
+        if not self._num_workers:  # another worker or the scheduler may have told it since
+            self._num_workers = self._membership.cluster().num_workers
+        if not self._num_workers:
+            raise ParamServerError(
+                f"barrier {name!r} needs the job size, and neither this worker nor the "
+                f"scheduler at {self.config.scheduler} knows it: pass connect(num_workers=N), "
+                f"set PARAMSERVER_NUM_WORKERS, or start the scheduler with --num-workers N")
         timeout = self.config.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         waiting, delay = 0, 0.01
@@ -332,6 +350,7 @@ class Client:
     def status(self) -> dict[str, Any]:
         """The scheduler's status of the job as a dict (see ``paramserver status --json``)."""
         from paramserver.status import status_to_dict
+        self._check_open("status")
         reply = self._membership.call("Status", pb.StatusRequest(), what="status")
         return status_to_dict(reply)
 
@@ -357,6 +376,7 @@ class Client:
             InvalidRequestError: a bad shape, optimizer or init value.
             PSTimeoutError: another worker is initializing it and did not finish in time.
         """
+        _check_name(name)
         shape_t = _shape_tuple(name, shape)
         if not isinstance(optimizer, Optimizer):
             raise InvalidRequestError(f"table {name!r}: optimizer must be a paramserver optimizer "
@@ -364,9 +384,10 @@ class Client:
         # No block_size: 0 asks the scheduler for the default (or, for a table that exists, e.g.
         # restored from a checkpoint taken with another server count, the one it has).
         if block_size is not None and (isinstance(block_size, bool)
-                                       or not isinstance(block_size, int) or block_size <= 0):
-            raise InvalidRequestError(f"table {name!r}: block_size must be a positive int, "
-                                      f"got {block_size!r}")
+                                       or not isinstance(block_size, int)
+                                       or not 0 < block_size <= MAX_BLOCK_SIZE):
+            raise InvalidRequestError(f"table {name!r}: block_size must be an int in "
+                                      f"[1, {MAX_BLOCK_SIZE}], got {block_size!r}")
         values = None if init is None else _init_values(name, shape_t, init)
         spec = pb.TableSpec(name=name, kind=pb.TableSpec.DENSE, shape=shape_t,
                             block_size=block_size or 0, optimizer=optimizer_to_spec(optimizer))
@@ -390,8 +411,11 @@ class Client:
         """
         from paramserver import init as initializers
 
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-            raise InvalidRequestError(f"table {name!r}: dim must be a positive int, got {dim!r}")
+        _check_name(name)
+        if (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))
+                or not 0 < dim <= MAX_DIM):
+            raise InvalidRequestError(f"table {name!r}: dim must be an int in [1, {MAX_DIM}], "
+                                      f"got {dim!r}")
         if not isinstance(optimizer, Optimizer):
             raise InvalidRequestError(f"table {name!r}: optimizer must be a paramserver optimizer "
                                       f"(e.g. paramserver.Adagrad()), got {optimizer!r}")
@@ -417,7 +441,12 @@ class Client:
         return {rank: next((getattr(t, field) for t in stats.tables if t.name == name), 0)
                 for rank, stats in results.items()}
 
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ParamServerError(f"{what}: client {self.node_id} is closed")
+
     def _declare(self, spec: pb.TableSpec, values: np.ndarray | None) -> pb.TablePlacement:
+        self._check_open(f"declare table {spec.name!r}")
         deadline = time.monotonic() + self.config.timeout
         delay = 0.01
         while True:
@@ -549,8 +578,8 @@ class Client:
         return self._submit(self.push_pull, grads)
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        if self._closed:
-            raise ParamServerError(f"client {self.node_id} is closed")
+        if self._closing:
+            raise ParamServerError(f"an async call: client {self.node_id} is closed")
         return self._async.submit(fn, *args)
 
     def _exchange(self, op: int, entries: dict[str, Any], refs: dict[str, Any],
@@ -560,6 +589,7 @@ class Client:
         ``entries`` maps a dense table to its array (None in pulls) and an embedding table to its
         ids (pulls) or ``(ids, grads)``. Every entry is validated before anything is sent.
         """
+        self._check_open(f"{what} of {sorted(refs)}")
         plans = {name: (DensePlan if isinstance(ref, DenseRef) else SparsePlan)(ref, op,
                                                                                   entries[name])
                  for name, ref in refs.items()}
@@ -610,10 +640,11 @@ class Client:
 
     def close(self) -> None:
         """Finish queued async calls, leave the job and close every connection. Idempotent."""
-        if self._closed:
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True  # refuse new async calls; the queued ones still run
         self._async.shutdown(wait=True)
+        self._closed = True
         self._pool.close()
         self._membership.close()
 
@@ -638,6 +669,11 @@ def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
         return json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"checkpoint metadata is not JSON-serializable: {exc}") from None
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not 0 < len(name.encode()) <= MAX_NAME_BYTES:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:80] + "..."
+        raise InvalidRequestError(f"a table name must be a str of 1 to {MAX_NAME_BYTES} UTF-8 "
+                                  f"bytes, got {shown}")
 
 
 def _shape_tuple(name: str, shape: Sequence[int] | int) -> tuple[int, ...]:
@@ -645,6 +681,12 @@ def _shape_tuple(name: str, shape: Sequence[int] | int) -> tuple[int, ...]:
     if not dims or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d <= 0
                        for d in dims):
         raise InvalidRequestError(f"table {name!r}: shape must be positive ints, got {shape!r}")
+    size = 1
+    for d in dims:
+        size *= int(d)
+    if size > MAX_TABLE_ELEMENTS:
+        raise InvalidRequestError(f"table {name!r}: shape {shape!r} has {size} elements, more "
+                                  f"than the {MAX_TABLE_ELEMENTS} a table may hold")
     return tuple(int(d) for d in dims)
 
 
@@ -669,7 +711,10 @@ def _init_values(name: str, shape: tuple[int, ...], init: Init) -> np.ndarray:
 
 def connect(scheduler: str | None = None, *, rank: int | None = None,
             num_workers: int | None = None, timeout: float = 60.0,
-            message_bytes: int | None = None) -> Client:
+            message_bytes: int | None = None, token: str | None = None,
+            tls_ca: str | os.PathLike[str] | None = None,
+            tls_cert: str | os.PathLike[str] | None = None,
+            tls_key: str | os.PathLike[str] | None = None) -> Client:
     """Connect this process to a job as a worker and return its :class:`Client`.
 
     Args:
@@ -679,10 +724,19 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
         num_workers: job size; default ``$PARAMSERVER_NUM_WORKERS`` or what the scheduler knows.
         timeout: seconds for each remote call and for waiting on servers, tables and barriers.
         message_bytes: payload bytes per gRPC message (default 2 MiB).
+        token: the job token, attached to every call; default ``$PARAMSERVER_TOKEN`` (set by
+            ``paramserver launch``) or none.
+        tls_ca: path of the PEM CA certificates that signed the scheduler's and servers'
+            certificates; calls then use TLS and verify them. Default ``$PARAMSERVER_TLS_CA``.
+        tls_cert, tls_key: paths of this worker's PEM client certificate and key, for mutual TLS.
+            Default ``$PARAMSERVER_TLS_CERT`` / ``$PARAMSERVER_TLS_KEY``.
 
     Raises:
         ParamServerError: no scheduler given and ``PARAMSERVER_SCHEDULER`` unset.
         NodeUnavailableError: the scheduler is unreachable within ``timeout``.
+        AuthenticationError: the scheduler refused the token (missing or wrong).
+        InvalidRequestError: the token is not printable ASCII, or a TLS file cannot be read or
+            is not PEM.
     """
     scheduler = scheduler or os.environ.get("PARAMSERVER_SCHEDULER")
     if not scheduler:
@@ -693,11 +747,15 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
     if num_workers is None:
         num_workers = _env_int("PARAMSERVER_NUM_WORKERS", 0)
     extra = {} if message_bytes is None else {"message_bytes": message_bytes}
+    try:
+        security = load_security(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
     # Set by `paramserver launch --max-restarts` for a worker it restarted: the rank's previous
     # holder is known dead, so take the rank over at once.
     replace = os.environ.get("PARAMSERVER_REPLACE") == "1"
     return Client(ClientConfig(scheduler=scheduler, rank=rank, num_workers=num_workers,
-                               timeout=timeout, replace=replace, **extra))
+                               timeout=timeout, security=security, replace=replace, **extra))
 
 
 def _env_int(name: str, default: int) -> int:

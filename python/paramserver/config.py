@@ -1,24 +1,173 @@
 """One configuration object per node kind, used by the CLI and the Python API alike.
 
-Only the CLI (and :func:`paramserver.connect` for ``PARAMSERVER_SCHEDULER``) reads flags and
-environment variables; every class below them receives one of these explicit values.
+Only the CLI and :func:`paramserver.connect` read flags, environment variables and files (with
+:func:`load_security` for the job token and the TLS files); every class below them receives one of
+these explicit values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["SchedulerConfig", "ServerConfig", "ClientConfig", "DEFAULT_BLOCK_SIZE",
-           "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES"]
+__all__ = ["Security", "load_security", "TOKEN_ENV", "TLS_ENV", "SchedulerConfig", "ServerConfig",
+           "ClientConfig", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES",
+           "MAX_DIM", "MAX_BLOCK_SIZE", "MAX_TABLE_ELEMENTS", "MAX_NAME_BYTES"]
+
+#: The environment variable holding the job token (set by ``paramserver launch`` for its children).
+TOKEN_ENV = "PARAMSERVER_TOKEN"
 
 #: Largest default dense block: 256Ki float32 = 1 MiB, two to a ~2 MiB message.
 DEFAULT_BLOCK_SIZE = 256 * 1024
 #: Smallest default block: 16Ki float32 = 64 KiB, below which per-block overhead dominates.
 MIN_BLOCK_SIZE = 16 * 1024
-#: Target payload bytes of one gRPC message (PERF.md: 1-4 MB messages move 3-5x faster than 16 MB+).
+#: Largest embedding dim: 64Ki floats, a 256 KiB row (plus optimizer state). Rows of this width
+#: already cost more per id than any message batch should; the cap stops a declaration of dim
+#: 2.5e8 from allocating a gigabyte per row touched.
+MAX_DIM = 64 * 1024
+#: Largest dense block: 4Mi float32 = 16 MiB, so a block (and a pull of it) fits in a message.
+MAX_BLOCK_SIZE = 4 * 1024 * 1024
+#: Largest dense table: 2**40 elements (4 TiB of float32), far beyond any server set, within int64.
+MAX_TABLE_ELEMENTS = 1 << 40
+#: Longest table name, in UTF-8 bytes.
+MAX_NAME_BYTES = 256
+#: Target payload bytes of one gRPC message (measured here: 1-4 MB messages move 3-5x faster than
+#: 16 MB+ in Python gRPC).
 #: 2 MiB measured best for 16-64 MB pushes and pulls (benchmarks/bench_transport.py, messages sent
 #: as parallel unary calls): 4 MiB was 15-30% slower, 1 MiB about the same or slightly slower.
 DEFAULT_MESSAGE_BYTES = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a node proves who it is and checks its peers: the job token and TLS.
+
+    One value serves both directions of a node: the scheduler and the servers check incoming
+    calls with it, and every node (servers are clients of the scheduler) uses it for its own
+    calls. Build it from flags, environment and files with :func:`load_security`; the node classes
+    only receive it. Secrets never appear in ``repr``.
+
+    Attributes:
+        token: the job token. Incoming calls must carry ``authorization: Bearer <token>`` (else
+            UNAUTHENTICATED; the health service stays open) and outgoing calls carry it. Empty:
+            no authentication. Printable ASCII without spaces (it travels as gRPC metadata).
+        tls_cert: PEM certificate chain of this node. A scheduler or server serves TLS with it;
+            as a caller, the node presents it when the peer asks for a client certificate.
+        tls_key: PEM private key of ``tls_cert``.
+        tls_ca: PEM certificates of the CA that signed the peers' certificates: outgoing calls
+            verify the peer against it (and against the host name or IP in its address). A node
+            with ``tls_ca`` or ``tls_cert`` calls others over TLS only (system roots when no CA).
+        tls_client_auth: mutual TLS: a scheduler or server refuses callers that do not present a
+            certificate signed by ``tls_ca``.
+    """
+
+    token: str = field(default="", repr=False)
+    tls_cert: bytes = field(default=b"", repr=False)
+    tls_key: bytes = field(default=b"", repr=False)
+    tls_ca: bytes = field(default=b"", repr=False)
+    tls_client_auth: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.token, str):
+            raise TypeError(f"token must be a str, got {type(self.token).__name__}")
+        bad = next((i for i, c in enumerate(self.token) if not "!" <= c <= "~"), None)
+        if bad is not None:  # never echo the token itself
+            raise ValueError(f"the job token must be printable ASCII without spaces (it travels "
+                             f"as gRPC metadata); character {bad} of {len(self.token)} is not")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            if not isinstance(getattr(self, name), bytes):
+                raise TypeError(f"{name} must be PEM bytes, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("a TLS certificate needs its key and a key its certificate: give "
+                             "both tls_cert and tls_key (--tls-cert and --tls-key), or neither")
+        if self.tls_client_auth and not (self.tls_ca and self.tls_cert):
+            raise ValueError("mutual TLS (tls_client_auth, --tls-client-auth) needs this node's "
+                             "certificate and key and the CA that signs the callers' "
+                             "certificates (--tls-ca)")
+
+    @property
+    def tls(self) -> bool:
+        """True if this node's outgoing calls use TLS (a CA or a certificate is set)."""
+        return bool(self.tls_ca or self.tls_cert)
+
+    def __str__(self) -> str:
+        parts = ["token" if self.token else "no token"]
+        if self.tls_cert:
+            parts.append("mutual TLS" if self.tls_client_auth else "TLS")
+        elif self.tls_ca:
+            parts.append("TLS client")
+        return ", ".join(parts)
+
+
+#: Environment variables of the TLS files (paths), read by :func:`load_security` when no path is
+#: given; ``paramserver launch`` sets them for its workers.
+TLS_ENV = {"tls_cert": "PARAMSERVER_TLS_CERT", "tls_key": "PARAMSERVER_TLS_KEY",
+           "tls_ca": "PARAMSERVER_TLS_CA"}
+
+def _read_pem(path: str | os.PathLike[str], what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} file {os.fspath(path)}: "
+                         f"{exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{what} file {os.fspath(path)} is not PEM (no '-----BEGIN' line)")
+    return data
+
+
+def load_security(*, token: str | None = None, token_file: str | os.PathLike[str] | None = None,
+                  tls_cert: str | os.PathLike[str] | None = None,
+                  tls_key: str | os.PathLike[str] | None = None,
+                  tls_ca: str | os.PathLike[str] | None = None, tls_client_auth: bool = False,
+                  environ: Mapping[str, str] | None = None) -> Security:
+    """The :class:`Security` a user asked for at the edge (CLI flags, ``connect()`` arguments).
+
+    The token is ``token`` if given, else the contents of ``token_file`` (surrounding whitespace
+    stripped), else ``$PARAMSERVER_TOKEN`` from ``environ`` (default ``os.environ``), else none.
+    Each TLS file is the path given, else the path in ``$PARAMSERVER_TLS_CERT`` /
+    ``$PARAMSERVER_TLS_KEY`` / ``$PARAMSERVER_TLS_CA``, else none; files are read here.
+
+    Raises:
+        ValueError: a file cannot be read, is empty or is not PEM; the token is not printable
+            ASCII; a certificate without its key (or the reverse).
+    """
+    environ = os.environ if environ is None else environ
+    if token is None and token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read token file {os.fspath(token_file)}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise ValueError(f"token file {os.fspath(token_file)} is empty")
+    if token is None:
+        token = environ.get(TOKEN_ENV, "")
+    pem, paths = {}, {}
+    for name, given, what in (("tls_cert", tls_cert, "TLS certificate"),
+                              ("tls_key", tls_key, "TLS key"), ("tls_ca", tls_ca, "TLS CA")):
+        paths[name] = given if given is not None else environ.get(TLS_ENV[name], "")
+        pem[name] = _read_pem(paths[name], what) if paths[name] else b""
+    security = Security(token=token, tls_client_auth=tls_client_auth, **pem)
+    # Check the files with Python's ssl now: gRPC reports a bad pair only at the first handshake.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        if paths["tls_cert"]:
+            context.load_cert_chain(paths["tls_cert"], paths["tls_key"])
+    except ssl.SSLError as exc:
+        raise ValueError(f"TLS certificate {os.fspath(paths['tls_cert'])} and key "
+                         f"{os.fspath(paths['tls_key'])} do not load as a pair: "
+                         f"{exc.reason or exc}") from None
+    try:
+        if paths["tls_ca"]:
+            context.load_verify_locations(cafile=paths["tls_ca"])
+    except ssl.SSLError as exc:
+        raise ValueError(f"TLS CA file {os.fspath(paths['tls_ca'])} holds no usable "
+                         f"certificate: {exc.reason or exc}") from None
+    return security
 
 
 @dataclass(frozen=True)
@@ -45,6 +194,7 @@ class SchedulerConfig:
             tables, placement and size from the state the scheduler keeps in
             ``checkpoint_dir``; the servers (which kept their tables) and workers register again
             by themselves.
+        security: the job token (and TLS) incoming calls are checked against.
     """
 
     host: str = "127.0.0.1"
@@ -59,14 +209,16 @@ class SchedulerConfig:
     keep: int = 3
     resume: bool = False
     recover: bool = False
+    security: Security = Security()
 
     def __post_init__(self) -> None:
         if self.num_servers < 1:
             raise ValueError(f"num_servers must be >= 1, got {self.num_servers}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        _check_port(self.port)
+        _check_positive("max_threads", self.max_threads)
+        _check_security(self.security)
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
                 f"need 0 < heartbeat_interval < heartbeat_timeout, got "
@@ -95,6 +247,11 @@ class ServerConfig:
             a server it knows is dead); the old incarnation is fenced.
         fault_drop_reply_every: test-only fault injection: after applying every N-th write,
             drop its reply (the client sees UNAVAILABLE and retries). 0 (default): never.
+        security: the job token (and TLS) of incoming calls and of this server's calls to the
+            scheduler.
+        max_memory: bytes of table values and optimizer state this server may hold (0: no
+            limit). A table creation or a request creating embedding rows that would pass it is
+            refused with RESOURCE_EXHAUSTED naming the table, and changes nothing.
     """
 
     scheduler: str
@@ -105,8 +262,25 @@ class ServerConfig:
     threads: int = 16
     apply_threads: int = 2
     timeout: float = 30.0
+    security: Security = Security()
+    max_memory: int = 0
     replace: bool = False
     fault_drop_reply_every: int = 0
+
+    def __post_init__(self) -> None:
+        _check_address("scheduler", self.scheduler)
+        if self.advertise:
+            _check_address("advertise", self.advertise)
+        _check_port(self.port)
+        if self.rank < -1:
+            raise ValueError(f"rank must be >= 0, or -1 for any, got {self.rank}")
+        _check_positive("threads", self.threads)
+        _check_positive("apply_threads", self.apply_threads)
+        _check_positive("timeout", self.timeout)
+        if self.max_memory < 0:
+            raise ValueError(f"max_memory must be >= 0 bytes (0: no limit), got "
+                             f"{self.max_memory}")
+        _check_security(self.security)
 
 
 @dataclass(frozen=True)
@@ -123,6 +297,7 @@ class ClientConfig:
             messages of about this size, sent as parallel calls.
         replace: take ``rank`` over even if its holder still looks alive (a supervisor
             restarting a worker it knows is dead).
+        security: the job token (and TLS) attached to every call to the scheduler and servers.
     """
 
     scheduler: str
@@ -130,4 +305,38 @@ class ClientConfig:
     num_workers: int = 0
     timeout: float = 60.0
     message_bytes: int = DEFAULT_MESSAGE_BYTES
+    security: Security = Security()
     replace: bool = False
+
+    def __post_init__(self) -> None:
+        _check_address("scheduler", self.scheduler)
+        if self.rank < -1:
+            raise ValueError(f"rank must be >= 0, or -1 for any, got {self.rank}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0: unknown), got {self.num_workers}")
+        _check_positive("timeout", self.timeout)
+        _check_positive("message_bytes", self.message_bytes)
+        _check_security(self.security)
+
+
+def _check_positive(name: str, value: float) -> None:
+    # `not value > 0` also refuses NaN.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def _check_port(port: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int in [0, 65535] (0: any free port), got {port!r}")
+
+
+def _check_address(name: str, address: str) -> None:
+    host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{name} must be 'host:port' with a port in [1, 65535], got {address!r}")
+
+
+def _check_security(security: Security) -> None:
+    if not isinstance(security, Security):
+        raise TypeError(f"security must be a paramserver.Security, got "
+                        f"{type(security).__name__}")

@@ -34,6 +34,7 @@ import grpc
 from paramserver import checkpoint as ckpt
 from paramserver import rpc
 from paramserver.checkpoint import CheckpointError, Manifest
+from paramserver.config import Security
 from paramserver.cut import op_key
 from paramserver.errors import ParamServerError
 from paramserver.v1 import paramserver_pb2 as pb
@@ -67,13 +68,15 @@ class CheckpointCoordinator:
         servers: returns ``{rank: address}`` of the live servers.
         tables: returns ``{name: TablePlacement}`` of the ready tables.
         call_timeout: seconds allowed for each call to a server.
+        security: the job token and TLS settings of the scheduler's calls to the servers.
     """
 
     def __init__(self, root: Path | None, keep: int, num_servers: int,
                  servers: Callable[[], dict[int, str]],
                  tables: Callable[[], dict[str, pb.TablePlacement]],
-                 call_timeout: float = 600.0) -> None:
+                 call_timeout: float = 600.0, security: Security | None = None) -> None:
         self.root = root
+        self._security = security or Security()
         self.keep = keep
         self._num_servers = num_servers
         self._servers = servers
@@ -109,7 +112,7 @@ class CheckpointCoordinator:
         with self._state:
             channel = self._channels.get(address)
             if channel is None:
-                channel = self._channels[address] = rpc.make_channel(address)
+                channel = self._channels[address] = rpc.make_channel(address, self._security)
         return pb_grpc.ParameterServerStub(channel)
 
     def _on_all(self, servers: dict[int, str], method: str, requests: dict[int, Any] | Any,

@@ -14,6 +14,8 @@ __all__ = [
     "NodeUnavailableError",
     "PSTimeoutError",
     "CheckpointError",
+    "AuthenticationError",
+    "ResourceExhaustedError",
 ]
 
 
@@ -48,3 +50,15 @@ class CheckpointError(ParamServerError):
     """A checkpoint could not be written, found, read or restored; the message names the file or
     table and what was wrong. A failed checkpoint leaves the job running and earlier checkpoints
     intact."""
+
+
+class AuthenticationError(ParamServerError, PermissionError):
+    """A scheduler or server refused a call: the job token was missing or wrong (UNAUTHENTICATED).
+
+    Give the job's token with ``PARAMSERVER_TOKEN``, ``--token-file`` or ``connect(token=...)``.
+    """
+
+
+class ResourceExhaustedError(ParamServerError, MemoryError):
+    """A server refused a request that would pass its memory budget (``--max-memory``) or the
+    message size limit (RESOURCE_EXHAUSTED); the message names the table. Nothing changed."""

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from paramserver import checkpoint as ckpt
+from paramserver.config import Security
 from paramserver.errors import CheckpointError, InvalidRequestError
 from paramserver.partition import BlockLayout
 from paramserver.shardfile import ShardFileError, read_tensors
@@ -161,16 +162,22 @@ def export_checkpoint(manifest: ckpt.Manifest, out: str | Path,
 
 
 def export_from_job(client_or_scheduler: Any, out: str | Path,
-                    with_optimizer_state: bool = False, timeout: float = 600.0) -> dict[str, Any]:
+                    with_optimizer_state: bool = False, timeout: float = 600.0,
+                    security: Security | None = None) -> dict[str, Any]:
     """Export a running job as a consistent cut: take a checkpoint (in the job's checkpoint
     directory, or, if it has none, a temporary one beside ``out``, removed afterwards) and
-    export it. ``client_or_scheduler`` is a ``host:port`` or a :class:`paramserver.Client`."""
+    export it. ``client_or_scheduler`` is a ``host:port`` (called with ``security``: the job
+    token and TLS) or a :class:`paramserver.Client`."""
     from paramserver.coordinator import checkpoint_reply_to_dict
-    from paramserver.status import fetch_status
+    from paramserver.status import call_scheduler, fetch_status
 
     if isinstance(client_or_scheduler, str):
-        status = fetch_status(client_or_scheduler, timeout=timeout)
-        call = _scheduler_call(client_or_scheduler, timeout)
+        address = client_or_scheduler
+        status = fetch_status(address, timeout=timeout, security=security)
+
+        def call(method: str, request: Any, *, timeout: float, what: str) -> Any:
+            return call_scheduler(address, method, request, timeout=timeout, what=what,
+                                  security=security)
     else:
         status = client_or_scheduler.status()
         call = client_or_scheduler._membership.call
@@ -187,21 +194,6 @@ def export_from_job(client_or_scheduler: Any, out: str | Path,
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _scheduler_call(address: str, timeout: float):
-    from paramserver import rpc
-    from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-
-    def call(method: str, request: Any, *, timeout: float = timeout, what: str = "") -> Any:
-        channel = rpc.make_channel(address)
-        try:
-            return rpc.call(getattr(pb_grpc.SchedulerStub(channel), method), request,
-                            timeout=timeout, what=what or method, node="scheduler",
-                            address=address)
-        finally:
-            channel.close()
-    return call
 
 
 def load_model(path: str | Path) -> dict[str, np.ndarray]:

@@ -1,25 +1,42 @@
 """``paramserver launch``: a whole job on this machine — a scheduler, N servers and W workers.
 
 Each worker runs the user's command with ``PARAMSERVER_SCHEDULER``, ``PARAMSERVER_RANK`` and
-``PARAMSERVER_NUM_WORKERS`` in its environment. Every line a process prints is prefixed with its
+``PARAMSERVER_NUM_WORKERS`` in its environment. Every process gets the job token in
+``PARAMSERVER_TOKEN``: the one given, or a random one made for this job, so a local job is
+protected without any flag. TLS files are handed over by path in ``PARAMSERVER_TLS_CERT``,
+``PARAMSERVER_TLS_KEY`` and ``PARAMSERVER_TLS_CA``: the scheduler and servers serve TLS with them,
+and every process verifies its peers with them. Every line a process prints is prefixed with its
 role and rank. The launcher exits with the first failing worker's exit code (0 when all succeed),
 and on every path — success, a failing worker, a dead server, Ctrl-C, SIGTERM — it stops every
 process it started (each runs in its own process group, so their children go too).
+
+Even ``kill -9`` of the launcher leaves nothing behind: on Linux every child asks the kernel for
+SIGKILL when the launcher dies (``PR_SET_PDEATHSIG``), and a small watchdog process, which outlives
+the launcher, then stops the children's whole process groups (their own children included) and
+removes the launcher's temporary directory. Should the watchdog die too, the next launch removes
+the temporary directories of launchers that are gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from paramserver.config import TLS_ENV, TOKEN_ENV, Security, load_security
+from paramserver.rpc import MALLOC_ENV
 
 __all__ = ["LaunchConfig", "launch"]
 
@@ -50,6 +67,11 @@ class LaunchConfig:
             checkpoint; a restarted scheduler continues from the state it keeps in the
             checkpoint directory (so restarting it needs ``checkpoint_dir``); a restarted worker
             runs the command again with its rank.
+        token: the job token handed to every process; empty: a random token made for this job.
+        tls_cert / tls_key: paths of the PEM certificate and key the scheduler and servers serve
+            TLS with (also presented by every process for mutual TLS); "" for none.
+        tls_ca: path of the PEM CA certificates every process verifies its peers with.
+        tls_client_auth: mutual TLS: the scheduler and servers require client certificates.
     """
 
     command: list[str]
@@ -69,6 +91,11 @@ class LaunchConfig:
     resume: bool = False
     final_checkpoint_timeout: float = 120.0
     max_restarts: int = 0
+    token: str = field(default="", repr=False)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_client_auth: bool = False
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -80,6 +107,7 @@ class LaunchConfig:
             raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        Security(token=self.token)  # raises ValueError on a token gRPC metadata cannot carry
 
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -89,16 +117,156 @@ class LaunchError(RuntimeError):
     """The job could not start (a node failed to come up in time)."""
 
 
+#: Prefix of the launchers' temporary directories (ready files), under tempfile.gettempdir().
+_TMP_PREFIX = "paramserver-launch-"
+#: In each such directory: "PID START" of the launcher that owns it (see _process_start).
+_OWNER_FILE = "launcher.pid"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), to tell it from a later
+    process that reuses its pid; "" where /proc is missing; None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        try:  # no /proc (not Linux): the pid alone
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime
+
+
+def _clean_stale_dirs(parent: str) -> list[str]:
+    """Remove this user's launcher directories whose launcher is gone (killed before it could
+    clean up); return their paths. A directory without an owner file is left alone unless it is
+    a minute old (its launcher writes the file right after creating it)."""
+    removed: list[str] = []
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(_TMP_PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+                continue
+            owner = Path(entry.path, _OWNER_FILE)
+            if owner.exists():
+                pid, start = owner.read_text().split()
+                if _process_start(int(pid)) == start:
+                    continue  # its launcher still runs
+            elif time.time() - entry.stat().st_mtime < 60:
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def _die_with_launcher() -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get SIGKILL when the launcher dies (Linux), or None.
+
+    Runs in the child between fork and exec, so it only calls what was looked up before the fork.
+    If the launcher died before the prctl, the child's parent already changed: it kills itself.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    launcher = os.getpid()
+    kill, getppid, getpid = os.kill, os.getppid, os.getpid
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if getppid() != launcher:
+            kill(getpid(), signal.SIGKILL)
+    return preexec
+
+
+#: The watchdog (run as ``python -c``): reads the children's process group ids, one a line, on
+#: stdin. "done" means the launcher stopped them itself. End of input without "done" means the
+#: launcher died: SIGTERM to every group, SIGKILL after the grace period to what is left, then
+#: remove the launcher's temporary directory. Only the standard library, so it starts fast.
+_WATCHDOG = r"""
+import os, shutil, signal, sys, time
+tmp, grace = sys.argv[1], float(sys.argv[2])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+groups, done = [], False
+for line in sys.stdin:
+    line = line.strip()
+    if line == "done":
+        done = True
+        break
+    groups.append(int(line))
+if not done:
+    def signal_all(sig):
+        alive = []
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+                alive.append(group)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return alive
+    deadline = time.monotonic() + grace
+    signal_all(signal.SIGTERM)
+    while time.monotonic() < deadline and signal_all(0):
+        time.sleep(0.05)
+    signal_all(signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+"""
+
+
+class _Watchdog:
+    """The watchdog process of one launch (see ``_WATCHDOG``)."""
+
+    def __init__(self, tmp: str, grace: float) -> None:
+        self._popen = subprocess.Popen([sys.executable, "-I", "-c", _WATCHDOG, tmp, str(grace)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True,
+                                       text=True)
+
+    def watch(self, pgid: int) -> None:
+        """Have the watchdog stop process group ``pgid`` if the launcher dies."""
+        assert self._popen.stdin is not None
+        self._popen.stdin.write(f"{pgid}\n")
+        self._popen.stdin.flush()
+
+    def release(self) -> None:
+        """The launcher stopped everything itself: let the watchdog exit without acting."""
+        try:
+            assert self._popen.stdin is not None
+            self._popen.stdin.write("done\n")
+            self._popen.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            self._popen.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self._popen.kill()
+            self._popen.wait()
+
+
 class _Proc:
     """One child process whose output is copied line by line behind a prefix."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], out: IO[str],
-                 lock: threading.Lock) -> None:
+                 lock: threading.Lock, watchdog: _Watchdog | None = None) -> None:
         self.name = name
         self.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=True, text=True, errors="replace",
-                                      bufsize=1)
+                                      bufsize=1, preexec_fn=_die_with_launcher())
+        if watchdog is not None:
+            watchdog.watch(self.popen.pid)  # its own session: the group id is its pid
         self._thread = threading.Thread(target=self._pump, args=(out, lock), daemon=True,
                                         name=f"launch-{name}")
         self._thread.start()
@@ -146,7 +314,6 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
     """
     out = out or sys.stdout
     lock = threading.Lock()
-    procs: list[_Proc] = []
     base_env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Workers run with this interpreter's environment first on PATH, so `python` in the worker
     # command is the Python (and the paramserver) that runs the launcher.
@@ -155,7 +322,21 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
     # 2.7x slower training on 2 cores); like torchrun, default to one thread per process.
     for var in _THREAD_VARIABLES:
         base_env.setdefault(var, "1")
+    # Megabyte messages without a page fault per 4 KiB (rpc.tune_malloc): the launcher's decision
+    # for the processes it starts, made through glibc's own variables, never from the library.
+    if base_env.get("PARAMSERVER_TUNE_MALLOC", "1") != "0" and not any(
+            var in base_env for var in MALLOC_ENV):
+        base_env.update(MALLOC_ENV)
     base_env.update(config.env)
+    # The token travels by environment, never on a command line (visible to every user in ps).
+    base_env[TOKEN_ENV] = config.token or secrets.token_urlsafe(32)
+    for name, variable in TLS_ENV.items():
+        base_env[variable] = getattr(config, name)
+    client_auth = ["--tls-client-auth"] if config.tls_client_auth else []
+    # The launcher's own calls (the final checkpoint) carry the job's token and TLS settings.
+    security = load_security(token=base_env[TOKEN_ENV], tls_cert=config.tls_cert or None,
+                             tls_key=config.tls_key or None, tls_ca=config.tls_ca or None,
+                             environ={})
     node = [sys.executable, "-m", "paramserver"]
 
     def say(message: str) -> None:
@@ -169,11 +350,16 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
         received.append(signum)
         raise KeyboardInterrupt
 
+    for path in _clean_stale_dirs(tempfile.gettempdir()):
+        say(f"removed {path}, left by a launcher that was killed")
+    watchdog: _Watchdog | None = None
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     job: _Job | None = None
     try:
-        with tempfile.TemporaryDirectory(prefix="paramserver-launch-") as tmp:
-            job = _Job(config, Path(tmp), base_env, out, lock, say)
+        with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX) as tmp:
+            Path(tmp, _OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}")
+            watchdog = _Watchdog(tmp, config.grace)
+            job = _Job(config, Path(tmp), base_env, out, lock, say, watchdog, client_auth)
             job.start()
             say(f"scheduler at {job.scheduler}, {config.num_servers} servers ready; starting "
                 f"{config.num_workers} workers: {' '.join(config.command)}")
@@ -181,7 +367,7 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
                 job.start_worker(rank)
             code = job.supervise()
             if code == 0 and config.checkpoint_dir:
-                _final_checkpoint(job.scheduler, config, say, "the job finished")
+                _final_checkpoint(job.scheduler, security, config, say, "the job finished")
             return code
     except LaunchError as exc:
         say(f"error: {exc}")
@@ -195,11 +381,13 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
                 p.exit_code() is None for p in job.nodes()):
             for w in job.workers.values():  # the workers first: a checkpoint of a quiet job
                 w.signal(signal.SIGTERM)
-            _final_checkpoint(job.scheduler, config, say, "interrupted")
+            _final_checkpoint(job.scheduler, security, config, say, "interrupted")
         return 128 + (received[0] if received else signal.SIGINT)
     finally:
         if job is not None:
             _stop_all(job.all_procs(), config.grace)
+        if watchdog is not None:
+            watchdog.release()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -208,8 +396,11 @@ class _Job:
     """The processes of one launched job, by role and rank, and their supervision."""
 
     def __init__(self, config: LaunchConfig, tmp: Path, env: dict[str, str], out: IO[str],
-                 lock: threading.Lock, say) -> None:
+                 lock: threading.Lock, say, watchdog: _Watchdog | None,
+                 client_auth: list[str]) -> None:
         self.config = config
+        self._watchdog = watchdog
+        self._client_auth = client_auth
         self._tmp = tmp
         self._env = env
         self._out = out
@@ -254,8 +445,8 @@ class _Job:
                 "--ready-file", str(ready)] + _checkpoint_args(config)
         if recover:
             args = [a for a in args if a != "--resume"] + ["--recover"]
-        self.scheduler_proc = _Proc("scheduler", self._node + args, self._env, self._out,
-                                    self._lock)
+        self.scheduler_proc = _Proc("scheduler", self._node + args + self._client_auth,
+                                    self._env, self._out, self._lock, self._watchdog)
         self.scheduler = _wait_ready(self.scheduler_proc, ready, deadline)["address"]
 
     def _spawn_server(self, rank: int, replace: bool = False) -> tuple[_Proc, Path]:
@@ -263,7 +454,8 @@ class _Job:
         proc = _Proc(f"server {rank}", self._node + [
             "server", "--scheduler", self.scheduler, "--host", self.config.host, "--rank",
             str(rank), "--threads", str(self.config.server_threads), "--ready-file", str(ready)]
-            + (["--replace"] if replace else []), self._env, self._out, self._lock)
+            + (["--replace"] if replace else []) + self._client_auth, self._env, self._out,
+            self._lock, self._watchdog)
         self.servers[rank] = proc
         return proc, ready
 
@@ -274,7 +466,7 @@ class _Job:
         if restart:
             env["PARAMSERVER_REPLACE"] = "1"
         self.workers[rank] = _Proc(f"worker {rank}", list(self.config.command), env, self._out,
-                                   self._lock)
+                                   self._lock, self._watchdog)
 
     def _may_restart(self, name: str, code: int) -> bool:
         used = self._restarts.get(name, 0)
@@ -339,19 +531,19 @@ def _checkpoint_args(config: LaunchConfig) -> list[str]:
     return args + (["--resume"] if config.resume else [])
 
 
-def _final_checkpoint(scheduler: str, config: LaunchConfig, say, why: str) -> None:
+def _final_checkpoint(scheduler: str, security: Security, config: LaunchConfig, say,
+                      why: str) -> None:
     """Checkpoint the job's final state (the scheduler and servers are still up); a failure is
     reported, not fatal: the periodic checkpoints are still there."""
     from paramserver.coordinator import checkpoint_reply_to_dict
     from paramserver.errors import ParamServerError
-    from paramserver.export import _scheduler_call
+    from paramserver.status import call_scheduler
     from paramserver.v1 import paramserver_pb2 as pb
 
     timeout = config.final_checkpoint_timeout
     try:
-        reply = _scheduler_call(scheduler, timeout)(
-            "Checkpoint", pb.CheckpointRequest(timeout=timeout),
-            timeout=timeout + 5.0, what="final checkpoint")
+        reply = call_scheduler(scheduler, "Checkpoint", pb.CheckpointRequest(timeout=timeout),
+                               timeout=timeout + 5.0, what="final checkpoint", security=security)
         info = checkpoint_reply_to_dict(reply)
         say(f"{why}: final checkpoint {info['version']} written to {info['path']}")
     except ParamServerError as exc:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import grpc
 
 from paramserver import rpc
+from paramserver.config import Security
 from paramserver.errors import NodeUnavailableError, PSTimeoutError
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
@@ -41,21 +42,25 @@ class Membership:
         num_workers: job size a worker expects (0: unknown).
         timeout: seconds to keep trying to reach the scheduler, and the deadline of each call.
         stats: called before each heartbeat for a server's statistics (None for workers).
+        security: the job token (and TLS) for the calls to the scheduler.
 
     Raises (from the constructor):
         NodeUnavailableError: the scheduler stayed unreachable for ``timeout`` seconds.
         TableMismatchError: the rank is held by a live node, or the job is full.
+        AuthenticationError: the scheduler refused this node's token.
     """
 
     def __init__(self, scheduler: str, role: int, *, address: str = "", requested_rank: int = -1,
                  num_workers: int = 0, timeout: float = 30.0,
                  stats: Callable[[], pb.ServerStats] | None = None, replace: bool = False,
-                 on_superseded: Callable[[], None] | None = None) -> None:
+                 on_superseded: Callable[[], None] | None = None,
+                 security: Security = Security()) -> None:
         self.scheduler = scheduler
         self._timeout = timeout
         self._stats = stats
         self._on_superseded = on_superseded
-        self._channel = rpc.make_channel(scheduler)
+        self._security = security
+        self._channel = rpc.make_channel(scheduler, security)
         self.stub = pb_grpc.SchedulerStub(self._channel)
         self._request = pb.RegisterRequest(role=role, address=address,
                                            requested_rank=requested_rank,
@@ -83,12 +88,20 @@ class Membership:
             except grpc.RpcError as error:
                 code = error.code()
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._channel.close()
                     raise rpc.translate(error, "register", "scheduler", self.scheduler) from None
                 if time.monotonic() + delay >= deadline:
                     self._channel.close()
+                    # A TLS mismatch looks like an unreachable peer: gRPC retries the handshake.
+                    hint = ("; this node calls over TLS: is the scheduler serving TLS with a "
+                            "certificate signed by --tls-ca that names the host in its address "
+                            "(and, for mutual TLS, does it accept this node's certificate)?"
+                            if self._security.tls else
+                            "; this node calls in plaintext: if the scheduler serves TLS, give "
+                            "--tls-ca (PARAMSERVER_TLS_CA)")
                     raise NodeUnavailableError(
                         f"scheduler at {self.scheduler} unreachable: could not register within "
-                        f"{self._timeout:.1f} s ({error.details()})") from None
+                        f"{self._timeout:.1f} s ({error.details()}{hint})") from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from paramserver import rpc
+from paramserver.config import Security
 from paramserver.errors import NodeUnavailableError, ParamServerError, PSTimeoutError
 from paramserver.membership import Membership
 from paramserver.v1 import paramserver_pb2 as pb
@@ -58,8 +59,8 @@ class ServerRef:
     exchange: Any
 
     @classmethod
-    def dial(cls, rank: int, address: str) -> ServerRef:
-        channel = rpc.make_channel(address)
+    def dial(cls, rank: int, address: str, security: Security) -> ServerRef:
+        channel = rpc.make_channel(address, security)
         return cls(rank, address, channel, pb_grpc.ParameterServerStub(channel),
                    channel.unary_unary("/paramserver.v1.ParameterServer/Exchange",
                                        _registered_method=True))
@@ -72,11 +73,14 @@ class ServerPool:
         membership: this worker's membership (for the view).
         view: the view to start from (every server registered).
         timeout: seconds a call may take, retries included.
+        security: the job token and TLS settings of every channel.
     """
 
-    def __init__(self, membership: Membership, view: pb.ClusterView, timeout: float) -> None:
+    def __init__(self, membership: Membership, view: pb.ClusterView, timeout: float,
+                 security: Security) -> None:
         self._membership = membership
         self._timeout = timeout
+        self._security = security
         self._lock = threading.Lock()
         self._servers: dict[int, ServerRef] = {}
         self._retired: list[grpc.Channel] = []
@@ -102,7 +106,8 @@ class ServerPool:
                 if current is None or current.address != node.address:
                     if current is not None:
                         self._retired.append(current.channel)
-                    self._servers[node.rank] = ServerRef.dial(node.rank, node.address)
+                    self._servers[node.rank] = ServerRef.dial(node.rank, node.address,
+                                                              self._security)
 
     def refresh(self, force: bool = False) -> None:
         """Fetch the scheduler's view and re-dial every rank whose address changed."""

@@ -106,7 +106,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self._started = time.monotonic()
         root = ckpt.check_writable(config.checkpoint_dir) if config.checkpoint_dir else None
         self.checkpoints = CheckpointCoordinator(root, config.keep, config.num_servers,
-                                                 self._live_servers, self._ready_tables)
+                                                 self._live_servers, self._ready_tables,
+                                                 security=config.security)
         self._restored_metadata = ""
         self._view_version = 0
         self._waiting = 0  # Barrier calls waiting on a handler thread
@@ -627,11 +628,11 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self._server = rpc.make_server(config.max_threads)
+        self._server = rpc.make_server(config.max_threads, config.security)
         self._service = _SchedulerService(config)
         pb_grpc.add_SchedulerServicer_to_server(self._service, self._server)
         self._health = rpc.serve_health(self._server)
-        self._port = rpc.bind(self._server, config.host, config.port)
+        self._port = rpc.bind(self._server, config.host, config.port, config.security)
 
     @property
     def address(self) -> str:

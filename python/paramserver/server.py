@@ -1,8 +1,12 @@
 """A parameter server: holds shards of every table in the C++ core and serves pushes and pulls.
 
-Each request is checked whole before any state is touched: unknown tables, blocks held elsewhere,
-payloads of the wrong length and non-finite gradients are rejected with INVALID_ARGUMENT /
-NOT_FOUND / OUT_OF_RANGE and a message naming the table, and the server keeps serving unchanged.
+Each message is checked whole before any state is touched: unknown tables, a table or a block
+listed twice, blocks held elsewhere, payloads of the wrong length, non-finite values and replies
+that would not fit in a message are rejected with INVALID_ARGUMENT / NOT_FOUND / OUT_OF_RANGE
+and a message naming the table, and the server keeps serving unchanged. Nothing a request asks
+for is allocated before it is known to fit: table creations and new embedding rows are checked
+against the memory budget (``max_memory``, RESOURCE_EXHAUSTED). Error messages never echo
+unbounded request contents.
 The tensor bytes of a request are handed to the core without a copy; the core applies updates with
 the GIL released, so requests for different blocks proceed in parallel.
 """
@@ -21,10 +25,21 @@ import numpy as np
 
 from paramserver import _core, rpc
 from paramserver.checkpoint import CheckpointError
-from paramserver.config import ServerConfig
+from paramserver.config import (
+    MAX_BLOCK_SIZE,
+    MAX_DIM,
+    MAX_NAME_BYTES,
+    MAX_TABLE_ELEMENTS,
+    ServerConfig,
+)
 from paramserver.cut import WriteGate, WritesHeld
 from paramserver.dedup import ReplyCache
-from paramserver.errors import NodeUnavailableError, TableMismatchError, TableNotFoundError
+from paramserver.errors import (
+    NodeUnavailableError,
+    ResourceExhaustedError,
+    TableMismatchError,
+    TableNotFoundError,
+)
 from paramserver.membership import Membership
 from paramserver.partition import server_of_ids
 from paramserver.snapshot import Snapshot, restore_dense, restore_embedding
@@ -46,6 +61,67 @@ from paramserver.wire import (
 __all__ = ["Server"]
 
 log = logging.getLogger(__name__)
+
+#: Bytes a reply may hold: the message limit, less room for the slices' headers.
+_MAX_REPLY_BYTES = rpc.MAX_MESSAGE_BYTES - 1024 * 1024
+#: Bookkeeping bytes per embedding row beyond values and state (id, step count, map slot), for the
+#: memory budget's estimate.
+_ROW_OVERHEAD = 32
+
+
+def _preview(values: Any, limit: int = 8) -> str:
+    """At most ``limit`` items of a sequence for an error message, and how many there are."""
+    items = list(values[:limit])
+    more = len(values) - len(items)
+    return f"{items}" if not more else f"{items[:-1] + ['...']} ({len(values)} in all)"
+
+
+def _first_repeated(values: Any) -> Any:
+    """The first value of ``values`` seen before in it (the caller knows there is one)."""
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    raise AssertionError("no repeated value")
+
+
+def _name(name: str) -> str:
+    """A table name for an error message: quoted, and cut if it is absurdly long."""
+    return repr(name) if len(name) <= 80 else repr(name[:80]) + f"... ({len(name)} characters)"
+
+
+def _check_spec(spec: pb.TableSpec, blocks: tuple[int, ...]) -> int:
+    """Validate a CreateTableRequest as the scheduler validates a declaration, with the limits a
+    server enforces; return the number of elements of a dense table (0 for an embedding)."""
+    name = _name(spec.name)
+    if not spec.name or len(spec.name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"a table needs a name of 1 to {MAX_NAME_BYTES} bytes, got {name}")
+    if spec.kind == pb.TableSpec.DENSE:
+        if not spec.shape or any(d <= 0 for d in spec.shape):
+            raise ValueError(f"table {name}: shape must have positive dimensions, got "
+                             f"{_preview(tuple(spec.shape))}")
+        size = 1
+        for d in spec.shape:  # Python ints: numpy's product would wrap around silently
+            size *= d
+            if size > MAX_TABLE_ELEMENTS:
+                raise ValueError(f"table {name}: more than {MAX_TABLE_ELEMENTS} elements")
+        if not 0 < spec.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"table {name}: block_size must be in [1, {MAX_BLOCK_SIZE}], got "
+                             f"{spec.block_size}")
+        if not blocks:  # the core would read an empty list as "every block"
+            raise ValueError(f"table {name}: a server is created with the blocks it holds; "
+                             f"the request lists none")
+        num_blocks = -(-size // spec.block_size)
+        if len(set(blocks)) != len(blocks) or not all(0 <= b < num_blocks for b in blocks):
+            raise ValueError(f"table {name}: blocks must be distinct ids in [0, {num_blocks}), "
+                             f"got {_preview(blocks)}")
+        return size
+    if spec.kind == pb.TableSpec.EMBEDDING:
+        if not 0 < spec.dim <= MAX_DIM:
+            raise ValueError(f"table {name}: dim must be in [1, {MAX_DIM}], got {spec.dim}")
+        return 0
+    raise ValueError(f"table {name}: unknown kind {spec.kind}")
 
 
 class ReplyLost(Exception):
@@ -74,11 +150,12 @@ class _Shards:
     only by the server its hash maps to.
     """
 
-    def __init__(self, node: str, apply_threads: int) -> None:
+    def __init__(self, node: str, apply_threads: int, max_memory: int = 0) -> None:
         self.node = node
         self.rank = 0
         self.num_servers = 1
         self._apply_threads = apply_threads
+        self._max_memory = max_memory
         self._dense: dict[str, _DenseShard] = {}
         self._sparse: dict[str, _SparseShard] = {}
         self._lock = threading.Lock()
@@ -98,9 +175,25 @@ class _Shards:
         self.drop_reply_every = 0
         self._writes = 0
 
+    def _held_bytes(self) -> int:
+        return sum(s.table.bytes() for s in self._dense.values()) + sum(
+            s.table.bytes() for s in self._sparse.values())
+
+    def _check_budget(self, table: str, more: int, what: str) -> None:
+        """ResourceExhaustedError if ``more`` bytes would take the server past its budget."""
+        if not self._max_memory:
+            return
+        held = self._held_bytes()
+        if held + more > self._max_memory:
+            raise ResourceExhaustedError(
+                f"table {_name(table)}: {what} needs about {more} bytes; {self.node} holds "
+                f"{held} of its {self._max_memory}-byte memory budget (--max-memory)")
+
     def create(self, request: pb.CreateTableRequest) -> bool:
         spec = request.spec
         blocks = tuple(request.blocks)
+        size = _check_spec(spec, blocks)
+        optimizer = optimizer_from_spec(spec.optimizer)
         with self._lock:
             existing = self._dense.get(spec.name) or self._sparse.get(spec.name)
             if existing is not None:
@@ -110,6 +203,13 @@ class _Shards:
                 raise TableMismatchError(
                     f"table {spec.name!r} exists on {self.node} as {describe_spec(existing.spec)}; "
                     f"asked for {describe_spec(spec)}")
+            if spec.kind == pb.TableSpec.DENSE:
+                last = -(-size // spec.block_size) - 1
+                elements = len(blocks) * spec.block_size - (
+                    (last + 1) * spec.block_size - size if last in blocks else 0)
+                per_element = 4 * (1 + _core.num_slots(optimizer.to_config()))
+                self._check_budget(spec.name, elements * per_element,
+                                   f"creating {len(blocks)} blocks ({elements} elements)")
             self._install(self._new_shard(spec, blocks))
             return True
 
@@ -219,26 +319,33 @@ class _Shards:
 
     def _check_dense(self, op: int, piece: pb.DenseSlice) -> tuple:
         shard: _DenseShard = self._shard(piece.table, sparse=False)
+        if len(set(piece.blocks)) != len(piece.blocks):
+            # A repeated block would be stepped twice by a push and read twice by a pull: a 5 KB
+            # pull of one block listed 5,000 times once made a server allocate gigabytes.
+            repeated = _first_repeated(piece.blocks)
+            raise ValueError(f"table {_name(piece.table)}: block {repeated} is listed more than "
+                             f"once in one message")
         blocks = np.array(piece.blocks, dtype=np.int64)
         length = 0
         for b in piece.blocks:
             if not shard.table.holds(b):
-                raise IndexError(f"table {piece.table!r}: block {b} is not held by {self.node} "
-                                 f"(it holds {len(shard.blocks)} of {shard.table.num_blocks})")
+                raise IndexError(f"table {_name(piece.table)}: block {b} is not held by "
+                                 f"{self.node} (it holds {len(shard.blocks)} of "
+                                 f"{shard.table.num_blocks})")
             length += shard.table.block_length(b)
         data = self._check_data(op, piece.table, piece.data, length,
-                                f"blocks {list(piece.blocks)} hold")
+                                f"blocks {_preview(piece.blocks)} hold")
         return shard, blocks, data, length
 
     def _check_sparse(self, op: int, piece: pb.SparseSlice) -> tuple:
         shard: _SparseShard = self._shard(piece.table, sparse=True)
         if op == pb.ASSIGN:
-            raise ValueError(f"table {piece.table!r}: embedding rows cannot be assigned")
+            raise ValueError(f"table {_name(piece.table)}: embedding rows cannot be assigned")
         ids = ids_view(piece.ids)
         if self.num_servers > 1:
             wrong = np.flatnonzero(server_of_ids(ids, self.num_servers) != self.rank)
             if wrong.size:
-                raise ValueError(f"table {piece.table!r}: id {int(ids[wrong[0]])} belongs to "
+                raise ValueError(f"table {_name(piece.table)}: id {int(ids[wrong[0]])} belongs to "
                                  f"server-{int(server_of_ids(ids[wrong[:1]], self.num_servers)[0])}"
                                  f", not {self.node}")
         dim = shard.spec.dim
@@ -251,16 +358,20 @@ class _Shards:
                     what: str) -> np.ndarray | None:
         if op in (pb.PULL, pb.LOOKUP):
             if payload:
-                raise ValueError(f"table {table!r}: a pull carries no data")
+                raise ValueError(f"table {_name(table)}: a pull carries no data")
             return None
         data = floats(payload)
         if data.size != length:
-            raise ValueError(f"table {table!r}: {what} {length} elements, the request carries "
-                             f"{data.size}")
+            raise ValueError(f"table {_name(table)}: {what} {length} elements, the request "
+                             f"carries {data.size}")
         # A float64 sum propagates NaN/inf and cannot overflow on finite float32: one cheap pass.
-        if op != pb.ASSIGN and not np.isfinite(np.add.reduce(data, dtype=np.float64)):
+        # (inf + -inf is NaN, which is what we test for: no warning wanted.)
+        with np.errstate(invalid="ignore"):
+            total = np.add.reduce(data, dtype=np.float64)
+        if not np.isfinite(total):
             bad = int(np.flatnonzero(~np.isfinite(data))[0])
-            raise ValueError(f"table {table!r}: gradient is not finite ({data[bad]} at element "
+            kind = "values to assign are" if op == pb.ASSIGN else "gradient is"
+            raise ValueError(f"table {_name(table)}: {kind} not finite ({data[bad]} at element "
                              f"{bad} of the slice)")
         return data
 
@@ -316,12 +427,28 @@ class _Shards:
 
     def _apply(self, request: pb.DataRequest | RequestView) -> tuple[list, list]:
         op = request.op
+        for pieces in (request.dense, request.sparse):
+            if len({p.table for p in pieces}) != len(pieces):
+                repeated = _first_repeated([p.table for p in pieces])
+                raise ValueError(f"table {_name(repeated)} appears more than once in one message")
         dense = [self._check_dense(op, piece) for piece in request.dense]
         sparse = [self._check_sparse(op, piece) for piece in request.sparse]
+        reads = op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
+        if reads:  # the reply must fit in a message: check before building it or creating rows
+            reply = sum(4 * length + 64 for _, _, _, length in dense) + sum(
+                ids.size * (8 + 4 * shard.spec.dim) + 64 for shard, ids, _ in sparse)
+            if reply > _MAX_REPLY_BYTES:
+                tables = [p.table for p in request.dense] + [p.table for p in request.sparse]
+                raise ResourceExhaustedError(
+                    f"the reply to this message would be {reply} bytes, over the "
+                    f"{_MAX_REPLY_BYTES}-byte limit (tables {_preview(tables)}); send fewer "
+                    f"blocks or ids per message")
+        if self._max_memory and op != pb.LOOKUP:  # a lookup creates no rows
+            for shard, ids, _ in sparse:
+                self._check_new_rows(shard, ids)
         # Everything is valid: from here on nothing raises on the request's content.
         dense_out: list[tuple[str, list[int], np.ndarray]] = []
         sparse_out: list[tuple[str, np.ndarray, np.ndarray]] = []
-        reads = op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
         for shard, blocks, data, length in dense:
             if op == pb.ASSIGN:
                 shard.table.assign_many(blocks, data)
@@ -354,6 +481,19 @@ class _Shards:
             if reads:
                 self.pull_requests += 1
         return dense_out, sparse_out
+
+    def _check_new_rows(self, shard: _SparseShard, ids: np.ndarray) -> None:
+        """ResourceExhaustedError if the rows ``ids`` would create pass the memory budget.
+
+        Cheap when far from the budget (every id counted as new); near it, the new ids are
+        counted exactly. Concurrent requests are checked independently, so the budget can be
+        overrun by at most what the requests in flight create together.
+        """
+        row = 4 * shard.spec.dim * (1 + shard.table.num_slots) + _ROW_OVERHEAD
+        if self._held_bytes() + ids.size * row <= self._max_memory:
+            return
+        new = sum(1 for i in np.unique(ids).tolist() if not shard.table.contains(i))
+        self._check_budget(shard.spec.name, new * row, f"creating {new} embedding rows")
 
     def stats(self) -> pb.ServerStats:
         with self._lock:
@@ -438,11 +578,11 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        rpc.tune_malloc()  # megabyte messages without a page fault per 4 KiB (see tune_malloc)
-        self._server = rpc.make_server(config.threads)
-        self._port = rpc.bind(self._server, config.host, config.port)
+        self._server = rpc.make_server(config.threads, config.security)
+        self._port = rpc.bind(self._server, config.host, config.port, config.security)
         self.address = config.advertise or f"{config.host}:{self._port}"
-        self._shards = _Shards(f"server at {self.address}", config.apply_threads)
+        self._shards = _Shards(f"server at {self.address}", config.apply_threads,
+                               config.max_memory)
         _add_service(_ParameterServerService(self._shards), self._server)
         self._health = rpc.serve_health(self._server)
         self._membership: Membership | None = None
@@ -460,7 +600,7 @@ class Server:
                 self.config.scheduler, pb.SERVER, address=self.address,
                 requested_rank=self.config.rank, timeout=self.config.timeout,
                 stats=self._shards.stats, replace=self.config.replace,
-                on_superseded=self._superseded)
+                on_superseded=self._superseded, security=self.config.security)
         except Exception:
             self._server.stop(0)
             raise

@@ -1,6 +1,8 @@
-"""Cluster status: the scheduler's view as a plain dict, and as a table for people.
+"""Talking to a job's scheduler from outside it: one-shot calls, and the cluster status as a plain
+dict and as a table for people.
 
-Used by ``paramserver status`` and :meth:`paramserver.Client.status`.
+Used by ``paramserver status``, ``checkpoint`` and ``export``, the launcher, and
+:meth:`paramserver.Client.status`.
 """
 
 from __future__ import annotations
@@ -8,24 +10,34 @@ from __future__ import annotations
 from typing import Any
 
 from paramserver import rpc
+from paramserver.config import Security
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import spec_to_dict
 
-__all__ = ["fetch_status", "status_to_dict", "format_status"]
+__all__ = ["call_scheduler", "fetch_status", "status_to_dict", "format_status"]
 
 _ROLES = {pb.SCHEDULER: "scheduler", pb.SERVER: "server", pb.WORKER: "worker"}
 
 
-def fetch_status(scheduler: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Ask the scheduler at ``host:port`` for the job's status; NodeUnavailableError if it is down."""
-    channel = rpc.make_channel(scheduler)
+def call_scheduler(scheduler: str, method: str, request: Any, *, timeout: float, what: str,
+                   security: Security | None = None) -> Any:
+    """One call of Scheduler RPC ``method`` to ``host:port`` on a channel of its own, with the job
+    token (and TLS) of ``security``; errors name the scheduler (NodeUnavailableError if it is
+    down, AuthenticationError if it refuses the token)."""
+    channel = rpc.make_channel(scheduler, security or Security())
     try:
-        reply = rpc.call(pb_grpc.SchedulerStub(channel).Status, pb.StatusRequest(),
-                         timeout=timeout, what="status", node="scheduler", address=scheduler)
+        return rpc.call(getattr(pb_grpc.SchedulerStub(channel), method), request,
+                        timeout=timeout, what=what, node="scheduler", address=scheduler)
     finally:
         channel.close()
-    return status_to_dict(reply)
+
+
+def fetch_status(scheduler: str, timeout: float = 10.0,
+                 security: Security | None = None) -> dict[str, Any]:
+    """Ask the scheduler at ``host:port`` for the job's status (see :func:`call_scheduler`)."""
+    return status_to_dict(call_scheduler(scheduler, "Status", pb.StatusRequest(),
+                                         timeout=timeout, what="status", security=security))
 
 
 def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:

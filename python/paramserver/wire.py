@@ -254,13 +254,17 @@ def _slice_head(outer_tag: bytes, pos: int, table: str, blocks: list[int], data_
         if not miss:
             return head
         k = (k + miss) % _ALIGN
-    for k in range(_ALIGN):  # not reached in practice; always terminates
+    # The rounds above can oscillate when the slice's length sits at a varint boundary (127/128
+    # bytes): every k < 16 that fixes the offset also lengthens the prefix (found by the fuzz
+    # tests). The prefix's size changes at most once while k grows by 32, so 16 consecutive k
+    # of one prefix size exist among k < 32, and one of them aligns the payload.
+    for k in range(2 * _ALIGN):
         pad = _PAD_TAG + _SMALL_VARINTS[k] + bytes(k)
         head = b"".join([outer_tag, _uvarint(len(body) + len(pad) + len(data_hdr) + data_len),
                          body, pad, data_hdr])
         if (pos + len(head)) % _ALIGN == 0:
             return head
-    raise AssertionError("unreachable: some padding of 2-17 bytes aligns the payload")
+    raise AssertionError("unreachable: some padding of 2-33 bytes aligns the payload")
 
 
 def _sparse_field(tag: bytes, table: str, ids: np.ndarray, rows: np.ndarray | None) -> list[Any]:
@@ -367,6 +371,8 @@ class RequestView:
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """The unsigned 64-bit varint at ``buf[pos]`` and the position after it. ValueError if it is
+    truncated, longer than 10 bytes, or >= 2**64 (a 10th byte above 1), as protobuf refuses."""
     if pos < end and buf[pos] < 0x80:  # one byte: tags, small lengths and block ids
         return buf[pos], pos + 1
     result = shift = 0
@@ -375,12 +381,12 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise ValueError("malformed message: truncated varint")
         byte = buf[pos]
         pos += 1
+        if shift == 63 and byte > 1:  # also ends every varint longer than 10 bytes
+            raise ValueError("malformed message: varint does not fit in 64 bits")
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
             return result, pos
         shift += 7
-        if shift > 63:
-            raise ValueError("malformed message: varint too long")
 
 
 def _fields(buf: memoryview, pos: int, end: int):  # -> Iterator[tuple[int, int, Any]]

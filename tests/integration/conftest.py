@@ -25,10 +25,12 @@ PS = [sys.executable, "-m", "paramserver"]
 
 
 def start_node(args: list[str], ready_file: Path, log: Path,
-               file_size_limit: int | None = None) -> tuple[subprocess.Popen, dict]:
-    """Start ``paramserver ARGS --ready-file F``; wait for F; return the process and F's JSON.
-    ``file_size_limit`` (bytes) sets RLIMIT_FSIZE in the node: a real "disk full" for its
-    writes (CPython ignores SIGXFSZ, so the write fails with EFBIG)."""
+               file_size_limit: int | None = None,
+               env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+    """Start ``paramserver ARGS --ready-file F`` (with ``env`` added to the environment); wait
+    for F; return the process and F's JSON. ``file_size_limit`` (bytes) sets RLIMIT_FSIZE in
+    the node: a real "disk full" for its writes (CPython ignores SIGXFSZ, so the write fails
+    with EFBIG)."""
     def limit() -> None:
         if file_size_limit is not None:
             import resource
@@ -37,7 +39,8 @@ def start_node(args: list[str], ready_file: Path, log: Path,
     out = open(log, "w")
     proc = subprocess.Popen(PS + args + ["--ready-file", str(ready_file)], stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=limit)
+                            start_new_session=True, env=dict(os.environ, **(env or {})),
+                            preexec_fn=limit)
     out.close()
 
     def ready() -> dict | None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -144,8 +145,8 @@ def test_launch_stops_every_process_on_interrupt(tmp_path, sig, code):
                                   sys.executable, "-c", worker],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # scheduler + 2 servers + 2 workers + 2 grandchildren
-        kids = _descendants_after(proc, 7)
+        # scheduler + 2 servers + 2 workers + 2 grandchildren + the watchdog
+        kids = _descendants_after(proc, 8)
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == code, out
@@ -164,7 +165,7 @@ def test_launch_stops_everything_when_a_server_dies():
                                   sys.executable, "-c", worker],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        kids = _descendants_after(proc, 4)
+        kids = _descendants_after(proc, 5)  # scheduler, 2 servers, the worker, the watchdog
         server = next(k for k in kids if "server" in k.cmdline() and "--rank" in k.cmdline()
                       and k.cmdline()[k.cmdline().index("--rank") + 1] == "1")
         os.kill(server.pid, signal.SIGKILL)
@@ -177,3 +178,105 @@ def test_launch_stops_everything_when_a_server_dies():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _is_watchdog(process: psutil.Process) -> bool:
+    try:
+        return "import os, shutil, signal, sys, time" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("watchdog_too", [False, True])
+def test_kill_9_of_the_launcher_leaves_no_process_behind(tmp_path, watchdog_too):
+    # Workers that would run for a minute, each with a child of its own.
+    worker = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(60)']); print('up', flush=True); time.sleep(60)")
+    proc = subprocess.Popen(PS + ["launch", "--num-servers", "2", "--num-workers", "2", "--",
+                                  sys.executable, "-c", worker],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)), start_new_session=True)
+    kids: list[psutil.Process] = []
+    try:
+        # scheduler + 2 servers + 2 workers + 2 grandchildren + the watchdog
+        kids = _descendants_after(proc, 8)
+        assert len(list(tmp_path.glob("paramserver-launch-*"))) == 1
+        # The launcher's own children: all but the watchdog and the workers' children.
+        direct = [k for k in kids if not _is_watchdog(k)
+                  and _cmdline(k)[-1:] != ["import time; time.sleep(60)"]]
+        assert len(direct) == 5
+        if watchdog_too:  # the kernel alone (PR_SET_PDEATHSIG) must stop the direct children
+            watchdog = next(k for k in kids if _is_watchdog(k))
+            watchdog.kill()
+            wait_for(lambda: _dead(watchdog), 30, "the watchdog to die")
+        proc.kill()
+        proc.wait(30)
+        expected = direct if watchdog_too else kids
+        gone, alive = psutil.wait_procs(expected, timeout=30)
+        assert not alive, f"left behind: {alive}"
+        if not watchdog_too:  # the watchdog also removed the launcher's directory
+            wait_for(lambda: not list(tmp_path.glob("paramserver-launch-*")), 30,
+                     "the watchdog to remove the launcher's directory")
+    finally:
+        for k in kids:
+            try:
+                k.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _dead(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE  # dead, not yet reaped by the launcher
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_the_next_launch_removes_directories_of_killed_launchers(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "paramserver-launch-stale"
+    stale.mkdir()
+    (stale / "launcher.pid").write_text(f"{dead.pid} 1")
+    (stale / "scheduler.json").write_text("{}")
+    live = tmp_path / "paramserver-launch-live"  # a running launcher's: this test process
+    live.mkdir()
+    start = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    (live / "launcher.pid").write_text(f"{os.getpid()} {start}")
+    result = subprocess.run(PS + ["launch", "--", sys.executable, "-c", "pass"],
+                            env=dict(os.environ, TMPDIR=str(tmp_path)), capture_output=True,
+                            text=True, timeout=LAUNCH_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"removed {stale}, left by a launcher that was killed" in result.stdout
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paramserver-launch-live"]
+
+
+def test_malloc_is_tuned_by_the_launcher_not_by_the_library(cluster):
+    probe = ("import os, paramserver as ps, paramserver.rpc as rpc\n"
+             "with ps.connect(timeout=20) as c:\n"
+             "    c.dense('w', (2,), ps.SGD()).pull()\n"
+             "print('TUNED', rpc._MALLOC_TUNED, os.environ.get('MALLOC_MMAP_THRESHOLD_'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           env=dict(env, PARAMSERVER_SCHEDULER=cluster.scheduler), timeout=60)
+    assert plain.returncode == 0, plain.stderr
+    assert "TUNED False None" in plain.stdout  # connect() left the process's malloc alone
+    launched = subprocess.run(PS + ["launch", "--", sys.executable, "-c", probe], env=env,
+                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    assert f"TUNED False {32 * 1024 * 1024}" in launched.stdout
+    opted_out = subprocess.run(PS + ["launch", "--", sys.executable, "-c", probe],
+                               env=dict(env, PARAMSERVER_TUNE_MALLOC="0"), capture_output=True,
+                               text=True, timeout=LAUNCH_TIMEOUT)
+    assert "TUNED False None" in opted_out.stdout, opted_out.stdout + opted_out.stderr

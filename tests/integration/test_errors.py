@@ -65,6 +65,8 @@ def test_malformed_requests_to_a_server_are_rejected_and_state_is_unchanged(clus
     client, t = table
     address = cluster.server_addresses[0]
     mine = t._ref.by_server[0][0]  # a block of "w" that server 0 holds
+    v = client.dense("v", shape=(300,), optimizer=ps.SGD(lr=1.0), block_size=30)
+    vmine = v._ref.by_server[0][0]  # and one of "v"
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
 
@@ -82,22 +84,23 @@ def test_malformed_requests_to_a_server_are_rejected_and_state_is_unchanged(clus
         # A good slice followed by a bad one: the whole request is rejected before applying.
         good = pb.DenseSlice(table="w", blocks=[mine], data=np.ones(30, np.float32).tobytes())
         rejected(pb.DataRequest(op=pb.PUSH, dense=[good, pb.DenseSlice(
-            table="w", blocks=[mine], data=b"\0" * 7)]),
+            table="v", blocks=[vmine], data=b"\0" * 7)]),
             grpc.StatusCode.INVALID_ARGUMENT, "whole number of float32")
         rejected(pb.DataRequest(op=pb.PUSH, dense=[good, pb.DenseSlice(
-            table="w", blocks=[mine], data=np.ones(29, np.float32).tobytes())]),
+            table="v", blocks=[vmine], data=np.ones(29, np.float32).tobytes())]),
             grpc.StatusCode.INVALID_ARGUMENT, "hold 30 elements, the request carries 29")
         rejected(pb.DataRequest(op=pb.PULL, dense=[pb.DenseSlice(table="w", blocks=[mine],
                                                                  data=b"\0\0\0\0")]),
                  grpc.StatusCode.INVALID_ARGUMENT, "a pull carries no data")
         rejected(pb.DataRequest(op=7), grpc.StatusCode.INVALID_ARGUMENT, "unknown op 7")
         create = pb.CreateTableRequest(spec=pb.TableSpec(name="w", shape=[3], block_size=3,
-                                                         optimizer=pb.OptimizerSpec(lr=1)))
+                                                         optimizer=pb.OptimizerSpec(lr=1)),
+                                       blocks=[0])
         with pytest.raises(grpc.RpcError) as info:
             stub.CreateTable(create, timeout=10)
         assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
         bad_opt = pb.CreateTableRequest(spec=pb.TableSpec(
-            name="q", shape=[3], block_size=3, optimizer=pb.OptimizerSpec(lr=-1)))
+            name="q", shape=[3], block_size=3, optimizer=pb.OptimizerSpec(lr=-1)), blocks=[0])
         with pytest.raises(grpc.RpcError) as info:
             stub.CreateTable(bad_opt, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -162,3 +165,25 @@ def test_barrier_fails_fast_when_a_worker_died(cluster_factory):
                 client.barrier("b", timeout=60.0)
         finally:
             other.close()
+
+
+def test_a_closed_client_says_so(cluster):
+    client = cluster.connect(num_workers=1)
+    t = client.dense("w", shape=(2,), optimizer=ps.SGD(lr=1.0))
+    pending = t.push_async(np.ones(2, np.float32))
+    client.close()
+    assert pending.result() is None  # queued before close: still applied
+    for call in (client.barrier, client.status, t.pull, lambda: t.push(np.ones(2, np.float32)),
+                 lambda: client.dense("v", (2,), ps.SGD()), t.pull_async):
+        with pytest.raises(ps.ParamServerError, match="is closed"):
+            call()
+    with cluster.connect() as other:
+        np.testing.assert_array_equal(other.dense("w", (2,), ps.SGD(lr=1.0)).pull(), [-1, -1])
+
+
+def test_a_barrier_without_a_job_size_fails_clearly(cluster):
+    # The cluster's scheduler has no --num-workers, and this worker gives none: before, the
+    # barrier returned at once, waiting for nobody.
+    with cluster.connect(num_workers=0) as client:
+        with pytest.raises(ps.ParamServerError, match="barrier 'b' needs the job size"):
+            client.barrier("b", timeout=1.0)

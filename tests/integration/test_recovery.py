@@ -45,7 +45,7 @@ def test_lost_replies_are_retried_and_applied_exactly_once(cluster_factory):
 
 
 def _register(address: str, request: pb.RegisterRequest) -> pb.RegisterReply:
-    channel = rpc.make_channel(address)
+    channel = rpc.make_channel(address, ps.Security())
     try:
         return pb_grpc.SchedulerStub(channel).Register(request, timeout=10)
     finally:
@@ -66,7 +66,7 @@ def test_an_older_incarnation_is_fenced_and_stops(cluster):
     # The old server learns it was superseded at its next heartbeat and exits on its own.
     cluster.servers[1].wait(timeout=30)
     assert cluster.servers[1].returncode == 0
-    channel = rpc.make_channel(cluster.scheduler)
+    channel = rpc.make_channel(cluster.scheduler, ps.Security())
     try:
         stub = pb_grpc.SchedulerStub(channel)
         hb = stub.Heartbeat(pb.HeartbeatRequest(node_id="server-1",
@@ -108,10 +108,24 @@ def test_a_call_to_a_dead_server_names_it_after_the_timeout(cluster):
             w.push(np.ones(100_000, np.float32))
 
 
+#: The token of the launched jobs below, so the test can ask their scheduler for status.
+TOKEN = "recovery-test-token"
+SECURITY = ps.Security(token=TOKEN)
+
+
 def _launch(args: list[str], script: list[str]) -> subprocess.Popen:
     return subprocess.Popen(PS + ["launch", *args, "--", sys.executable, *script],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            env=dict(os.environ, PARAMSERVER_TOKEN=TOKEN))
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def _follow(proc: subprocess.Popen, until: str, lines: list[str]) -> None:
@@ -139,7 +153,8 @@ MLP = [str(ROOT / "examples" / "mlp.py"), "--dataset", "digits", "--epochs", "40
 
 
 def _pid_of(scheduler: str, node_id: str) -> int:
-    return next(n["pid"] for n in fetch_status(scheduler)["nodes"] if n["node_id"] == node_id)
+    return next(n["pid"] for n in fetch_status(scheduler, security=SECURITY)["nodes"]
+                if n["node_id"] == node_id)
 
 
 @pytest.mark.slow
@@ -160,19 +175,18 @@ def test_training_survives_a_killed_server(tmp_path):
         _follow(proc, "starting 2 workers", lines)
         scheduler = lines[-1].split("scheduler at ", 1)[1].split(",", 1)[0]
         _follow(proc, "epoch 60/400", lines)
-        wait_for(lambda: fetch_status(scheduler)["checkpoint"]["last_version"] >= 1, 60,
-                 "a first checkpoint")
+        wait_for(lambda: fetch_status(scheduler, security=SECURITY)["checkpoint"]["last_version"]
+                 >= 1, 60, "a first checkpoint")
         os.kill(_pid_of(scheduler, "server-1"), signal.SIGKILL)
         node = wait_for(lambda: next(
-            (n for n in fetch_status(scheduler)["nodes"] if n["node_id"] == "server-1"
+            (n for n in fetch_status(scheduler, security=SECURITY)["nodes"]
+             if n["node_id"] == "server-1"
              and n["restarts"] == 1 and n["restore_state"].startswith("restored")), None), 60,
             "server-1 to be restarted and restored")
         assert node["alive"]
         code = _finish(proc, lines)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _kill_job(proc)
     output = "".join(lines)
     assert code == 0, output
     assert "server 1 exited with code 137; restarting it" in output
@@ -193,9 +207,7 @@ def test_training_survives_a_killed_scheduler(tmp_path):
         os.kill(_scheduler_pid(), signal.SIGKILL)
         code = _finish(proc, lines)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _kill_job(proc)
     output = "".join(lines)
     assert code == 0, output
     assert "scheduler exited with code 137; restarting it" in output

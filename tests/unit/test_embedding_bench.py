@@ -29,3 +29,7 @@ def test_quick_json_shape() -> None:
     assert mem["raw_bytes"] == mem["rows"] * mem["dim"] * 4 * 2
     assert mem["table_bytes"] >= mem["raw_bytes"]
     assert section["checks"] and all(c["rows_match_torch"] for c in section["checks"])
+    routing = report["routing_core"]
+    assert sorted((r["servers"], r["router"]) for r in routing) == [
+        (1, "hash bits 20-51"), (4, "hash % S (before)"), (4, "hash bits 20-51")]
+    assert all(r["rows"] > 0 and r["pull_rows_per_s"] > 0 for r in routing)

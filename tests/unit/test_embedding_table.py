@@ -112,11 +112,18 @@ def test_bad_input_raises_clearly_and_changes_nothing() -> None:
     ids = np.array([1, 5, 6], np.int64)
     good = np.ones((3, 4), np.float32)
     cases = [
-        (TypeError, r"ids must be a numpy int64 or uint64 array, got dtype float64",
+        (TypeError, r"ids must be a numpy int64 or uint64 array in native byte order, got dtype float64",
          lambda: table.push(ids.astype(np.float64), good)),
         (TypeError, r"got dtype int32", lambda: table.pull(ids.astype(np.int32))),
-        (TypeError, r"grads must be a numpy float32 array, got dtype float64",
+        (TypeError, r"grads must be a numpy float32 array in native byte order, got dtype float64",
          lambda: table.push(ids, good.astype(np.float64))),
+        # Big-endian arrays have the right kind and size but other numbers: once misread.
+        (TypeError, r"ids must be a numpy int64 or uint64 array in native byte order, got dtype "
+                    r">u8", lambda: table.pull(ids.astype(">u8"))),
+        (TypeError, r"native byte order, got dtype >i8", lambda: table.push(ids.astype(">i8"),
+                                                                           good)),
+        (TypeError, r"grads must be a numpy float32 array in native byte order, got dtype >f4",
+         lambda: table.push(ids, good.astype(">f4"))),
         (ValueError, r"grads must have shape \(3, 4\), got \(3, 5\)",
          lambda: table.push(ids, np.ones((3, 5), np.float32))),
         (ValueError, r"grads must have shape \(3, 4\), got \(2, 4\)",
