@@ -7,7 +7,7 @@ flight, and every call is retried where retrying is safe:
 * ``ABORTED``: the server held the write for a checkpoint's cut; sent again after 2-20 ms.
 * ``UNAVAILABLE`` (the server is down, restarting or restoring its tables): the pool asks the
   scheduler for the current view, re-dials the rank if its address changed (a restarted server),
-  and sends again after a growing delay (50 ms to 1 s), until the client's timeout. Writes carry
+  and sends again after a growing delay (50 ms to 250 ms), until the client's timeout. Writes carry
   an operation id and servers answer a repeated message with its first outcome, so a retried push
   is never applied twice (:mod:`paramserver.dedup`).
 
@@ -41,7 +41,7 @@ _IN_FLIGHT = 64
 #: milliseconds, and the retry's wait adds to the worker's.
 _HELD_FIRST, _HELD_MAX = 0.002, 0.02
 #: Retry delays (seconds) while a server is unreachable or restoring.
-_DOWN_FIRST, _DOWN_MAX = 0.05, 1.0
+_DOWN_FIRST, _DOWN_MAX = 0.05, 0.25
 #: Shortest interval between two view refreshes of one pool.
 _REFRESH_EVERY = 0.1
 

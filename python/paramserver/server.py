@@ -300,8 +300,9 @@ class _Shards:
                 self._install(shard)
         with self._lock:
             for name in request.lost:
-                self.lost[name] = (f"it was on this server before a restart and no checkpoint "
-                                   f"has it (start the job with --checkpoint-dir to survive this)")
+                self.lost[name] = ("it was on this server before a restart and no checkpoint "
+                                   "has it (the job has no --checkpoint-dir, or the table is "
+                                   "newer than its newest checkpoint)")
             self.restoring = None
         return pb.RestoreReply(bytes=total)
 
