@@ -14,8 +14,8 @@ from paramserver import init
 from paramserver.client import Client, DenseTable, EmbeddingTable, connect
 from paramserver.config import ClientConfig, SchedulerConfig, Security, ServerConfig
 from paramserver.errors import (
-    CheckpointError,
     AuthenticationError,
+    CheckpointError,
     InvalidRequestError,
     NodeUnavailableError,
     ParamServerError,

@@ -35,13 +35,13 @@ from typing import Any
 from google.protobuf import json_format
 
 from paramserver.errors import CheckpointError
-from paramserver.shardfile import ShardFileError, file_crc32
+from paramserver.shardfile import ShardFileError, file_crc32, read_tensors
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["CheckpointError", "Manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST",
            "checkpoint_dir_name", "shard_file_name", "list_versions", "read_manifest", "verify",
            "latest", "open_checkpoint", "begin", "commit", "abandon", "prune", "next_version",
-           "check_writable"]
+           "check_writable", "read_shard"]
 
 FORMAT = "paramserver-checkpoint"
 FORMAT_VERSION = 1
@@ -94,6 +94,19 @@ def shard_file_name(table: str, rank: int) -> str:
     plus a hash of the exact name (two names never share a file)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", table)[:64].lstrip(".") or "table"
     return f"{safe}-{zlib.crc32(table.encode()):08x}.s{rank}.safetensors"
+
+
+def read_shard(path: str | Path, table: str, names: tuple[str, ...]) -> dict:
+    """The tensors of one shard file of ``table`` (arrays viewing the mapped file); CheckpointError
+    naming the table and file if it cannot be read or lacks one of ``names``."""
+    try:
+        tensors, _ = read_tensors(path)
+    except ShardFileError as exc:
+        raise CheckpointError(f"table {table!r}: {exc}") from None
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise CheckpointError(f"table {table!r}: shard file {path} lacks tensors {missing}")
+    return tensors
 
 
 def check_writable(root: str | Path) -> Path:

@@ -14,14 +14,12 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
 
-from paramserver import rpc
 from paramserver.config import (
     MAX_BLOCK_SIZE,
     MAX_DIM,
@@ -32,7 +30,6 @@ from paramserver.config import (
 )
 from paramserver.errors import (
     InvalidRequestError,
-    NodeUnavailableError,
     ParamServerError,
     PSTimeoutError,
     TableNotFoundError,
@@ -85,27 +82,6 @@ class _OpSequence:
 
 #: What ``init=`` accepts: None (zeros), an array of the table's shape, or a callable of the shape.
 Init = Union[None, np.ndarray, Callable[[tuple[int, ...]], Any]]
-
-
-class _OpSequence:
-    """Numbers a client's write operations and knows the lowest one still in flight."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._next = 1
-        self._open: set[int] = set()
-
-    def begin(self) -> tuple[int, int]:
-        """A new operation: (its number, the number below which every operation is finished)."""
-        with self._lock:
-            seq = self._next
-            self._next += 1
-            self._open.add(seq)
-            return seq, min(self._open)
-
-    def end(self, seq: int) -> None:
-        with self._lock:
-            self._open.discard(seq)
 
 
 #: What ``init=`` accepts: None (zeros), an array of the table's shape, or a callable of the shape.
@@ -456,7 +432,11 @@ class Client:
             if reply.action == pb.DeclareTableReply.ATTACH:
                 return reply.placement
             if reply.action == pb.DeclareTableReply.INITIALIZE:
-                self._initialize(reply.placement, values)
+                try:
+                    self._initialize(reply.placement, values)
+                except ParamServerError as exc:
+                    self._abandon(spec.name, exc)
+                    raise
                 self._membership.call("TableReady", pb.TableReadyRequest(
                     name=spec.name, node_id=self.node_id), what=f"table {spec.name!r} ready")
                 return reply.placement
@@ -466,6 +446,24 @@ class Client:
                     f"ready after {self.config.timeout:.1f} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
+
+    def _abandon(self, name: str, error: Exception) -> None:
+        """Undo a failed initialization: drop the shards made and free the name at the
+        scheduler, so no half table stays behind (best effort: the error being raised matters
+        more)."""
+        try:
+            self._pool.on_servers({s.rank: None for s in self._pool.all()},
+                                  lambda rank, _: self._pool.call(
+                                      rank, "DropTable", pb.DropTableRequest(name=name),
+                                      f"drop table {name!r}"))
+        except ParamServerError:
+            pass
+        try:
+            self._membership.call("AbandonTable", pb.AbandonTableRequest(
+                name=name, node_id=self.node_id, reason=str(error)[:2000]),
+                what=f"abandon table {name!r}")
+        except ParamServerError:
+            pass
 
     def _initialize(self, placement: pb.TablePlacement, values: np.ndarray | None) -> None:
         spec = placement.spec

@@ -30,7 +30,6 @@ from paramserver import checkpoint as ckpt
 from paramserver.config import Security
 from paramserver.errors import CheckpointError, InvalidRequestError
 from paramserver.partition import BlockLayout
-from paramserver.shardfile import ShardFileError, read_tensors
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.wire import optimizer_from_spec, spec_to_dict
 
@@ -54,15 +53,7 @@ def slot_names(spec: pb.TableSpec) -> list[str]:
 
 def _read(manifest: ckpt.Manifest, shard: pb.ShardFile, names: tuple[str, ...]
           ) -> dict[str, np.ndarray]:
-    path = manifest.file_path(shard)
-    try:
-        tensors, _ = read_tensors(path)
-    except ShardFileError as exc:
-        raise CheckpointError(f"table {shard.table!r}: {exc}") from None
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise CheckpointError(f"table {shard.table!r}: {path} lacks tensors {missing}")
-    return tensors
+    return ckpt.read_shard(manifest.file_path(shard), shard.table, names)
 
 
 def _dense(manifest: ckpt.Manifest, spec: pb.TableSpec, state: bool) -> dict[str, np.ndarray]:

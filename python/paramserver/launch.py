@@ -337,7 +337,6 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
     security = load_security(token=base_env[TOKEN_ENV], tls_cert=config.tls_cert or None,
                              tls_key=config.tls_key or None, tls_ca=config.tls_ca or None,
                              environ={})
-    node = [sys.executable, "-m", "paramserver"]
 
     def say(message: str) -> None:
         with lock:

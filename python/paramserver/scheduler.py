@@ -23,7 +23,7 @@ from google.protobuf import json_format
 
 from paramserver import checkpoint as ckpt
 from paramserver import rpc
-from paramserver.config import SchedulerConfig
+from paramserver.config import DEFAULT_BLOCK_SIZE, SchedulerConfig
 from paramserver.coordinator import CheckpointCoordinator
 from paramserver.errors import (
     CheckpointError,
@@ -33,7 +33,6 @@ from paramserver.errors import (
     PSTimeoutError,
     TableMismatchError,
 )
-from paramserver.config import DEFAULT_BLOCK_SIZE
 from paramserver.partition import assign_blocks, default_block_size
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
@@ -241,6 +240,18 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         del placement.block_servers[:]
         placement.block_servers.extend(
             assign_blocks(size, spec.block_size, self._server_load if load is None else load))
+
+    def _unload(self, placement: pb.TablePlacement) -> None:
+        """Give a dropped dense table's elements back to the servers' load. Caller holds the
+        lock."""
+        spec = placement.spec
+        if spec.kind != pb.TableSpec.DENSE or not placement.block_servers:
+            return
+        size = 1
+        for d in spec.shape:
+            size *= d
+        for block, server in enumerate(placement.block_servers):
+            self._server_load[server] -= min(spec.block_size, size - block * spec.block_size)
 
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
         def run() -> pb.CheckpointReply:
@@ -536,6 +547,17 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             self._cond.notify_all()
         return pb.TableReadyReply()
 
+    def AbandonTable(self, request: pb.AbandonTableRequest, context: grpc.ServicerContext) -> pb.AbandonTableReply:
+        with self._cond:
+            table = self._tables.get(request.name)
+            if table is not None and not table.ready and table.owner == request.node_id:
+                del self._tables[request.name]
+                self._unload(table.placement)
+                log.warning("table %r abandoned by %s: %s", request.name, request.node_id,
+                            request.reason[:500])
+                self._cond.notify_all()
+        return pb.AbandonTableReply()
+
     # -- barriers ------------------------------------------------------------------------------
 
     def Barrier(self, request: pb.BarrierRequest, context: grpc.ServicerContext) -> pb.BarrierReply:
@@ -563,7 +585,13 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                 while True:
                     now = time.monotonic()
                     workers = self._by_role(pb.WORKER)
-                    expected = self._num_workers or len(workers)
+                    expected = self._num_workers
+                    if not expected:
+                        barrier.arrived.discard(request.node_id)
+                        raise ValueError(
+                            f"barrier {request.name!r}: the job size is unknown (start the "
+                            f"scheduler with --num-workers, or connect workers with "
+                            f"num_workers / PARAMSERVER_NUM_WORKERS)")
                     if len(barrier.arrived) >= expected:
                         barrier.generation += 1
                         barrier.arrived.clear()
@@ -596,27 +624,27 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         now = time.monotonic()
-        with self._cond:
+        with self._cond:  # copy what is needed; the reply is built outside the lock
             reply = pb.StatusReply(cluster=self._cluster(now), uptime=now - self._started,
                                    checkpoint=self.checkpoints.status())
             servers = self._by_role(pb.SERVER)
             n = self._config.num_servers
             stats = [servers[r].stats if r in servers else pb.ServerStats() for r in range(n)]
-            reply.server_stats.extend(stats)
-            for name in sorted(self._tables):
-                table = self._tables[name]
-                status = pb.TableStatus(spec=table.placement.spec, ready=table.ready)
-                held = {r: {t.name: t for t in stats[r].tables} for r in range(n)}
-                blocks = [0] * n
-                for server in table.placement.block_servers:
-                    blocks[server] += 1
-                status.blocks_per_server.extend(blocks)
-                status.rows_per_server.extend(
-                    held[r][name].rows if name in held[r] else 0 for r in range(n))
-                status.bytes_per_server.extend(
-                    held[r][name].bytes if name in held[r] else 0 for r in range(n))
-                reply.tables.append(status)
-            return reply
+            tables = [(name, t.placement, t.ready) for name, t in sorted(self._tables.items())]
+        reply.server_stats.extend(stats)
+        held = [{t.name: t for t in stats[r].tables} for r in range(n)]
+        for name, placement, ready in tables:
+            status = pb.TableStatus(spec=placement.spec, ready=ready)
+            blocks = [0] * n
+            for server in placement.block_servers:
+                blocks[server] += 1
+            status.blocks_per_server.extend(blocks)
+            status.rows_per_server.extend(
+                held[r][name].rows if name in held[r] else 0 for r in range(n))
+            status.bytes_per_server.extend(
+                held[r][name].bytes if name in held[r] else 0 for r in range(n))
+            reply.tables.append(status)
+        return reply
 
 
 class Scheduler:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +225,11 @@ class _Shards:
             return _SparseShard(spec, _core.EmbeddingTable(
                 spec.dim, optimizer.to_config(), init.to_config(), spec.seed))
         raise ValueError(f"table {spec.name!r}: unknown kind {spec.kind}")
+
+    def drop(self, name: str) -> bool:
+        """Forget table ``name`` (its declaration failed); True if it was here."""
+        with self._lock:
+            return (self._dense.pop(name, None) or self._sparse.pop(name, None)) is not None
 
     def _install(self, shard: _DenseShard | _SparseShard) -> None:
         """Publish a shard under its name, replacing any table of that name. Caller holds _lock."""
@@ -545,6 +549,9 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
     def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> pb.RestoreReply:
         return rpc.abort_on(context, lambda: self._shards.restore(request))
 
+    def DropTable(self, request: pb.DropTableRequest, context: grpc.ServicerContext) -> pb.DropTableReply:
+        return pb.DropTableReply(dropped=self._shards.drop(request.name))
+
 
 def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
     """Register the ParameterServer service: the generated handlers for the control methods, and
@@ -562,6 +569,7 @@ def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
             ("PersistCut", pb.PersistCutRequest, pb.PersistCutReply),
             ("AbortCut", pb.AbortCutRequest, pb.AbortCutReply),
             ("Restore", pb.RestoreRequest, pb.RestoreReply),
+            ("DropTable", pb.DropTableRequest, pb.DropTableReply),
         ]
     }
     handlers["Exchange"] = grpc.unary_unary_rpc_method_handler(service.Exchange)

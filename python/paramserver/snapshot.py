@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from paramserver import _core
-from paramserver.checkpoint import CheckpointError, shard_file_name
+from paramserver.checkpoint import CheckpointError, read_shard, shard_file_name
 from paramserver.partition import server_of_ids
-from paramserver.shardfile import ShardFileError, read_tensors, write_tensors
+from paramserver.shardfile import write_tensors
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["DenseCopy", "EmbeddingCopy", "Snapshot", "restore_dense", "restore_embedding"]
@@ -179,17 +179,6 @@ class Snapshot:
         return out
 
 
-def _shard_tensors(path: Path, table: str, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    try:
-        tensors, _ = read_tensors(path)
-    except ShardFileError as exc:
-        raise CheckpointError(f"table {table!r}: {exc}") from None
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise CheckpointError(f"table {table!r}: shard file {path} lacks tensors {missing}")
-    return tensors
-
-
 def _aligned(array: np.ndarray) -> np.ndarray:
     return array if array.flags.aligned and array.flags.c_contiguous else np.ascontiguousarray(
         array).copy()
@@ -203,7 +192,7 @@ def restore_dense(table: _core.DenseTable, name: str, paths: list[Path]) -> int:
     found: set[int] = set()
     restored = 0
     for path in paths:
-        t = _shard_tensors(path, name, ("blocks", "steps", "values", "slots"))
+        t = read_shard(path, name, ("blocks", "steps", "values", "slots"))
         blocks, steps, values, slots = t["blocks"], t["steps"], t["values"], t["slots"]
         if slots.ndim != 2 or slots.shape[0] != table.num_slots or \
                 slots.shape[1] != values.shape[0] or len(steps) != len(blocks):
@@ -242,7 +231,7 @@ def restore_embedding(table: _core.EmbeddingTable, name: str, paths: list[Path],
     restored."""
     restored = 0
     for path in paths:
-        t = _shard_tensors(path, name, ("ids", "steps", "values", "slots"))
+        t = read_shard(path, name, ("ids", "steps", "values", "slots"))
         ids, steps, values, slots = t["ids"], t["steps"], t["values"], t["slots"]
         n = len(ids)
         if values.shape != (n, table.dim) or slots.shape != (n, table.num_slots, table.dim) or \

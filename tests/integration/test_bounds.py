@@ -183,3 +183,16 @@ def test_max_memory_accepts_units(tmp_path):
     from paramserver.cli import _size
     assert [_size(s) for s in ("0", "1024", "512K", "8G", "1.5GiB", "2mb")] == [
         0, 1024, 512 << 10, 8 << 30, 3 << 29, 2 << 20]
+
+
+def test_a_failed_declaration_leaves_no_half_table(budgeted):
+    """The budget refuses the table on the server: the declaring worker drops what it made and
+    frees the name at the scheduler, so the name can be declared again, differently."""
+    with budgeted.connect() as client:
+        with pytest.raises(ps.ResourceExhaustedError, match=r"table 'big'"):
+            client.dense("big", shape=(100_000,), optimizer=ps.Adam())
+        assert "big" not in client.tables()
+        assert not [t for t in client.status()["tables"] if t["name"] == "big"]
+        again = client.dense("big", shape=(1000,), optimizer=ps.SGD(lr=1.0))  # a new spec: fine
+        again.push(-np.ones(1000, np.float32))
+        np.testing.assert_array_equal(again.pull(), np.ones(1000, np.float32))

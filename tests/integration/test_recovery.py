@@ -12,7 +12,6 @@ import sys
 import threading
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -33,7 +32,7 @@ def test_lost_replies_are_retried_and_applied_exactly_once(cluster_factory):
     exactly 1 to every element and row, so any double apply would show."""
     cluster = cluster_factory(2, server_args=("--fault-drop-reply-every", "3"))
     with cluster.connect(message_bytes=64 * 1024) as client:
-        w = client.dense("w", (100_000,), ps.SGD(lr=1.0))  # several messages per server
+        client.dense("w", (100_000,), ps.SGD(lr=1.0))  # several messages per server
         e = client.embedding("e", 4, ps.SGD(lr=1.0))
         ids = np.arange(50)
         for _ in range(30):

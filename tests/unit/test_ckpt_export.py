@@ -16,8 +16,13 @@ import paramserver as ps
 from paramserver import _core
 from paramserver import checkpoint as ckpt
 from paramserver.errors import CheckpointError, InvalidRequestError
-from paramserver.export import EmbeddingLookup, export_checkpoint, load_model, load_model_info, \
-    slot_names
+from paramserver.export import (
+    EmbeddingLookup,
+    export_checkpoint,
+    load_model,
+    load_model_info,
+    slot_names,
+)
 from paramserver.partition import server_of_ids
 from paramserver.snapshot import Snapshot
 from paramserver.v1 import paramserver_pb2 as pb

@@ -19,8 +19,13 @@ from paramserver import _core
 from paramserver.checkpoint import CheckpointError
 from paramserver.partition import server_of_ids
 from paramserver.shardfile import read_tensors, write_tensors
-from paramserver.snapshot import DenseCopy, EmbeddingCopy, Snapshot, restore_dense, \
-    restore_embedding
+from paramserver.snapshot import (
+    DenseCopy,
+    EmbeddingCopy,
+    Snapshot,
+    restore_dense,
+    restore_embedding,
+)
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.wire import optimizer_to_spec
 
