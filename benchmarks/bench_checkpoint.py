@@ -212,6 +212,10 @@ def training_overhead(epochs: int, every: float, repeats: int, workdir: Path) ->
         shutil.rmtree(directory, ignore_errors=True)
         return result["samples_per_second"], taken
 
+    # Runs alternate, and each checkpointing run is compared with the baseline run just before
+    # it (same machine conditions): the overhead is the median of those paired differences. On
+    # this shared machine two identical runs differ by up to ~25%, so a ratio of medians over a
+    # few runs is mostly noise.
     base, with_ckpt, counts = [], [], []
     for _ in range(repeats):
         base.append(run(False)[0])
@@ -219,10 +223,13 @@ def training_overhead(epochs: int, every: float, repeats: int, workdir: Path) ->
         with_ckpt.append(sps)
         counts.append(taken)
     b, c = statistics.median(base), statistics.median(with_ckpt)
+    paired = [round(100 * (1 - ck / bs), 2) for bs, ck in zip(base, with_ckpt)]
     return {"epochs": epochs, "interval_s": every, "baseline_samples_per_s": base,
             "checkpointing_samples_per_s": with_ckpt, "checkpoints_kept_per_run": counts,
             "baseline_median": b, "checkpointing_median": c,
-            "overhead_pct": round(100 * (1 - c / b), 2)}
+            "overhead_pct_of_medians": round(100 * (1 - c / b), 2),
+            "paired_overhead_pct": paired,
+            "overhead_pct": statistics.median(paired)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,10 +246,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=500,
                         help="digits MLP epochs per training run (~40 s here)")
     parser.add_argument("--dir", help="directory to write into (default: a temporary one)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the training-overhead measurement")
     args = parser.parse_args(argv)
     if args.quick:
         args.dense_gb, args.rows, args.checkpoints, args.repeats, args.epochs = 0.02, 20_000, 2, 1, 40
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
+    if args.overhead_only:
+        try:
+            overhead = training_overhead(args.epochs, 1.0 if args.quick else 10.0, args.repeats,
+                                         work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        overhead["targets"] = {"training_overhead": {
+            "interval_s": overhead["interval_s"], "overhead_pct": overhead["overhead_pct"],
+            "goal": "<= 2%", "met": overhead["overhead_pct"] <= 2.0}}
+        print(json.dumps(overhead, indent=2))
+        return 0
     out: dict[str, Any] = {"benchmark": "checkpoint", "machine": {
         "cpus": os.cpu_count(), "python": platform.python_version(), "dir": "temporary"}}
     try:
