@@ -270,7 +270,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         with self._cond:
             return pb.ListTablesReply(tables=[
                 t.placement for name, t in sorted(self._tables.items())
-                if t.ready and (not request.name or name == request.name)])
+                if (t.ready or request.include_pending)
+                and (not request.name or name == request.name)])
 
     # -- liveness ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,9 @@ class _Shards:
         self.restoring: str | None = None
         #: Tables this server held before a restart that no checkpoint had: name -> reason.
         self.lost: dict[str, str] = {}
+        #: Asks the scheduler whether it placed a table here as requested (set once registered;
+        #: None for a shard set without a scheduler, as in unit tests).
+        self.placed: Callable[[pb.TableSpec, tuple[int, ...]], None] | None = None
         #: Test-only fault hook: lose the reply of every N-th applied write (0: never).
         self.drop_reply_every = 0
         self._writes = 0
@@ -193,6 +197,8 @@ class _Shards:
         blocks = tuple(request.blocks)
         size = _check_spec(spec, blocks)
         optimizer = optimizer_from_spec(spec.optimizer)
+        if self.placed is not None:
+            self.placed(spec, blocks)  # a table the scheduler did not place here is refused
         with self._lock:
             existing = self._dense.get(spec.name) or self._sparse.get(spec.name)
             if existing is not None:
@@ -613,6 +619,7 @@ class Server:
         except Exception:
             self._server.stop(0)
             raise
+        self._shards.placed = self._check_placed
         if self._membership.reply.restoring:
             self._shards.restoring = "restoring its tables after a restart"
         self.rank = self._membership.rank
@@ -628,6 +635,27 @@ class Server:
     def stats(self) -> pb.ServerStats:
         """Request counts, bytes and per-table sizes of this server."""
         return self._shards.stats()
+
+    def _check_placed(self, spec: pb.TableSpec, blocks: tuple[int, ...]) -> None:
+        """Refuse a CreateTable for a table the scheduler does not know, or knows otherwise (its
+        spec, or the blocks it placed on this server)."""
+        assert self._membership is not None
+        reply = self._membership.call("ListTables", pb.ListTablesRequest(
+            name=spec.name, include_pending=True), what=f"check table {spec.name!r}")
+        if not reply.tables:
+            raise TableNotFoundError(f"table {spec.name!r} is unknown to the scheduler: declare "
+                                     f"it with client.dense / client.embedding first")
+        placement = reply.tables[0]
+        if not specs_match(placement.spec, spec):
+            raise TableMismatchError(f"table {spec.name!r} is placed as "
+                                     f"{describe_spec(placement.spec)}; CreateTable asked for "
+                                     f"{describe_spec(spec)}")
+        if spec.kind == pb.TableSpec.DENSE:
+            mine = tuple(b for b, s in enumerate(placement.block_servers) if s == self.rank)
+            if tuple(sorted(blocks)) != mine:
+                raise ValueError(f"table {spec.name!r}: the scheduler placed blocks "
+                                 f"{list(mine)[:10]} here, CreateTable listed "
+                                 f"{list(blocks)[:10]}")
 
     def _superseded(self) -> None:
         # A newer incarnation holds this rank: stop serving (from another thread: this is called

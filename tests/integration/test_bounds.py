@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import paramserver as ps
+from paramserver import rpc
 from paramserver.config import MAX_DIM
 from paramserver.partition import server_of_ids
 from paramserver.v1 import paramserver_pb2 as pb
@@ -196,3 +197,34 @@ def test_a_failed_declaration_leaves_no_half_table(budgeted):
         again = client.dense("big", shape=(1000,), optimizer=ps.SGD(lr=1.0))  # a new spec: fine
         again.push(-np.ones(1000, np.float32))
         np.testing.assert_array_equal(again.pull(), np.ones(1000, np.float32))
+
+
+def test_create_table_refuses_tables_the_scheduler_did_not_place(cluster):
+    """A CreateTable sent straight to a server for a table no one declared, or with blocks the
+    scheduler did not place there, is refused and creates nothing."""
+    channel = rpc.make_channel(cluster.server_addresses[0], ps.Security())
+    try:
+        stub = pb_grpc.ParameterServerStub(channel)
+        stray = pb.CreateTableRequest(spec=pb.TableSpec(
+            name="stray", shape=[8], block_size=4, optimizer=pb.OptimizerSpec(lr=1)), blocks=[0])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CreateTable(stray, timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "'stray' is unknown to the scheduler" in info.value.details()
+        with cluster.connect() as client:
+            t = client.dense("placed", (100_000,), ps.SGD(lr=1.0))
+            layout = t._ref.layout
+            theirs = [b for b, s in enumerate(layout.block_servers) if s == 1]
+            wrong = pb.CreateTableRequest(spec=_placed_spec(client, "placed"), blocks=theirs)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.CreateTable(wrong, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "the scheduler placed blocks" in info.value.details()
+            np.testing.assert_array_equal(t.pull(), np.zeros(100_000, np.float32))
+    finally:
+        channel.close()
+
+
+def _placed_spec(client, name: str) -> pb.TableSpec:
+    reply = client._membership.call("ListTables", pb.ListTablesRequest(name=name))
+    return reply.tables[0].spec

@@ -161,12 +161,17 @@ def test_training_survives_a_killed_server(tmp_path):
     """2 servers and 2 workers train the MLP with --checkpoint-every 2; server 1 is SIGKILLed
     mid-training. The launcher restarts it, it restores its shards from the newest checkpoint,
     the workers follow it to its new address, and the job ends with the accuracy of an
-    uninterrupted run (at most 1 point lower)."""
+    uninterrupted run (at most 1 point below the lower of two uninterrupted runs)."""
     common = ["--num-servers", "2", "--num-workers", "2", "--checkpoint-every", "2",
               "--max-restarts", "2"]
-    baseline = _launch(common + ["--checkpoint-dir", str(tmp_path / "a")], MLP)
-    base_lines: list[str] = []
-    assert _finish(baseline, base_lines) == 0, "".join(base_lines)
+    # Two uninterrupted runs: asynchronous runs differ by about 1 point among themselves on the
+    # 450-example digits test set (seen: 97.6-98.7%), so the reference is the lower of two.
+    references = []
+    for name in ("a1", "a2"):
+        baseline = _launch(common + ["--checkpoint-dir", str(tmp_path / name)], MLP)
+        base_lines: list[str] = []
+        assert _finish(baseline, base_lines) == 0, "".join(base_lines)
+        references.append(_result(base_lines)["test_accuracy"])
 
     proc = _launch(common + ["--checkpoint-dir", str(tmp_path / "b")], MLP)
     lines: list[str] = []
@@ -190,10 +195,9 @@ def test_training_survives_a_killed_server(tmp_path):
     assert code == 0, output
     assert "server 1 exited with code 137; restarting it" in output
     assert "restored" in output and "rolled back" in output
-    # Within 1 point below the uninterrupted run (asynchronous runs differ by up to ~1 point
-    # among themselves on this 450-example test set, so a better result is not a failure).
-    accuracy, reference = _result(lines)["test_accuracy"], _result(base_lines)["test_accuracy"]
-    assert accuracy >= reference - 0.01, (accuracy, reference)
+    # At most 1 point below the uninterrupted runs (a better result is not a failure).
+    accuracy = _result(lines)["test_accuracy"]
+    assert accuracy >= min(references) - 0.01, (accuracy, references)
 
 
 @pytest.mark.slow
