@@ -111,6 +111,13 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self._view_version = 0
         self._waiting = 0  # Barrier calls waiting on a handler thread
         self._state_file = root / _STATE_FILE if root is not None else None
+        self._state_cv = threading.Condition()
+        self._state_pending: dict | None = None
+        self._state_writing = False
+        self._state_closed = False
+        if self._state_file is not None:
+            threading.Thread(target=self._write_states, name="ps-state-writer",
+                             daemon=True).start()
         if config.recover:
             self._load_state()
         elif config.resume:
@@ -121,8 +128,9 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     # -- the scheduler's own state (for a restart) ----------------------------------------------
 
     def _save_state(self) -> None:
-        """Write the job's tables, placement and size to the checkpoint directory (atomically),
-        so a restarted scheduler (--recover) continues the job. Caller may hold the lock."""
+        """Have the job's tables, placement and size written to the checkpoint directory
+        (atomically, by a writer thread: the fsync never runs under the scheduler's lock), so a
+        restarted scheduler (--recover) continues the job. Caller may hold the lock."""
         if self._state_file is None:
             return
         state = {"format": "paramserver-scheduler-state", "num_workers": self._num_workers,
@@ -131,6 +139,26 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                  "restored_metadata": self._restored_metadata,
                  "tables": [json_format.MessageToDict(t.placement, preserving_proto_field_name=True)
                             for t in self._tables.values() if t.ready]}
+        with self._state_cv:
+            self._state_pending = state  # the latest state wins; older ones need no write
+            self._state_cv.notify()
+
+    def _write_states(self) -> None:
+        while True:
+            with self._state_cv:
+                while self._state_pending is None and not self._state_closed:
+                    self._state_cv.wait()
+                state, self._state_pending = self._state_pending, None
+                if state is None:
+                    return
+                self._state_writing = True
+            self._write_state(state)
+            with self._state_cv:
+                self._state_writing = False
+                self._state_cv.notify_all()
+
+    def _write_state(self, state: dict) -> None:
+        assert self._state_file is not None
         tmp = self._state_file.with_name(self._state_file.name + ".tmp")
         try:
             with open(tmp, "w") as f:
@@ -140,6 +168,16 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             tmp.replace(self._state_file)
         except OSError as exc:
             log.error("cannot save the scheduler's state to %s: %s", self._state_file, exc)
+
+    def close_state(self) -> None:
+        """Write the last pending state and stop the writer (at shutdown)."""
+        deadline = time.monotonic() + 10.0
+        with self._state_cv:
+            self._state_closed = True
+            self._state_cv.notify_all()
+            while (self._state_pending is not None or self._state_writing) \
+                    and time.monotonic() < deadline:
+                self._state_cv.wait(1.0)
 
     def _load_state(self) -> None:
         assert self._state_file is not None
@@ -693,6 +731,7 @@ class Scheduler:
         """Stop periodic checkpoints (letting one in progress finish), then stop serving;
         in-flight calls get ``grace`` seconds to finish."""
         self._service.checkpoints.close()
+        self._service.close_state()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
 
