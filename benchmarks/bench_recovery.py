@@ -6,8 +6,8 @@ own worker script), holding dense tables with Adam state and embedding rows; a c
 then server 1 is killed with SIGKILL while the worker keeps pushing. The worker's pushes time
 the outage as the client sees it. Phases, from the scheduler's and launcher's logs and status:
 
-* detection: SIGKILL -> the launcher reports the exit (it polls its children every 50 ms; the
-  scheduler's heartbeat timeout is the bound for nodes the launcher does not own);
+* detection: SIGKILL -> the launcher's line reporting the exit arrives in this process (it polls
+  its children every 50 ms; the heartbeat timeout bounds nodes the launcher does not own);
 * restart: -> the new server process has registered (a new incarnation of rank 1);
 * restore: -> the scheduler reports its shards restored from the checkpoint;
 * serving: -> the first push that reached the restored server returns.
@@ -107,8 +107,13 @@ def recovery(params: int, rows: int, work: Path) -> dict[str, Any]:
         pid = next(n["pid"] for n in status["nodes"] if n["node_id"] == "server-1")
         killed = time.time()
         os.kill(pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
-        lines += out.splitlines(keepends=True)
+        # Each line is stamped when it arrives here: the launcher's own lines carry no time.
+        detected = None
+        for line in proc.stdout:
+            lines.append(line)
+            if detected is None and "server 1 exited with code" in line:
+                detected = time.time()
+        proc.wait(600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -118,25 +123,21 @@ def recovery(params: int, rows: int, work: Path) -> dict[str, Any]:
     text = "".join(lines)
     if proc.returncode != 0:
         raise RuntimeError(f"the job failed:\n{text[-4000:]}")
-    detected = registered = restored = None
+    registered = restored = None
     for line in lines:
         t = _stamp(line)
-        if detected is None and "server 1 exited with code" in line:
-            detected = time.time() if t is None else t
         if "server-1 registered again" in line and t is not None:
             registered = t
         if "server-1 restored" in line and t is not None:
             restored = t
-    # The launcher's own lines have no time stamp: take detection as the first scheduler log line
-    # after the kill that is about the restart, bounded by the registration.
     pushes = [tuple(map(float, x.split())) for x in log.read_text().split("\n") if x]
     served = next((end for start, end in pushes if end > killed and end - start > 0.2), None)
     first_after = next((end for start, end in pushes if start > killed), None)
     served = served or first_after
     restore_log = re.search(r"server-1 restored (\d+) tables from checkpoint (\d+)", text)
-    return {"killed": killed, "registered": registered, "restored": restored, "served": served,
+    return {"killed": killed, "detected": detected, "registered": registered, "restored": restored, "served": served,
             "restore_line": restore_log.group(0) if restore_log else None,
-            "launcher_detected": "server 1 exited with code 137" in text}
+            }
 
 
 def restore_alone(directory: Path) -> dict[str, Any]:
@@ -171,31 +172,30 @@ def main(argv: list[str] | None = None) -> int:
     restart_s = (r["registered"] - killed) if r["registered"] else None
     restore_s = (r["restored"] - r["registered"]) if r["restored"] and r["registered"] else None
     serving_s = (r["served"] - killed) if r["served"] else None
-    # The launcher polls its children every 50 ms: detection is at most that, and the restart
-    # phase includes the 0.5 s backoff and the new process's start.
-    detection_s = 0.05
+    # Detection: SIGKILL -> the launcher's line reporting the exit arrived here (the launcher
+    # polls its children every 50 ms). The restart phase includes its 0.5 s backoff.
+    detection_s = round(r["detected"] - killed, 3) if r["detected"] else None
     out: dict[str, Any] = {
         "benchmark": "recovery",
         "state": {"dense_params": args.params, "rows": args.rows, "dim": 64, "optimizer": "Adam",
                   "state_bytes_approx": args.params * 12 + args.rows * (64 * 12 + 16)},
-        "phases_s": {"detection_bound": detection_s,
+        "phases_s": {"detection": detection_s,
                      "kill_to_registered": round(restart_s, 3) if restart_s else None,
                      "registered_to_restored": round(restore_s, 3) if restore_s else None,
                      "kill_to_serving": round(serving_s, 3) if serving_s else None},
         "restore_line": r["restore_line"],
         "peer_restore_alone": alone,
     }
-    budget = detection_s + alone["restore_s"] + 2.0
-    met = serving_s is not None and serving_s <= budget
+    budget = (detection_s or 0.0) + alone["restore_s"] + 2.0
+    met = serving_s is not None and detection_s is not None and serving_s <= budget
     out["targets"] = {
         "kill_to_serving": {
             "kill_to_serving_s": out["phases_s"]["kill_to_serving"],
             "restore_alone_s": alone["restore_s"], "detection_s": detection_s,
             "goal": "<= detection + restore + 2 s", "budget_s": round(budget, 3), "met": met},
         "detection": {"detection_s": detection_s, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT,
-                      "goal": "<= heartbeat timeout", "met": detection_s <= HEARTBEAT_TIMEOUT
-                      and r["launcher_detected"],
-                      "note": "the launcher detects its child's exit by polling every 50 ms"},
+                      "goal": "<= heartbeat timeout",
+                      "met": detection_s is not None and detection_s <= HEARTBEAT_TIMEOUT},
     }
     if args.json:
         print(json.dumps(out, indent=2))
