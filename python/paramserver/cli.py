@@ -90,8 +90,12 @@ def _checkpoint_config(args: argparse.Namespace) -> dict:
             "keep": args.keep, "resume": args.resume}
 
 
+def _sync_config(args: argparse.Namespace) -> dict:
+    return {"sync": args.sync, "on_worker_failure": args.on_worker_failure}
+
+
 def _cmd_scheduler_config(args: argparse.Namespace) -> dict:
-    return dict(_checkpoint_config(args), recover=args.recover)
+    return dict(_checkpoint_config(args), recover=args.recover, **_sync_config(args))
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -130,7 +134,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           startup_timeout=args.startup_timeout, token=security.token,
                           tls_cert=tls_path("tls_cert"), tls_key=tls_path("tls_key"),
                           tls_ca=tls_path("tls_ca"), tls_client_auth=args.tls_client_auth,
-                          max_restarts=args.max_restarts, **_checkpoint_config(args))
+                          max_restarts=args.max_restarts, **_checkpoint_config(args),
+                          **_sync_config(args))
     return launch(config)
 
 
@@ -222,6 +227,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="S",
                        help="seconds of silence before a node is marked dead (default 10)")
 
+    def sync_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sync", default="async", metavar="MODEL",
+                       help="consistency model: async (default: every push applied as it "
+                            "arrives), bsp (each step combines one push of every worker) or "
+                            "ssp:S (reads wait until every worker is at most S steps behind)")
+        p.add_argument("--on-worker-failure", choices=("fail", "shrink"), default="fail",
+                       help="bsp/ssp: when a worker dies, fail the job's steps with an error "
+                            "naming it (default), or shrink: go on without it")
+
     def checkpoint_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint-dir", metavar="DIR",
                        help="directory of the job's checkpoints (created if missing)")
@@ -240,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="workers the job expects (default: as the workers say)")
     heartbeat_flags(p)
     checkpoint_flags(p)
+    sync_flags(p)
     p.add_argument("--recover", action="store_true",
                    help="continue a running job whose scheduler died, from the state kept in "
                         "--checkpoint-dir (servers and workers register again)")
@@ -280,6 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="seconds allowed for the scheduler and servers to start")
     checkpoint_flags(p)
+    sync_flags(p)
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="restart a scheduler, server or worker that dies, up to N times each "
                         "(servers restore from the newest checkpoint; default 0)")

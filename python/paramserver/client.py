@@ -10,6 +10,7 @@ into messages of about that size, sent as parallel calls. Each push is one optim
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from paramserver.errors import (
     InvalidRequestError,
     ParamServerError,
     PSTimeoutError,
+    TableMismatchError,
     TableNotFoundError,
 )
 from paramserver.membership import Membership
@@ -39,6 +41,7 @@ from paramserver.optim import Optimizer
 from paramserver.partition import BlockLayout
 from paramserver.plan import DensePlan, DenseRef, EmbeddingRef, SparsePlan
 from paramserver.pool import ServerPool
+from paramserver.sync import Consistency
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.wire import (
     FLOAT,
@@ -50,13 +53,20 @@ from paramserver.wire import (
     optimizer_from_spec,
     optimizer_to_spec,
     plan_requests,
+    reply_pending,
     spec_to_dict,
 )
 
 __all__ = ["Client", "DenseTable", "EmbeddingTable", "connect"]
 
+log = logging.getLogger(__name__)
+
 #: Ops that write, and so carry an OpTag (checkpoint cuts, exactly-once retries).
 _WRITES = (pb.PUSH, pb.PUSH_PULL, pb.ASSIGN)
+#: Seconds a server may hold a call that waits for a step before answering pending (the client
+#: then asks again): long enough that a step usually completes within one call, short enough that
+#: no server thread is pinned for long.
+_STEP_WAIT = 2.0
 
 
 class _OpSequence:
@@ -78,10 +88,6 @@ class _OpSequence:
     def end(self, seq: int) -> None:
         with self._lock:
             self._open.discard(seq)
-
-
-#: What ``init=`` accepts: None (zeros), an array of the table's shape, or a callable of the shape.
-Init = Union[None, np.ndarray, Callable[[tuple[int, ...]], Any]]
 
 
 #: What ``init=`` accepts: None (zeros), an array of the table's shape, or a callable of the shape.
@@ -228,6 +234,14 @@ class Client:
         self._restored = (json.loads(reply.restored_metadata_json)
                           if reply.restored_metadata_json else {})
         self._restored_version = reply.restored_version
+        self._consistency = Consistency.parse(reply.sync)
+        if config.sync and Consistency.parse(config.sync) != self._consistency:
+            self._membership.close()
+            raise TableMismatchError(f"this worker expects a {config.sync} job; the job at "
+                                     f"{config.scheduler} is {self._consistency}")
+        self._clock = 0                 # steps this worker has pushed (synchronous jobs)
+        self._first_step = 0            # 0 until it joined the step group
+        self._step_lock = threading.Lock()
         self._pool = ServerPool(self._membership, view, config.timeout, config.security)
         self._tables: dict[str, DenseRef | EmbeddingRef] = {}
         self._lock = threading.Lock()
@@ -250,6 +264,19 @@ class Client:
     def num_servers(self) -> int:
         """Servers in the job."""
         return len(self._pool)
+
+    @property
+    def sync(self) -> Consistency:
+        """The job's consistency model: ``str(client.sync)`` is ``"async"``, ``"bsp"`` or
+        ``"ssp:S"``; ``client.sync.mode`` and ``client.sync.staleness`` give its parts."""
+        return self._consistency
+
+    @property
+    def clock(self) -> int:
+        """Synchronous jobs: this worker's clock, the last step it pushed (every ``push`` and
+        ``push_pull`` is one step). 0 before its first push; a worker that joined a running job
+        starts just below the step it joined at."""
+        return self._clock
 
     def barrier(self, name: str = "default", timeout: float | None = None) -> None:
         """Block until every worker of the job has called ``barrier(name)``.
@@ -333,7 +360,8 @@ class Client:
     # -- tables ---------------------------------------------------------------------------------
 
     def dense(self, name: str, shape: Sequence[int] | int, optimizer: Optimizer,
-              init: Init = None, *, block_size: int | None = None) -> DenseTable:
+              init: Init = None, *, block_size: int | None = None,
+              combine: str = "mean") -> DenseTable:
         """Declare a dense float32 table, or attach to it if it exists; return its handle.
 
         Args:
@@ -346,6 +374,9 @@ class Client:
             block_size: elements per block. Default: the tensor split evenly over the servers,
                 in blocks of 16Ki to 256Ki elements (64 KiB to 1 MiB), so a mid-size tensor
                 still uses every server. Workers must agree on it (the default always does).
+            combine: BSP jobs: how a step combines the workers' gradients, ``"mean"`` (default:
+                a step equals one process on the workers' batches together, with a mean loss)
+                or ``"sum"``. Ignored by async and SSP jobs, which apply every push as it comes.
 
         Raises:
             TableMismatchError: the table exists with another shape, optimizer or block size.
@@ -364,9 +395,13 @@ class Client:
                                        or not 0 < block_size <= MAX_BLOCK_SIZE):
             raise InvalidRequestError(f"table {name!r}: block_size must be an int in "
                                       f"[1, {MAX_BLOCK_SIZE}], got {block_size!r}")
+        if combine not in ("mean", "sum"):
+            raise InvalidRequestError(f"table {name!r}: combine must be 'mean' or 'sum', got "
+                                      f"{combine!r}")
         values = None if init is None else _init_values(name, shape_t, init)
         spec = pb.TableSpec(name=name, kind=pb.TableSpec.DENSE, shape=shape_t,
-                            block_size=block_size or 0, optimizer=optimizer_to_spec(optimizer))
+                            block_size=block_size or 0, optimizer=optimizer_to_spec(optimizer),
+                            combine=pb.TableSpec.SUM if combine == "sum" else pb.TableSpec.MEAN)
         ref = self._attach(self._declare(spec, values))
         return DenseTable(self, ref)
 
@@ -585,7 +620,9 @@ class Client:
         """Send one call's tables to the servers (one RPC each, all at once); reassemble reads.
 
         ``entries`` maps a dense table to its array (None in pulls) and an embedding table to its
-        ids (pulls) or ``(ids, grads)``. Every entry is validated before anything is sent.
+        ids (pulls) or ``(ids, grads)``. Every entry is validated before anything is sent. In a
+        synchronous job a push or push_pull is one step: it goes to every server (empty where
+        it has nothing), and waits for the step as the job's model says.
         """
         self._check_open(f"{what} of {sorted(refs)}")
         plans = {name: (DensePlan if isinstance(ref, DenseRef) else SparsePlan)(ref, op,
@@ -596,20 +633,14 @@ class Client:
             for server, item in plan.items().items():
                 items.setdefault(server, []).append(item)
         label = f"{what} of {sorted(refs)}"
-        planned = {s: plan_requests(its, self.config.message_bytes) for s, its in items.items()}
-        tag = None
-        if op in _WRITES and planned:
-            seq, done_below = self._op_seq.begin()
-            servers = sorted(planned)
-            tag = pb.OpTag(client=self._client_id, seq=seq, servers=servers,
-                           parts=[len(planned[s]) for s in servers], done_below=done_below)
-        try:
-            replies = self._pool.on_servers(
-                {s: iter_requests(op, plan, 0, self.node_id, tag) for s, plan in planned.items()},
-                lambda rank, requests: self._pool.exchange(rank, requests, label))
-        finally:
-            if tag is not None:
-                self._op_seq.end(tag.seq)
+        if self._consistency.synchronous and op in (pb.PUSH, pb.PUSH_PULL):
+            with self._step_lock:
+                replies = self._step(op, items, label)
+        else:
+            step = None
+            if self._consistency.synchronous and op in (pb.PULL, pb.LOOKUP):
+                step = self._read_tag(self._clock)
+            replies = self._send(op, items, label, step)
         if op not in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP):
             return {}
         # Every reply is checked: each requested block and row arrives exactly once, with the
@@ -634,6 +665,87 @@ class Client:
         except ValueError as exc:
             raise ParamServerError(f"{label}: incomplete replies: {exc}") from None
 
+    def _send(self, op: int, items: dict[int, list[DenseItem | SparseItem]], label: str,
+              step: pb.StepTag | None = None) -> dict[int, list[bytes]]:
+        """One round of requests: ``items`` cut into messages for each server, all sent at once;
+        the replies by server. A read that waits for a step and gets *pending* asks again."""
+        planned = {s: plan_requests(its, self.config.message_bytes) for s, its in items.items()}
+        tag = None
+        if op in _WRITES and planned:
+            seq, done_below = self._op_seq.begin()
+            servers = sorted(planned)
+            tag = pb.OpTag(client=self._client_id, seq=seq, servers=servers,
+                           parts=[len(planned[s]) for s in servers], done_below=done_below)
+        try:
+            replies = self._pool.on_servers(
+                {s: iter_requests(op, plan, 0, self.node_id, tag, step)
+                 for s, plan in planned.items()},
+                lambda rank, requests: self._pool.exchange(rank, requests, label))
+        finally:
+            if tag is not None:
+                self._op_seq.end(tag.seq)
+        if step is None or not self._consistency.synchronous:
+            return replies
+        waiting = {s for s, rs in replies.items() if any(reply_pending(r) for r in rs)}
+        if waiting:
+            # Ask again (reads only: a write is never sent twice) until the step is reached.
+            reads = {s: [_read_item(item) for item in items[s]]
+                     for s in waiting} if op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP) else \
+                {s: [] for s in waiting}
+            poll_op = pb.LOOKUP if op == pb.LOOKUP else pb.PULL
+            replies.update(self._pool.on_servers(
+                reads, lambda rank, its: self._poll(poll_op, rank, its, step, label)))
+        return replies
+
+    def _poll(self, op: int, rank: int, items: list[DenseItem | SparseItem], step: pb.StepTag,
+              label: str) -> list[bytes]:
+        """Read ``items`` (``op`` PULL or LOOKUP) from server ``rank`` once it reached
+        ``step.read_step``."""
+        deadline = time.monotonic() + self.config.timeout
+        delay = 0.001
+        waits_for = "the step"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            tag = pb.StepTag(worker=step.worker, read_step=step.read_step,
+                             wait=min(_STEP_WAIT, left))
+            replies = self._pool.exchange(
+                rank, iter_requests(op, plan_requests(items, self.config.message_bytes), 0,
+                                    self.node_id, None, tag), label)
+            waits_for = next((w for r in replies if (w := reply_pending(r))), None)
+            if waits_for is None:
+                return replies
+            time.sleep(delay)  # the server was too busy to wait, or the wait ran out
+            delay = min(delay * 2, 0.05)
+        server = self._pool.get(rank)
+        raise PSTimeoutError(f"{label}: server-{rank} at {server.address} did not reach step "
+                             f"{step.read_step} within {self.config.timeout:.1f} s; {waits_for}")
+
+    def _read_tag(self, clock: int) -> pb.StepTag:
+        return pb.StepTag(worker=self.rank, read_step=clock, wait=_STEP_WAIT)
+
+    def _step(self, op: int, items: dict[int, list[DenseItem | SparseItem]],
+              label: str) -> dict[int, list[bytes]]:
+        """One step of a synchronous job: a contribution to every server, then (BSP, or a
+        push_pull) wait until the step can be read. Caller holds ``_step_lock``."""
+        if not self._first_step:
+            reply = self._membership.call("SyncJoin", pb.SyncJoinRequest(
+                node_id=self.node_id, incarnation=self._membership.incarnation,
+                timeout=self.config.timeout), timeout=self.config.timeout + 5.0,
+                what="join the step group")
+            self._first_step = reply.first_step
+            self._clock = max(self._clock, reply.first_step - 1)
+        step = self._clock + 1
+        for rank in range(len(self._pool)):
+            items.setdefault(rank, [])
+        waits = self._consistency.mode == "bsp" or op == pb.PUSH_PULL
+        tag = pb.StepTag(worker=self.rank, step=step, read_step=step if waits else 0,
+                         wait=_STEP_WAIT if waits else 0.0)
+        replies = self._send(op, items, label, tag)
+        self._clock = step
+        return replies
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -643,6 +755,15 @@ class Client:
         self._closing = True  # refuse new async calls; the queued ones still run
         self._async.shutdown(wait=True)
         self._closed = True
+        if self._consistency.synchronous and not self._membership.superseded:
+            # Out of data (or done): the steps after this worker's last one stop waiting for it.
+            try:
+                self._membership.call("SyncLeave", pb.SyncLeaveRequest(
+                    node_id=self.node_id, incarnation=self._membership.incarnation,
+                    last_step=self._clock), timeout=min(self.config.timeout, 30.0),
+                    what="leave the step group")
+            except ParamServerError as exc:
+                log.warning("%s: leaving the step group: %s", self.node_id, exc)
         self._pool.close()
         self._membership.close()
 
@@ -655,6 +776,13 @@ class Client:
     def __repr__(self) -> str:
         return (f"Client(rank={self.rank}, num_workers={self.num_workers}, "
                 f"scheduler={self.config.scheduler!r}, servers={self.num_servers})")
+
+
+def _read_item(item: DenseItem | SparseItem) -> DenseItem | SparseItem:
+    """The read of what a write item wrote: the same blocks or rows, without data."""
+    if isinstance(item, DenseItem):
+        return DenseItem(item.table, item.blocks, item.lengths, [])
+    return SparseItem(item.table, item.ids, item.dim)
 
 
 def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
@@ -712,7 +840,7 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
             message_bytes: int | None = None, token: str | None = None,
             tls_ca: str | os.PathLike[str] | None = None,
             tls_cert: str | os.PathLike[str] | None = None,
-            tls_key: str | os.PathLike[str] | None = None) -> Client:
+            tls_key: str | os.PathLike[str] | None = None, sync: str | None = None) -> Client:
     """Connect this process to a job as a worker and return its :class:`Client`.
 
     Args:
@@ -728,11 +856,15 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
             certificates; calls then use TLS and verify them. Default ``$PARAMSERVER_TLS_CA``.
         tls_cert, tls_key: paths of this worker's PEM client certificate and key, for mutual TLS.
             Default ``$PARAMSERVER_TLS_CERT`` / ``$PARAMSERVER_TLS_KEY``.
+        sync: the consistency model this worker is written for (``"async"``, ``"bsp"`` or
+            ``"ssp:S"``); connecting to a job run with another one raises TableMismatchError.
+            Default ``$PARAMSERVER_SYNC`` (set by ``paramserver launch --sync``) or the job's.
 
     Raises:
         ParamServerError: no scheduler given and ``PARAMSERVER_SCHEDULER`` unset.
         NodeUnavailableError: the scheduler is unreachable within ``timeout``.
         AuthenticationError: the scheduler refused the token (missing or wrong).
+        TableMismatchError: ``sync`` differs from the job's consistency model.
         InvalidRequestError: the token is not printable ASCII, or a TLS file cannot be read or
             is not PEM.
     """
@@ -752,8 +884,14 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
     # Set by `paramserver launch --max-restarts` for a worker it restarted: the rank's previous
     # holder is known dead, so take the rank over at once.
     replace = os.environ.get("PARAMSERVER_REPLACE") == "1"
-    return Client(ClientConfig(scheduler=scheduler, rank=rank, num_workers=num_workers,
-                               timeout=timeout, security=security, replace=replace, **extra))
+    sync = os.environ.get("PARAMSERVER_SYNC", "") if sync is None else sync
+    try:
+        config = ClientConfig(scheduler=scheduler, rank=rank, num_workers=num_workers,
+                              timeout=timeout, security=security, replace=replace, sync=sync,
+                              **extra)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    return Client(config)
 
 
 def _env_int(name: str, default: int) -> int:

@@ -195,6 +195,10 @@ class SchedulerConfig:
             ``checkpoint_dir``; the servers (which kept their tables) and workers register again
             by themselves.
         security: the job token (and TLS) incoming calls are checked against.
+        sync: the job's consistency model: ``"async"`` (default), ``"bsp"`` or ``"ssp:S"`` (see
+            :mod:`paramserver.sync`). The synchronous ones need ``num_workers``.
+        on_worker_failure: synchronous jobs, when a worker dies: ``"fail"`` (its steps fail with
+            an error naming it) or ``"shrink"`` (the others go on without it).
     """
 
     host: str = "127.0.0.1"
@@ -210,8 +214,19 @@ class SchedulerConfig:
     resume: bool = False
     recover: bool = False
     security: Security = Security()
+    sync: str = "async"
+    on_worker_failure: str = "fail"
 
     def __post_init__(self) -> None:
+        from paramserver.sync import FAILURE_POLICIES, Consistency
+
+        consistency = Consistency.parse(self.sync)  # ValueError naming the accepted forms
+        if consistency.synchronous and not self.num_workers:
+            raise ValueError(f"a {consistency} job needs its number of workers (--num-workers): "
+                             f"every step waits for all of them")
+        if self.on_worker_failure not in FAILURE_POLICIES:
+            raise ValueError(f"on_worker_failure must be one of {FAILURE_POLICIES}, got "
+                             f"{self.on_worker_failure!r}")
         if self.num_servers < 1:
             raise ValueError(f"num_servers must be >= 1, got {self.num_servers}")
         if self.num_workers < 0:
@@ -298,6 +313,8 @@ class ClientConfig:
         replace: take ``rank`` over even if its holder still looks alive (a supervisor
             restarting a worker it knows is dead).
         security: the job token (and TLS) attached to every call to the scheduler and servers.
+        sync: the consistency model this worker expects (``"async"``, ``"bsp"``, ``"ssp:S"``);
+            connecting to a job with another one fails. "" : take the job's.
     """
 
     scheduler: str
@@ -307,6 +324,7 @@ class ClientConfig:
     message_bytes: int = DEFAULT_MESSAGE_BYTES
     security: Security = Security()
     replace: bool = False
+    sync: str = ""
 
     def __post_init__(self) -> None:
         _check_address("scheduler", self.scheduler)
@@ -317,6 +335,9 @@ class ClientConfig:
         _check_positive("timeout", self.timeout)
         _check_positive("message_bytes", self.message_bytes)
         _check_security(self.security)
+        if self.sync:
+            from paramserver.sync import Consistency
+            Consistency.parse(self.sync)  # ValueError naming the accepted forms
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -115,9 +115,9 @@ class CheckpointCoordinator:
                 channel = self._channels[address] = rpc.make_channel(address, self._security)
         return pb_grpc.ParameterServerStub(channel)
 
-    def _on_all(self, servers: dict[int, str], method: str, requests: dict[int, Any] | Any,
-                what: str, timeout: float) -> dict[int, Any]:
-        """Call ``method`` on every server at once; the first error (naming the server) raises
+    def on_servers(self, servers: dict[int, str], method: str, requests: dict[int, Any] | Any,
+                   what: str, timeout: float) -> dict[int, Any]:
+        """Call ``method`` on every server at once (the scheduler's calls to the servers); the first error (naming the server) raises
         after every call has returned."""
         def one(rank: int, address: str) -> Any:
             request = requests[rank] if isinstance(requests, dict) else requests
@@ -188,9 +188,9 @@ class CheckpointCoordinator:
         tmp = ckpt.begin(root, version)
         call_timeout = min(timeout, self._call_timeout)
         try:
-            self._on_all(servers, "PrepareCut", pb.PrepareCutRequest(cut=cut, buffers_only=True),
+            self.on_servers(servers, "PrepareCut", pb.PrepareCutRequest(cut=cut, buffers_only=True),
                          "checkpoint: size the snapshot buffers", call_timeout)
-            prepared = self._on_all(servers, "PrepareCut", pb.PrepareCutRequest(
+            prepared = self.on_servers(servers, "PrepareCut", pb.PrepareCutRequest(
                 cut=cut, lease=max(_LEASE, call_timeout)), "checkpoint: prepare the cut",
                 call_timeout)
             ops = {}
@@ -198,12 +198,12 @@ class CheckpointCoordinator:
                 for tag in reply.ops:
                     ops[op_key(tag)] = tag
             snap_start = time.monotonic()
-            snapshots = self._on_all(servers, "SnapshotCut", pb.SnapshotCutRequest(
+            snapshots = self.on_servers(servers, "SnapshotCut", pb.SnapshotCutRequest(
                 cut=cut, ops=list(ops.values()), timeout=min(_DRAIN_TIMEOUT, call_timeout / 2),
                 tables=sorted(tables)), "checkpoint: snapshot", call_timeout)
             snapshot_seconds = time.monotonic() - snap_start
             persist_start = time.monotonic()
-            persisted = self._on_all(servers, "PersistCut", pb.PersistCutRequest(
+            persisted = self.on_servers(servers, "PersistCut", pb.PersistCutRequest(
                 cut=cut, dir=str(tmp)), "checkpoint: persist", call_timeout)
             files: dict[str, list[pb.ShardFile]] = {}
             for reply in persisted.values():
@@ -233,7 +233,7 @@ class CheckpointCoordinator:
 
     def _abort(self, servers: dict[int, str], cut: int) -> None:
         try:
-            self._on_all(servers, "AbortCut", pb.AbortCutRequest(cut=cut),
+            self.on_servers(servers, "AbortCut", pb.AbortCutRequest(cut=cut),
                          "checkpoint: abort the cut", 5.0)
         except ParamServerError as exc:  # a server that is gone reopens by its lease anyway
             log.warning("aborting checkpoint cut %d: %s", cut, exc)
@@ -271,7 +271,7 @@ class CheckpointCoordinator:
                                             version=manifest.version)
                     for rank in servers}
         start = time.monotonic()
-        replies = self._on_all(servers, "Restore", requests,
+        replies = self.on_servers(servers, "Restore", requests,
                                f"restore checkpoint {manifest.version}", self._call_timeout)
         with self._state:
             self.restore_seconds = time.monotonic() - start
@@ -298,7 +298,7 @@ class CheckpointCoordinator:
             request.at_cut.CopyFrom(at_cut)
         what = f"restore server-{rank}" + (f" from checkpoint {manifest.version}" if manifest
                                            else "")
-        self._on_all({rank: address}, "Restore", request, what, self._call_timeout)
+        self.on_servers({rank: address}, "Restore", request, what, self._call_timeout)
 
     def status(self) -> pb.CheckpointStatus:
         """What status shows of checkpoints."""

@@ -88,7 +88,7 @@ class WriteGate:
             key = None
             if tag is not None and tag.client:
                 self._prune_locked(tag, now)
-                parts = self._parts_here(tag)
+                parts = self.parts_here(tag)
                 if len(tag.servers) > 1 or parts > 1:
                     key = op_key(tag)
             if self._cut is not None and (key is None or key not in self._allowed):
@@ -96,7 +96,7 @@ class WriteGate:
             if key is not None:
                 op = self._ops.get(key)
                 if op is None:
-                    op = self._ops[key] = _Op(tag, self._parts_here(tag), seen=now)
+                    op = self._ops[key] = _Op(tag, self.parts_here(tag), seen=now)
                 op.started += 1
             self._inflight += 1
             return key if key is not None else ("", -1)
@@ -111,7 +111,8 @@ class WriteGate:
                     op.done += 1
             self._cond.notify_all()
 
-    def _parts_here(self, tag: pb.OpTag) -> int:
+    def parts_here(self, tag: pb.OpTag) -> int:
+        """Messages of the operation ``tag`` bound for this server."""
         for server, parts in zip(tag.servers, tag.parts):
             if server == self.rank:
                 return parts
@@ -162,7 +163,7 @@ class WriteGate:
                     key = op_key(tag)
                     self._allowed.add(key)
                     if key not in self._ops:
-                        self._ops[key] = _Op(tag, self._parts_here(tag), seen=time.monotonic())
+                        self._ops[key] = _Op(tag, self.parts_here(tag), seen=time.monotonic())
             while True:
                 missing = [(k, op) for k in self._allowed
                            if (op := self._ops.get(k)) is not None and op.done < op.parts_here]

@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "AuthenticationError",
     "ResourceExhaustedError",
+    "StepFailedError",
 ]
 
 
@@ -62,3 +63,9 @@ class AuthenticationError(ParamServerError, PermissionError):
 class ResourceExhaustedError(ParamServerError, MemoryError):
     """A server refused a request that would pass its memory budget (``--max-memory``) or the
     message size limit (RESOURCE_EXHAUSTED); the message names the table. Nothing changed."""
+
+
+class StepFailedError(ParamServerError):
+    """A step of a synchronous job (``--sync bsp`` or ``ssp:S``) cannot complete: a worker of the
+    job died and the job fails its steps (``--on-worker-failure fail``). The message names the
+    worker and the step."""

@@ -72,6 +72,10 @@ class LaunchConfig:
             TLS with (also presented by every process for mutual TLS); "" for none.
         tls_ca: path of the PEM CA certificates every process verifies its peers with.
         tls_client_auth: mutual TLS: the scheduler and servers require client certificates.
+        sync: the job's consistency model, ``"async"``, ``"bsp"`` or ``"ssp:S"``.
+        on_worker_failure: synchronous jobs: ``"fail"`` (a dead worker fails the job's steps,
+            and the launcher stops the job) or ``"shrink"`` (the other workers go on without it,
+            and the job's exit code is that of the workers that remain).
     """
 
     command: list[str]
@@ -96,8 +100,16 @@ class LaunchConfig:
     tls_key: str = ""
     tls_ca: str = ""
     tls_client_auth: bool = False
+    sync: str = "async"
+    on_worker_failure: str = "fail"
 
     def __post_init__(self) -> None:
+        from paramserver.sync import FAILURE_POLICIES, Consistency
+
+        Consistency.parse(self.sync)
+        if self.on_worker_failure not in FAILURE_POLICIES:
+            raise ValueError(f"--on-worker-failure must be one of {FAILURE_POLICIES}, got "
+                             f"{self.on_worker_failure!r}")
         if not self.command:
             raise ValueError("launch needs a worker command after --")
         if self.num_servers < 1 or self.num_workers < 1:
@@ -412,6 +424,9 @@ class _Job:
         self.workers: dict[int, _Proc] = {}
         self._retired: list[_Proc] = []
         self._restarts: dict[str, int] = {}
+        # --on-worker-failure shrink (synchronous jobs): failed workers the job goes on without.
+        self._shrink = config.sync != "async" and config.on_worker_failure == "shrink"
+        self._shrunk: list[_Proc] = []
         self._starts = 0
 
     def nodes(self) -> list[_Proc]:
@@ -441,7 +456,8 @@ class _Job:
                 "--num-servers", str(config.num_servers), "--num-workers", str(config.num_workers),
                 "--heartbeat-interval", str(config.heartbeat_interval),
                 "--heartbeat-timeout", str(config.heartbeat_timeout),
-                "--ready-file", str(ready)] + _checkpoint_args(config)
+                "--ready-file", str(ready), "--sync", config.sync,
+                "--on-worker-failure", config.on_worker_failure] + _checkpoint_args(config)
         if recover:
             args = [a for a in args if a != "--resume"] + ["--recover"]
         self.scheduler_proc = _Proc("scheduler", self._node + args + self._client_auth,
@@ -512,12 +528,25 @@ class _Job:
                     self.start_worker(rank, restart=True)
                     codes[rank] = None
             failed = [(self.workers[r], c) for r, c in codes.items() if c not in (None, 0)]
+            if failed and self._shrink and len(failed) < len(codes):
+                for worker, code in failed:
+                    if worker not in self._shrunk:
+                        self._shrunk.append(worker)
+                        self._say(f"{worker.name} failed with exit code {code}; the other "
+                                  f"workers go on without it (--on-worker-failure shrink)")
+                failed = []
+                codes = {r: c for r, c in codes.items()
+                         if self.workers[r] not in self._shrunk}
             if failed:
                 worker, code = failed[0]
                 self._say(f"{worker.name} failed with exit code {code}; stopping the job")
                 return code
             if all(c == 0 for c in codes.values()):
-                self._say(f"all {len(self.workers)} workers finished")
+                if self._shrunk:
+                    self._say(f"{len(codes)} workers finished; {len(self._shrunk)} failed and "
+                              f"the job went on without them")
+                else:
+                    self._say(f"all {len(self.workers)} workers finished")
                 return 0
             time.sleep(0.05)
 

@@ -34,6 +34,8 @@ from paramserver.errors import (
     TableMismatchError,
 )
 from paramserver.partition import assign_blocks, default_block_size
+from paramserver.sync import Consistency
+from paramserver.syncgroup import SyncGroup
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import describe_spec, optimizer_from_spec, specs_match
@@ -108,6 +110,13 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                                  self._live_servers, self._ready_tables,
                                                  security=config.security)
         self._restored_metadata = ""
+        self.consistency = Consistency.parse(config.sync)
+        self.sync_group: SyncGroup | None = None
+        if self.consistency.synchronous:
+            self.sync_group = SyncGroup(self.consistency, config.on_worker_failure,
+                                        config.num_workers, self._call_all_servers)
+            threading.Thread(target=self._watch_workers, name="ps-sync-watch",
+                             daemon=True).start()
         self._view_version = 0
         self._waiting = 0  # Barrier calls waiting on a handler thread
         self._state_file = root / _STATE_FILE if root is not None else None
@@ -254,6 +263,61 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             self._save_state()
             self._cond.notify_all()
 
+    def _call_all_servers(self, method: str, request: object, what: str,
+                          timeout: float) -> dict:
+        """Call every server of the job (all must be alive: a change of the step group must reach
+        every one of them)."""
+        now = time.monotonic()
+        with self._cond:
+            servers = self._by_role(pb.SERVER)
+            down = [f"server-{r}" if r not in servers else self._describe(servers[r], now)
+                    for r in range(self._config.num_servers)
+                    if r not in servers or not self._alive(servers[r], now)]
+            addresses = {r: n.address for r, n in servers.items()}
+        if down:
+            raise NodeUnavailableError(f"{what}: needs every server, and {', '.join(down)} "
+                                       f"is not serving")
+        return self.checkpoints.on_servers(addresses, method, request, what, timeout)
+
+    def _watch_workers(self) -> None:
+        """Synchronous jobs: act on workers of the step group that died or left."""
+        assert self.sync_group is not None
+        while True:
+            time.sleep(min(1.0, self._config.heartbeat_interval / 2))
+            now = time.monotonic()
+            with self._cond:
+                workers = {r: (n.incarnation, self._alive(n, now), n.left, self._describe(n, now))
+                           for r, n in self._by_role(pb.WORKER).items()}
+            try:
+                self.sync_group.check(workers)
+            except Exception:  # keep watching; the error is logged
+                log.exception("checking the step group")
+
+    def SyncJoin(self, request: pb.SyncJoinRequest, context: grpc.ServicerContext) -> pb.SyncJoinReply:
+        def run() -> pb.SyncJoinReply:
+            group, node = self._sync_caller(request.node_id, request.incarnation)
+            return pb.SyncJoinReply(first_step=group.join(node.rank, node.incarnation,
+                                                          request.timeout or 30.0))
+        return rpc.abort_on(context, run)
+
+    def SyncLeave(self, request: pb.SyncLeaveRequest, context: grpc.ServicerContext) -> pb.SyncLeaveReply:
+        def run() -> pb.SyncLeaveReply:
+            group, node = self._sync_caller(request.node_id, request.incarnation)
+            group.leave(node.rank, node.incarnation, request.last_step)
+            return pb.SyncLeaveReply()
+        return rpc.abort_on(context, run)
+
+    def _sync_caller(self, node_id: str, incarnation: str) -> tuple[SyncGroup, _Node]:
+        if self.sync_group is None:
+            raise ValueError("this job is asynchronous: it has no step group")
+        with self._cond:
+            node = self._nodes.get(node_id)
+        if node is None or node.role != pb.WORKER or (incarnation and
+                                                      incarnation != node.incarnation):
+            raise ValueError(f"{node_id!r} (incarnation {incarnation!r}) is not a current worker "
+                             f"of this job")
+        return self.sync_group, node
+
     def _live_servers(self) -> dict[int, str]:
         now = time.monotonic()
         with self._cond:
@@ -390,7 +454,11 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                     restored_version=self.checkpoints.restored_version,
                                     restored_metadata_json=self._restored_metadata,
                                     incarnation=node.incarnation, restoring=restoring,
-                                    view_version=self._view_version)
+                                    view_version=self._view_version,
+                                    sync=str(self.consistency),
+                                    on_worker_failure=self._config.on_worker_failure,
+                                    sync_members=(self.sync_group.members()
+                                                  if self.sync_group is not None else []))
 
     def _shards_on(self, rank: int) -> list[str]:
         """Ready tables with a shard on server ``rank``. Caller holds the lock."""
@@ -665,12 +733,16 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         now = time.monotonic()
         with self._cond:  # copy what is needed; the reply is built outside the lock
             reply = pb.StatusReply(cluster=self._cluster(now), uptime=now - self._started,
-                                   checkpoint=self.checkpoints.status())
+                                   checkpoint=self.checkpoints.status(),
+                                   sync=str(self.consistency),
+                                   on_worker_failure=self._config.on_worker_failure)
             servers = self._by_role(pb.SERVER)
             n = self._config.num_servers
             stats = [servers[r].stats if r in servers else pb.ServerStats() for r in range(n)]
             tables = [(name, t.placement, t.ready) for name, t in sorted(self._tables.items())]
         reply.server_stats.extend(stats)
+        if self.sync_group is not None:
+            reply.sync_members.extend(self.sync_group.members())
         held = [{t.name: t for t in stats[r].tables} for r in range(n)]
         for name, placement, ready in tables:
             status = pb.TableStatus(spec=placement.spec, ready=ready)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ from paramserver.errors import (
 from paramserver.membership import Membership
 from paramserver.partition import server_of_ids
 from paramserver.snapshot import Snapshot, restore_dense, restore_embedding
+from paramserver.steps import Contribution, StepEngine
+from paramserver.sync import Consistency
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import (
@@ -64,6 +67,9 @@ log = logging.getLogger(__name__)
 
 #: Bytes a reply may hold: the message limit, less room for the slices' headers.
 _MAX_REPLY_BYTES = rpc.MAX_MESSAGE_BYTES - 1024 * 1024
+#: Seconds a read of a BSP job without a step (a plain pull) may wait for a step being applied
+#: before answering pending.
+_BSP_READ_WAIT = 1.0
 #: Bookkeeping bytes per embedding row beyond values and state (id, step count, map slot), for the
 #: memory budget's estimate.
 _ROW_OVERHEAD = 32
@@ -84,6 +90,12 @@ def _first_repeated(values: Any) -> Any:
             return value
         seen.add(value)
     raise AssertionError("no repeated value")
+
+
+def _step_tag(request: pb.DataRequest | RequestView) -> pb.StepTag | None:
+    if isinstance(request, RequestView):
+        return request.step
+    return request.step if request.HasField("step") else None
 
 
 def _name(name: str) -> str:
@@ -174,6 +186,8 @@ class _Shards:
         #: Asks the scheduler whether it placed a table here as requested (set once registered;
         #: None for a shard set without a scheduler, as in unit tests).
         self.placed: Callable[[pb.TableSpec, tuple[int, ...]], None] | None = None
+        #: The steps of a synchronous job (None: asynchronous); set once registered.
+        self.steps: StepEngine | None = None
         #: Test-only fault hook: lose the reply of every N-th applied write (0: never).
         self.drop_reply_every = 0
         self._writes = 0
@@ -419,24 +433,79 @@ class _Shards:
                                 f"dropped after applying it (fault injection)")
         return reply
 
-    def handle(self, request: pb.DataRequest | RequestView) -> tuple[list, list]:
-        """Validate every slice of a request, then apply it. Returns the reply's slices:
-        dense ``(table, blocks, values)`` and embedding ``(table, ids, rows)``, empty for writes."""
+    def handle(self, request: pb.DataRequest | RequestView) -> tuple[list, list, str]:
+        """Validate every slice of a request, then apply it. Returns the reply's slices: dense
+        ``(table, blocks, values)`` and embedding ``(table, ids, rows)``, empty for writes, and,
+        in a synchronous job, what the step asked for waits for ("" : nothing, the reply is
+        complete; else the reply is *pending* and carries no values)."""
         op = request.op
         if op not in (pb.PUSH, pb.PULL, pb.PUSH_PULL, pb.ASSIGN, pb.LOOKUP):
             raise ValueError(f"unknown op {op}")
+        step = _step_tag(request)
+        if step is not None and self.steps is None:
+            raise ValueError(f"{self.node} serves an asynchronous job; the request carries a "
+                             f"step (is the worker connected to another job?)")
         if op in (pb.PULL, pb.LOOKUP):
-            return self._apply(request)
+            return self._serve(request, step)
         # A write: admitted by the gate (or refused while a checkpoint's cut holds writes).
         tag = request.op_tag if isinstance(request, RequestView) or request.HasField("op_tag") \
             else None
         handle = self.gate.enter(tag)
         try:
-            return self._apply(request)
+            return self._serve(request, step, tag)
         finally:
             self.gate.leave(handle)
 
-    def _apply(self, request: pb.DataRequest | RequestView) -> tuple[list, list]:
+    def _serve(self, request: pb.DataRequest | RequestView, step: pb.StepTag | None,
+               tag: pb.OpTag | None = None) -> tuple[list, list, str]:
+        op = request.op
+        dense, sparse = self._validate(request)
+        # Everything is valid: from here on nothing raises on the request's content.
+        steps = self.steps
+        writes = op in (pb.PUSH, pb.PUSH_PULL)
+        if steps is not None and writes and (step is None or not step.step):
+            raise ValueError(f"{self.node} serves a synchronous job ({steps.consistency}): a push "
+                             f"must carry its step (an older client?)")
+        if steps is None:
+            self._write(op, dense, sparse)
+        elif writes:
+            self._contribute(steps, step, request.part, tag, dense, sparse)
+        elif op == pb.ASSIGN:
+            self._write(op, dense, sparse)
+        reads = op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
+        waits = steps is not None and (reads or (step is not None and step.read_step))
+        if not waits:
+            out = self._read(op, dense, sparse) if reads else ([], [])
+            self._count(request, op, dense, sparse, out)
+            return (*out, "")
+        assert steps is not None
+        worker = step.worker if step is not None else -1
+        read_step = step.read_step if step is not None else 0
+        wait = step.wait if step is not None else _BSP_READ_WAIT
+        with steps.read(worker, read_step, wait) as pending:
+            out = self._read(op, dense, sparse) if reads and not pending else ([], [])
+        self._count(request, op, dense, sparse, out)
+        return (*out, pending)
+
+    def _contribute(self, steps: StepEngine, step: pb.StepTag, part: int,
+                    tag: pb.OpTag | None, dense: list, sparse: list) -> None:
+        """A worker's share of a step (synchronous jobs): summed into the step (BSP) or applied
+        now and counted on the worker's clock (SSP)."""
+        parts = self.gate.parts_here(tag) if tag is not None else 1
+        share = Contribution([(shard, blocks, data) for shard, blocks, data, _ in dense],
+                             [(shard, ids, rows) for shard, ids, rows in sparse])
+        if steps.consistency.mode == "bsp":
+            whole = steps.contribute(step.worker, step.step, part, parts, share)
+            if whole is not None:
+                steps.add(step.worker, step.step, whole, lambda apply: apply())
+            return
+        steps.contribute(step.worker, step.step, part, parts, Contribution())
+        try:
+            self._write(pb.PUSH, dense, sparse)
+        finally:
+            steps.applied(step.worker, step.step)
+
+    def _validate(self, request: pb.DataRequest | RequestView) -> tuple[list, list]:
         op = request.op
         for pieces in (request.dense, request.sparse):
             if len({p.table for p in pieces}) != len(pieces):
@@ -444,8 +513,8 @@ class _Shards:
                 raise ValueError(f"table {_name(repeated)} appears more than once in one message")
         dense = [self._check_dense(op, piece) for piece in request.dense]
         sparse = [self._check_sparse(op, piece) for piece in request.sparse]
-        reads = op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
-        if reads:  # the reply must fit in a message: check before building it or creating rows
+        if op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP):
+            # The reply must fit in a message: check before building it or creating rows.
             reply = sum(4 * length + 64 for _, _, _, length in dense) + sum(
                 ids.size * (8 + 4 * shard.spec.dim) + 64 for shard, ids, _ in sparse)
             if reply > _MAX_REPLY_BYTES:
@@ -457,27 +526,33 @@ class _Shards:
         if self._max_memory and op != pb.LOOKUP:  # a lookup creates no rows
             for shard, ids, _ in sparse:
                 self._check_new_rows(shard, ids)
-        # Everything is valid: from here on nothing raises on the request's content.
-        dense_out: list[tuple[str, list[int], np.ndarray]] = []
-        sparse_out: list[tuple[str, np.ndarray, np.ndarray]] = []
-        for shard, blocks, data, length in dense:
+        return dense, sparse
+
+    def _write(self, op: int, dense: list, sparse: list) -> None:
+        for shard, blocks, data, _ in dense:
             if op == pb.ASSIGN:
                 shard.table.assign_many(blocks, data)
             elif data is not None:
                 shard.table.apply_many(blocks, data, self._apply_threads)
-            if reads:
-                out = np.empty(length, dtype=FLOAT)
-                shard.table.read_many(blocks, out, self._apply_threads)
-                dense_out.append((shard.spec.name, blocks.tolist(), out))
         for shard, ids, rows in sparse:
             if rows is not None:
                 shard.table.push(ids, rows, self._apply_threads)
-            if op == pb.LOOKUP:
-                sparse_out.append((shard.spec.name, ids,
-                                   shard.table.lookup(ids, None, self._apply_threads)))
-            elif reads:
-                sparse_out.append((shard.spec.name, ids,
-                                   shard.table.pull(ids, None, self._apply_threads)))
+
+    def _read(self, op: int, dense: list, sparse: list) -> tuple[list, list]:
+        dense_out: list[tuple[str, list[int], np.ndarray]] = []
+        sparse_out: list[tuple[str, np.ndarray, np.ndarray]] = []
+        for shard, blocks, _, length in dense:
+            out = np.empty(length, dtype=FLOAT)
+            shard.table.read_many(blocks, out, self._apply_threads)
+            dense_out.append((shard.spec.name, blocks.tolist(), out))
+        for shard, ids, _ in sparse:
+            read = shard.table.lookup if op == pb.LOOKUP else shard.table.pull
+            sparse_out.append((shard.spec.name, ids, read(ids, None, self._apply_threads)))
+        return dense_out, sparse_out
+
+    def _count(self, request: pb.DataRequest | RequestView, op: int, dense: list, sparse: list,
+               out: tuple[list, list]) -> None:
+        dense_out, sparse_out = out
         with self._lock:
             self.bytes_in += sum(len(p.data) for p in request.dense) + sum(
                 len(p.ids) + len(p.data) for p in request.sparse)
@@ -485,13 +560,13 @@ class _Shards:
                 i.nbytes + r.nbytes for _, i, r in sparse_out)
             if op in (pb.PUSH, pb.PUSH_PULL):
                 self.push_requests += 1
-                for shard, blocks, _, _ in dense:
-                    shard.updates += len(blocks)
-                for shard, ids, _ in sparse:
-                    shard.updates += ids.size
-            if reads:
+                if self.steps is None or self.steps.consistency.mode != "bsp":
+                    for shard, blocks, _, _ in dense:  # BSP counts when it applies a step
+                        shard.updates += len(blocks)
+                    for shard, ids, _ in sparse:
+                        shard.updates += ids.size
+            if op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP):
                 self.pull_requests += 1
-        return dense_out, sparse_out
 
     def _check_new_rows(self, shard: _SparseShard, ids: np.ndarray) -> None:
         """ResourceExhaustedError if the rows ``ids`` would create pass the memory budget.
@@ -516,7 +591,29 @@ class _Shards:
             for name, shard in sorted(self._sparse.items()):
                 out.tables.append(pb.TableStats(name=name, rows=shard.table.num_rows(),
                                                 bytes=shard.table.bytes(), updates=shard.updates))
-            return out
+        if self.steps is not None:
+            out.sync.CopyFrom(self.steps.stats())
+        return out
+
+    def change_members(self, request: pb.SyncMembersRequest) -> pb.SyncMembersReply:
+        """The scheduler's change to the step group; a step it completes is applied here, as a
+        write admitted by the gate (retried while a checkpoint's cut holds writes)."""
+        if self.steps is None:
+            raise ValueError(f"{self.node} serves an asynchronous job: it has no step group")
+
+        def apply(fn: Callable[[], None]) -> None:
+            while True:
+                try:
+                    handle = self.gate.enter(None)
+                    break
+                except WritesHeld:
+                    time.sleep(0.005)
+            try:
+                fn()
+            finally:
+                self.gate.leave(handle)
+
+        return pb.SyncMembersReply(step=self.steps.change(request, apply))
 
 
 class _ParameterServerService(pb_grpc.ParameterServerServicer):
@@ -558,6 +655,9 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
     def DropTable(self, request: pb.DropTableRequest, context: grpc.ServicerContext) -> pb.DropTableReply:
         return pb.DropTableReply(dropped=self._shards.drop(request.name))
 
+    def SyncMembers(self, request: pb.SyncMembersRequest, context: grpc.ServicerContext) -> pb.SyncMembersReply:
+        return rpc.abort_on(context, lambda: self._shards.change_members(request))
+
 
 def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
     """Register the ParameterServer service: the generated handlers for the control methods, and
@@ -576,6 +676,7 @@ def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
             ("AbortCut", pb.AbortCutRequest, pb.AbortCutReply),
             ("Restore", pb.RestoreRequest, pb.RestoreReply),
             ("DropTable", pb.DropTableRequest, pb.DropTableReply),
+            ("SyncMembers", pb.SyncMembersRequest, pb.SyncMembersReply),
         ]
     }
     handlers["Exchange"] = grpc.unary_unary_rpc_method_handler(service.Exchange)
@@ -628,6 +729,13 @@ class Server:
         self._shards.gate.rank = self.rank
         self._shards.rank = self.rank
         self._shards.num_servers = self._membership.reply.num_servers
+        reply = self._membership.reply
+        consistency = Consistency.parse(reply.sync)
+        if consistency.synchronous:
+            engine = StepEngine(consistency, self._shards.node, max(1, self.config.threads // 2),
+                                self.config.apply_threads)
+            engine.set_members(list(reply.sync_members), restarted=reply.restoring)
+            self._shards.steps = engine
         self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)
         log.info("server-%d serving on %s", self.rank, self.address)
         return self

@@ -62,6 +62,17 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
         "rank": rank, "push_requests": s.push_requests, "pull_requests": s.pull_requests,
         "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
     } for rank, s in enumerate(reply.server_stats)]
+    if reply.sync and reply.sync != "async":
+        for entry, s in zip(servers, reply.server_stats):
+            entry["sync"] = {"step": s.sync.step, "members": s.sync.members,
+                             "max_staleness": s.sync.max_staleness,
+                             "reads_waited": s.sync.reads_waited,
+                             "wait_s": round(s.sync.wait_seconds, 3), "failed": s.sync.failed,
+                             "waiting_for": s.sync.waiting_for}
+    sync = {"model": reply.sync or "async", "on_worker_failure": reply.on_worker_failure,
+            "members": [{"rank": m.rank, "first_step": m.first_step,
+                         "last_step": m.last_step or None, "state": m.state}
+                        for m in reply.sync_members]}
     c = reply.checkpoint
     checkpoint = {"dir": c.dir, "every_s": c.every, "last_version": c.last_version,
                   "last_age_s": None if c.last_age < 0 else round(c.last_age, 3),
@@ -72,7 +83,7 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
     return {"uptime_s": round(reply.uptime, 3), "view_version": reply.cluster.version,
             "num_servers": reply.cluster.num_servers,
             "num_workers": reply.cluster.num_workers, "nodes": nodes, "tables": tables,
-            "servers": servers, "checkpoint": checkpoint}
+            "servers": servers, "checkpoint": checkpoint, "sync": sync}
 
 
 def _bytes(n: int) -> str:
@@ -129,9 +140,27 @@ def format_status(status: dict[str, Any]) -> str:
                      f"(files checked in {c['verify_s']:.2f} s)")
     for note in c.get("restore_notes", []):
         lines.append(f"  resume: {note}")
+    sync = status.get("sync") or {"model": "async"}
+    if sync["model"] != "async":
+        lines += ["", f"STEPS ({sync['model']}, on worker failure: {sync['on_worker_failure']})"]
+        for m in sync["members"]:
+            span = f"steps {m['first_step']}-" + (str(m["last_step"]) if m["last_step"] else "")
+            lines.append(f"  worker-{m['rank']:<5} {span:<16} {m['state']}")
     lines += ["", "SERVERS"]
     for s in status["servers"]:
         lines.append(f"  server-{s['rank']:<5} pushes {s['push_requests']:>8}  pulls "
                      f"{s['pull_requests']:>8}  in {_bytes(s['bytes_in']):>10}  out "
                      f"{_bytes(s['bytes_out']):>10}")
+        st = s.get("sync")
+        if st:
+            what = "step" if sync["model"] == "bsp" else "slowest clock"
+            line = (f"  {'':<12} {what} {st['step']}, {st['members']} workers, "
+                    f"{st['reads_waited']} waits ({st['wait_s']:.1f} s)")
+            if sync["model"].startswith("ssp"):
+                line += f", largest staleness served {st['max_staleness']}"
+            lines.append(line)
+            if st["failed"]:
+                lines.append(f"  {'':<12} STEPS FAIL: {st['failed']}")
+            elif st["waiting_for"]:
+                lines.append(f"  {'':<12} waiting: {st['waiting_for']}")
     return "\n".join(lines)

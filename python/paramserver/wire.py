@@ -21,7 +21,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 __all__ = ["FLOAT", "floats", "ids_view", "optimizer_to_spec", "optimizer_from_spec",
            "initializer_to_json", "initializer_from_json", "describe_spec", "specs_match", "spec_to_dict",
            "DenseItem", "SparseItem", "plan_requests", "iter_requests", "encode_reply", "decode_request",
-           "decode_reply", "RequestView", "SliceView", "SparseView"]
+           "decode_reply", "reply_pending", "RequestView", "SliceView", "SparseView"]
 
 #: The wire dtype of tensors: float32, little-endian.
 FLOAT = np.dtype("<f4")
@@ -93,7 +93,8 @@ def describe_spec(spec: pb.TableSpec) -> str:
     """One line naming a table's kind, shape and optimizer, for error messages and status."""
     opt = repr(optimizer_from_spec(spec.optimizer))
     if spec.kind == pb.TableSpec.DENSE:
-        return f"dense {tuple(spec.shape)} block_size={spec.block_size or 'default'} {opt}"
+        combine = " combine=sum" if spec.combine == pb.TableSpec.SUM else ""
+        return f"dense {tuple(spec.shape)} block_size={spec.block_size or 'default'}{combine} {opt}"
     return (f"embedding dim={spec.dim} init={spec.initializer_json} seed={spec.seed} {opt}")
 
 
@@ -118,7 +119,8 @@ def spec_to_dict(spec: pb.TableSpec) -> dict[str, Any]:
         "optimizer": optimizer_from_spec(spec.optimizer).to_dict(),
     }
     if spec.kind == pb.TableSpec.DENSE:
-        entry.update(shape=list(spec.shape), block_size=spec.block_size)
+        entry.update(shape=list(spec.shape), block_size=spec.block_size,
+                     combine="sum" if spec.combine == pb.TableSpec.SUM else "mean")
     else:
         entry.update(dim=spec.dim, initializer=json.loads(spec.initializer_json or "{}"),
                      seed=spec.seed)
@@ -286,13 +288,14 @@ def plan_requests(items: list[DenseItem | SparseItem], message_bytes: int) -> li
 
 
 def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]],
-                  message_bytes: int, node_id: str,
-                  op_tag: pb.OpTag | None = None) -> tuple[int, Iterator[bytes]]:
+                  message_bytes: int, node_id: str, op_tag: pb.OpTag | None = None,
+                  step: pb.StepTag | None = None) -> tuple[int, Iterator[bytes]]:
     """Serialized DataRequests carrying ``items`` (or a :func:`plan_requests` plan of them),
     lazily: the number of messages, and an iterator that encodes each when asked, so the first
     message can be on the wire while the next is being built. Block data is copied once, straight
     from the caller's arrays into the message, and each dense payload is 16-byte aligned in its
-    message. ``op_tag`` (writes) names the logical operation every message belongs to."""
+    message. ``op_tag`` (writes) names the logical operation every message belongs to; ``step``
+    (synchronous jobs) where it sits in the worker's steps."""
     plan = items if items and isinstance(items[0], list) else _plan_messages(items, message_bytes)
     prefix = (b"\x08" + _uvarint(op)) if op else b""
     name = node_id.encode()
@@ -300,6 +303,9 @@ def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]]
     if op_tag is not None:
         tag = op_tag.SerializeToString()
         suffix += b"\x2a" + _uvarint(len(tag)) + tag
+    if step is not None:
+        encoded = step.SerializeToString()
+        suffix += b"\x3a" + _uvarint(len(encoded)) + encoded
 
     def encode(runs: list[Run], part: int) -> bytes:
         parts: list[Any] = [prefix]
@@ -326,9 +332,13 @@ def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]]
 
 
 def encode_reply(dense: list[tuple[str, list[int], np.ndarray]],
-                 sparse: list[tuple[str, np.ndarray, np.ndarray]] = ()) -> bytes:
+                 sparse: list[tuple[str, np.ndarray, np.ndarray]] = (), pending: str = "") -> bytes:
     """A serialized DataReply: dense slices ``(table, blocks, float32 values)`` and embedding
-    slices ``(table, uint64 ids, float32 rows)``."""
+    slices ``(table, uint64 ids, float32 rows)``; or, with ``pending`` (what the step waits for),
+    a pending reply without values."""
+    if pending:
+        text = pending.encode()[:4096]
+        return b"\x18\x01" + b"\x22" + _uvarint(len(text)) + text
     parts: list[Any] = []
     pos = 0
     for table, blocks, values in dense:
@@ -368,6 +378,7 @@ class RequestView:
     node_id: str
     op_tag: pb.OpTag | None = None
     part: int = 0
+    step: pb.StepTag | None = None
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -467,6 +478,11 @@ def decode_request(message: bytes) -> RequestView:
                 request.op_tag = pb.OpTag.FromString(bytes(value))
             except Exception as exc:  # protobuf's DecodeError
                 raise ValueError(f"malformed message: bad op_tag ({exc})") from None
+        elif field == 7 and wire == 2:
+            try:
+                request.step = pb.StepTag.FromString(bytes(value))
+            except Exception as exc:
+                raise ValueError(f"malformed message: bad step ({exc})") from None
     return request
 
 
@@ -480,3 +496,15 @@ def decode_reply(message: bytes) -> tuple[list[SliceView], list[SparseView]]:
         elif field == 2 and wire == 2:
             sparse.append(_decode_sparse(value))
     return dense, sparse
+
+
+def reply_pending(message: bytes) -> str | None:
+    """What a *pending* DataReply's step waits for, or None if the reply is complete."""
+    buf = memoryview(message)
+    pending, waiting_for = False, ""
+    for field, wire, value in _fields(buf, 0, len(buf)):
+        if field == 3 and wire == 0:
+            pending = bool(value)
+        elif field == 4 and wire == 2:
+            waiting_for = bytes(value).decode("utf-8", "replace")
+    return (waiting_for or "the step") if pending else None
