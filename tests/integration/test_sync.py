@@ -168,7 +168,10 @@ def _run_bsp(cluster, combine: str):
         assert not errors, errors
         emb = clients[0].table("e").pull(np.arange(IDS, dtype=np.int64), create=False)
         results[-1] = {"u": clients[0].table("u").pull()}
-        status = clients[0].status()
+        # Heartbeats carry the servers' step counts to the scheduler.
+        status = wait_for(lambda: (lambda st: st if all(
+            srv.get("sync", {}).get("step") == STEPS for srv in st["servers"]) else None)(
+                clients[0].status()), 10, f"every server at step {STEPS} in the status")
     finally:
         for c in clients:
             c.close()
@@ -205,4 +208,4 @@ def test_bsp_equals_one_process_on_the_concatenated_batch(cluster_factory, combi
                    for i in _data(k, s)[2]})
     np.testing.assert_allclose(emb[used], final["e"][used], rtol=1e-5, atol=1e-6)
     assert status["sync"]["model"] == "bsp"
-    assert all(s["sync"]["step"] == STEPS for s in status["servers"]), status["servers"]
+    assert all(s["sync"]["members"] == W for s in status["servers"]), status["servers"]
