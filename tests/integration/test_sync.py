@@ -209,3 +209,143 @@ def test_bsp_equals_one_process_on_the_concatenated_batch(cluster_factory, combi
     np.testing.assert_allclose(emb[used], final["e"][used], rtol=1e-5, atol=1e-6)
     assert status["sync"]["model"] == "bsp"
     assert all(s["sync"]["members"] == W for s in status["servers"]), status["servers"]
+
+
+# -- elastic workers: real processes -----------------------------------------------------------
+
+#: A worker process: pushes ``grad`` (all ones times its value) for ``steps`` steps, reporting the
+#: value after each step, then leaves (close) -- or, with ``die_after``, SIGKILLs itself after
+#: that many steps.
+_WORKER = """
+import json, os, signal, sys, time
+import numpy as np
+import paramserver as ps
+steps, grad, die_after, pause = {steps}, {grad}, {die_after}, {pause}
+client = ps.connect(timeout=30)
+w = client.dense("w", (4,), ps.SGD(lr=1.0))
+client.barrier("start") if {barrier} else None
+try:
+    for i in range(steps):
+        if die_after is not None and i == die_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        value = w.push_pull(np.full(4, grad, np.float32))
+        print(json.dumps({{"clock": client.clock, "value": float(value[0])}}), flush=True)
+        time.sleep(pause)
+except ps.ParamServerError as exc:
+    print(json.dumps({{"error": type(exc).__name__, "message": str(exc)}}), flush=True)
+    sys.exit(3)
+finally:
+    client.close()
+"""
+
+
+def _worker(cluster, rank: int, num_workers: int, steps: int, grad: float,
+            die_after: int | None = None, pause: float = 0.0, barrier: bool = True):
+    from tests.integration.conftest import spawn_worker
+    code = _WORKER.format(steps=steps, grad=grad, die_after=die_after, pause=pause,
+                          barrier=barrier)
+    return spawn_worker(cluster, code, rank, num_workers)
+
+
+def _lines(proc, timeout: float = 90) -> tuple[int, list[dict]]:
+    import json
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_bsp_workers_that_run_out_of_data_leave_and_the_rest_go_on(cluster_factory):
+    """Uneven data: 3 workers with 10, 6 and 3 steps. Each leaves with close(); the steps after
+    its last one combine the others only (mean over who is left), without a timeout."""
+    cluster = cluster_factory(2, 3, scheduler_args=("--sync", "bsp"))
+    procs = [_worker(cluster, k, 3, steps, float(k + 1)) for k, steps in enumerate((10, 6, 3))]
+    results = [_lines(p) for p in procs]
+    for code, _ in results:
+        assert code == 0, results
+    # Steps 1-3: mean of 1, 2, 3; steps 4-6: mean of 1, 2; steps 7-10: worker 0 alone.
+    expected = np.cumsum([-2.0] * 3 + [-1.5] * 3 + [-1.0] * 4)
+    assert [r["value"] for r in results[0][1]] == pytest.approx(expected.tolist())
+    assert [r["clock"] for r in results[0][1]] == list(range(1, 11))
+    assert [r["value"] for r in results[2][1]] == pytest.approx(expected[:3].tolist())
+
+
+def test_bsp_dead_worker_fails_the_step_naming_it(cluster_factory):
+    """A worker SIGKILLed between steps: the other's next step fails (after the heartbeat
+    timeout) with StepFailedError naming the dead worker, instead of hanging."""
+    cluster = cluster_factory(2, 2, scheduler_args=("--sync", "bsp"))
+    survivor = _worker(cluster, 0, 2, 10, 1.0)
+    victim = _worker(cluster, 1, 2, 10, 2.0, die_after=3)
+    code, lines = _lines(survivor)
+    victim.communicate(timeout=30)
+    assert victim.returncode == -9
+    assert code == 3, lines
+    assert [r["value"] for r in lines[:3]] == pytest.approx([-1.5, -3.0, -4.5])
+    error = lines[-1]
+    assert error["error"] == "StepFailedError", error
+    assert "worker-1" in error["message"] and "died" in error["message"], error
+    assert "--on-worker-failure" in error["message"]
+
+
+def test_bsp_dead_worker_with_shrink_the_others_go_on(cluster_factory):
+    """--on-worker-failure shrink: after the dead worker is detected, the steps combine the
+    survivor alone; the scheduler's log says so."""
+    cluster = cluster_factory(2, 2, scheduler_args=("--sync", "bsp", "--on-worker-failure",
+                                                    "shrink"))
+    survivor = _worker(cluster, 0, 2, 8, 1.0)
+    victim = _worker(cluster, 1, 2, 8, 2.0, die_after=3)
+    code, lines = _lines(survivor)
+    victim.communicate(timeout=30)
+    assert code == 0, lines
+    expected = np.cumsum([-1.5] * 3 + [-1.0] * 5)
+    assert [r["value"] for r in lines] == pytest.approx(expected.tolist())
+    log = (cluster.log_dir / "scheduler.log").read_text()
+    assert "worker-1" in log and "goes on without it" in log, log
+
+
+def test_bsp_new_worker_enters_at_the_next_step(cluster_factory):
+    """A worker connecting to a running BSP job (the rank another worker freed) joins at a step
+    no server has started: from that step on every step combines it, before it none does."""
+    cluster = cluster_factory(2, 2, scheduler_args=("--sync", "bsp"))
+    steady = _worker(cluster, 0, 2, 40, 1.0, pause=0.05)
+    early = _worker(cluster, 1, 2, 2, 2.0)
+    code, early_lines = _lines(early)
+    assert code == 0, early_lines
+    time.sleep(0.5)  # a few steps of worker 0 alone
+    joiner = _worker(cluster, 1, 2, 5, 3.0, barrier=False)
+    code, joined = _lines(joiner)
+    assert code == 0, joined
+    code, lines = _lines(steady)
+    assert code == 0, lines
+    first = joined[0]["clock"]
+    assert first > 3, joined  # it joined the running job, not its start
+    deltas = np.diff([0.0] + [r["value"] for r in lines])
+    expected = [-1.5] * 2 + [-1.0] * (first - 3) + [-2.0] * 5 + [-1.0] * (40 - first - 4)
+    assert deltas.tolist() == pytest.approx(expected)
+    # The joiner saw the values of the steps it took part in.
+    assert [r["value"] for r in joined] == pytest.approx(
+        [lines[first - 1 + i]["value"] for i in range(5)])
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_ssp_fast_worker_blocks_and_staleness_stays_bounded(cluster_factory, staleness):
+    """SSP(S) with a slow worker: each read of the fast worker at clock c sees every push of the
+    slow worker up to clock c - S at least (read from the values: the two push 1 and 100), and
+    the staleness the servers report never exceeds S."""
+    cluster = cluster_factory(2, 2, scheduler_args=("--sync", f"ssp:{staleness}"))
+    fast = _worker(cluster, 0, 2, 12, 1.0)
+    slow = _worker(cluster, 1, 2, 12, 100.0, pause=0.15)
+    (code0, lines), (code1, _) = _lines(fast), _lines(slow)
+    assert code0 == 0 and code1 == 0, lines
+    lagging = 0
+    for r in lines:
+        clock, value = r["clock"], r["value"]
+        slow_pushes = (-value - clock) / 100.0  # every push of the fast one is applied
+        assert slow_pushes == pytest.approx(round(slow_pushes))
+        assert slow_pushes >= clock - staleness, (clock, slow_pushes)
+        lagging += slow_pushes < clock
+    with cluster.connect() as client:
+        status = client.status()
+    stats = [s["sync"] for s in status["servers"]]
+    assert all(s["max_staleness"] <= staleness for s in stats), stats
+    if staleness:
+        assert lagging > 0  # the slow worker really was behind when the fast one read
+    assert sum(s["reads_waited"] for s in stats) > 0  # the fast worker blocked
