@@ -349,3 +349,79 @@ def test_ssp_fast_worker_blocks_and_staleness_stays_bounded(cluster_factory, sta
     if staleness:
         assert lagging > 0  # the slow worker really was behind when the fast one read
     assert sum(s["reads_waited"] for s in stats) > 0  # the fast worker blocked
+
+
+def test_32_workers_waiting_in_a_bsp_step_hold_no_threads(cluster_factory):
+    """31 of 32 workers wait in step 1 for the last one. The servers hold at most half their
+    handler threads for waiting calls (the rest poll), so meanwhile heartbeats stay on time and
+    a 33rd worker reading another table with a 1 s timeout is served (were the 8 server threads
+    held by waiting calls, its read would queue past its timeout). The last push, and the 33rd
+    worker leaving without pushing, complete the step for the 32, with the mean of their
+    gradients."""
+    n = 32
+    cluster = cluster_factory(1, n + 1, scheduler_args=("--sync", "bsp"),
+                              server_args=("--threads", "8"))
+    clients = [cluster.connect(rank=k, num_workers=n + 1, timeout=60) for k in range(n)]
+    try:
+        tables = [c.dense("w", (8,), ps.SGD(lr=1.0)) for c in clients]
+        other = clients[0].dense("other", (8,), ps.SGD(lr=1.0), np.full(8, 5.0, np.float32))
+        results: dict[int, np.ndarray] = {}
+        errors: list[BaseException] = []
+
+        def step(k: int) -> None:
+            try:
+                results[k] = tables[k].push_pull(np.full(8, float(k), np.float32))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=step, args=(k,)) for k in range(n - 1)]
+        for t in threads:
+            t.start()
+        with cluster.connect(rank=n, num_workers=n + 1, timeout=1.0) as reader:
+            wait_for(lambda: clients[0].status()["servers"][0].get("sync", {}).get(
+                "waiting_for", "").endswith(f"worker-{n - 1}, worker-{n}"), 20,
+                "31 contributions to step 1")
+            for _ in range(5):  # several heartbeat periods while 31 workers wait
+                time.sleep(0.4)
+                assert reader.table("other").pull().tolist() == [5.0] * 8
+                status = reader.status()
+                late = [node["node_id"] for node in status["nodes"]
+                        if node["role"] == "worker" and not node["alive"]]
+                assert not late, late
+            assert not results  # nobody got past step 1 yet
+            step_thread = threading.Thread(target=step, args=(n - 1,))
+            step_thread.start()
+            threads.append(step_thread)
+            wait_for(lambda: clients[0].status()["servers"][0].get("sync", {}).get(
+                "waiting_for", "").endswith(f"needs worker-{n}"), 20, "32 contributions")
+            assert not results  # the step still waits for the reader, which now leaves
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        mean = sum(range(n)) / n
+        for k in range(n):
+            assert results[k].tolist() == pytest.approx([-mean] * 8)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_mismatched_models_and_tables_are_refused(cluster_factory):
+    """A worker written for another model, a second declaration with another combine, and a
+    synchronous scheduler without a job size each get an error saying what differs."""
+    cluster = cluster_factory(1, 2, scheduler_args=("--sync", "ssp:3"))
+    with pytest.raises(ps.TableMismatchError, match=r"expects a bsp job.*is ssp:3"):
+        cluster.connect(sync="bsp")
+    with pytest.raises(ps.InvalidRequestError, match="ssp:S"):
+        cluster.connect(sync="ssp:x")
+    with cluster.connect(sync="ssp:3") as client:
+        assert str(client.sync) == "ssp:3" and client.sync.staleness == 3
+        client.dense("w", (4,), ps.SGD(lr=1.0))
+        with pytest.raises(ps.TableMismatchError, match="combine=sum"):
+            client.dense("w", (4,), ps.SGD(lr=1.0), combine="sum")
+        with pytest.raises(ps.InvalidRequestError, match="combine"):
+            client.dense("v", (4,), ps.SGD(lr=1.0), combine="max")
+    with pytest.raises(ValueError, match="needs its number of workers"):
+        ps.SchedulerConfig(num_servers=1, sync="bsp")
+    with pytest.raises(ValueError, match="ssp:S"):
+        ps.SchedulerConfig(num_servers=1, num_workers=2, sync="bulk")
