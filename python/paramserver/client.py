@@ -740,23 +740,38 @@ class Client:
         for rank in range(len(self._pool)):
             items.setdefault(rank, [])
         waits = self._consistency.mode == "bsp" or op == pb.PUSH_PULL
-        tag = pb.StepTag(worker=self.rank, step=step, read_step=step if waits else 0,
-                         wait=_STEP_WAIT if waits else 0.0)
-        replies = self._send(op, items, label, tag)
+        if not waits:
+            replies = self._send(op, items, label, pb.StepTag(worker=self.rank, step=step))
+        elif all(_messages(its, self.config.message_bytes) == 1 for its in items.values()):
+            # One message per server: it waits for the step and brings the values back.
+            replies = self._send(op, items, label, pb.StepTag(
+                worker=self.rank, step=step, read_step=step, wait=_STEP_WAIT))
+        else:
+            # Several messages per server: they contribute without waiting (a server would
+            # otherwise hold a thread per message); then one call per server waits for the
+            # step, and a push_pull reads the values.
+            self._send(pb.PUSH, items, label, pb.StepTag(worker=self.rank, step=step))
+            self._send(pb.PULL, {rank: [] for rank in items}, label, self._read_tag(step))
+            replies = {}
+            if op == pb.PUSH_PULL:
+                reads = {s: [_read_item(item) for item in its] for s, its in items.items() if its}
+                replies = self._send(pb.PULL, reads, label, self._read_tag(step))
         self._clock = step
         return replies
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish queued async calls, leave the job and close every connection. Idempotent."""
+        """Finish queued async calls, leave the job and close every connection. Idempotent.
+
+        In a synchronous job this is how a worker that ran out of data leaves the step group:
+        the steps after its last one no longer wait for it."""
         if self._closing:
             return
         self._closing = True  # refuse new async calls; the queued ones still run
         self._async.shutdown(wait=True)
         self._closed = True
         if self._consistency.synchronous and not self._membership.superseded:
-            # Out of data (or done): the steps after this worker's last one stop waiting for it.
             try:
                 self._membership.call("SyncLeave", pb.SyncLeaveRequest(
                     node_id=self.node_id, incarnation=self._membership.incarnation,
@@ -776,6 +791,11 @@ class Client:
     def __repr__(self) -> str:
         return (f"Client(rank={self.rank}, num_workers={self.num_workers}, "
                 f"scheduler={self.config.scheduler!r}, servers={self.num_servers})")
+
+
+def _messages(items: list[DenseItem | SparseItem], message_bytes: int) -> int:
+    """How many messages ``items`` take."""
+    return len(plan_requests(items, message_bytes))
 
 
 def _read_item(item: DenseItem | SparseItem) -> DenseItem | SparseItem:

@@ -111,7 +111,8 @@ class _Step:
         self.contributed: set[int] = set()      # workers whose contribution is summed
         self.adding = 0                         # contributions being added right now
         self.dense: dict[str, _DenseSum] = {}
-        self.sparse: dict[str, tuple[Any, dict[int, tuple[np.ndarray, np.ndarray]]]] = {}
+        # table -> (shard, worker -> its (ids, rows), one per message)
+        self.sparse: dict[str, tuple[Any, dict[int, list[tuple[np.ndarray, np.ndarray]]]]] = {}
 
 
 class StepEngine:
@@ -307,7 +308,7 @@ class StepEngine:
                     total.add(blocks, data)
                 for shard, ids, rows in whole.sparse:
                     entry = current.sparse.setdefault(shard.spec.name, (shard, {}))
-                    entry[1][worker] = (ids, rows)
+                    entry[1].setdefault(worker, []).append((ids, rows))  # one per message
         finally:
             with self._cond:
                 current.adding -= 1
@@ -369,7 +370,8 @@ class StepEngine:
             total.reset()
             self._spare.setdefault(name, []).append(total)
         for shard, by_worker in current.sparse.values():
-            parts = [by_worker[w] for w in sorted(by_worker)]  # rank order: reproducible sums
+            # Rank order: the sums do not depend on the order contributions arrived in.
+            parts = [piece for w in sorted(by_worker) for piece in by_worker[w]]
             ids = np.concatenate([p[0] for p in parts])
             rows = np.concatenate([p[1] for p in parts])
             if workers > 1:

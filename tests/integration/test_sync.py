@@ -7,8 +7,6 @@ as the optimizer oracle. The elastic tests (leave, join, death) use real worker 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +15,6 @@ import pytest
 
 import paramserver as ps
 from tests.conftest import wait_for
-from tests.integration.conftest import kill
 
 torch = pytest.importorskip("torch")
 
@@ -152,12 +149,13 @@ def _initial() -> dict[str, np.ndarray]:
             "b": np.zeros(1, np.float32), "u": (0.5 * rng.standard_normal(DIM)).astype(np.float32)}
 
 
-def _run_bsp(cluster, combine: str):
+def _run_bsp(cluster, combine: str, message_bytes: int | None):
     init = _initial()
     histories: list[list] = [[] for _ in range(W)]
     errors: list[BaseException] = []
     results: dict[int, dict] = {}
-    clients = [cluster.connect(rank=k, num_workers=W, timeout=60) for k in range(W)]
+    clients = [cluster.connect(rank=k, num_workers=W, timeout=60, message_bytes=message_bytes)
+               for k in range(W)]
     try:
         threads = [threading.Thread(target=lambda k=k: results.__setitem__(
             k, _train(clients[k], k, init, combine, histories[k], errors))) for k in range(W)]
@@ -186,14 +184,16 @@ def _initial_rows() -> np.ndarray:
     return table.lookup(np.arange(IDS, dtype=np.uint64), None, 1)
 
 
-@pytest.mark.parametrize("combine", ["mean", "sum"])
-def test_bsp_equals_one_process_on_the_concatenated_batch(cluster_factory, combine):
+@pytest.mark.parametrize("combine,message_bytes", [("mean", None), ("sum", 48)])
+def test_bsp_equals_one_process_on_the_concatenated_batch(cluster_factory, combine,
+                                                          message_bytes):
     """3 workers x 50 steps of BSP (SGD with Nesterov momentum and weight decay, SGD with
     momentum, Adam, and an Adagrad embedding whose rows only some workers push) equal one process
     on the concatenated batches with a mean loss (torch.optim), within float32 summation error;
-    every worker sees the same values after every step."""
+    every worker sees the same values after every step. With 48-byte messages every step reaches
+    each server in several messages (contributions, then a wait, then the read)."""
     cluster = cluster_factory(2, W, scheduler_args=("--sync", "bsp"))
-    init, histories, results, emb, status = _run_bsp(cluster, combine)
+    init, histories, results, emb, status = _run_bsp(cluster, combine, message_bytes)
     history, final = _reference(init, _initial_rows(),
                                 combine_sum=combine == "sum")
     for k in range(W):
@@ -364,7 +364,7 @@ def test_32_workers_waiting_in_a_bsp_step_hold_no_threads(cluster_factory):
     clients = [cluster.connect(rank=k, num_workers=n + 1, timeout=60) for k in range(n)]
     try:
         tables = [c.dense("w", (8,), ps.SGD(lr=1.0)) for c in clients]
-        other = clients[0].dense("other", (8,), ps.SGD(lr=1.0), np.full(8, 5.0, np.float32))
+        clients[0].dense("other", (8,), ps.SGD(lr=1.0), np.full(8, 5.0, np.float32))
         results: dict[int, np.ndarray] = {}
         errors: list[BaseException] = []
 
