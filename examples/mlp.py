@@ -6,13 +6,19 @@ and backward written by hand in float32. Its four tensors live on the parameter 
 updated by Adam on the servers. Every worker trains on its own shard of the training set (examples
 ``rank, rank + W, rank + 2W, ...``); each step it computes the gradients of one mini-batch and sends
 all four in one ``client.push_pull`` (one RPC per server), which applies one Adam step and returns
-the new weights. Workers do not wait for each other (asynchronous SGD). After the last epoch every
-worker meets at a barrier, and rank 0 pulls the final weights and reports the test accuracy.
+the new weights. By default workers do not wait for each other (asynchronous SGD); the job's
+consistency model (``paramserver launch --sync async|bsp|ssp:S``) decides: with ``bsp`` every step
+combines the gradients of both workers (their mean) into one Adam step, with ``ssp:S`` a worker
+reads only once the other is at most S steps behind. A worker whose shard runs out first leaves
+the step group (``client.leave()``), so the other finishes its last steps alone. After the last
+epoch every worker meets at a barrier, and rank 0 pulls the final weights and reports the test
+accuracy.
 
 Run it distributed (2 servers, 2 workers)::
 
     paramserver launch --num-servers 2 --num-workers 2 -- python examples/mlp.py --dataset digits
     paramserver launch --num-servers 2 --num-workers 2 -- python examples/mlp.py
+    paramserver launch --num-servers 2 --num-workers 2 --sync bsp -- python examples/mlp.py --sync bsp
 
 With checkpoints: ``--checkpoint-epochs`` makes rank 0 checkpoint the job at the end of every
 epoch (saving the epoch in the checkpoint's metadata), and a job resumed from a checkpoint
@@ -224,7 +230,7 @@ def run_distributed(data: Dataset, args: argparse.Namespace) -> tuple[Params | N
     """
     import paramserver as ps
 
-    with ps.connect() as client:
+    with ps.connect(sync=args.sync) as client:
         rank, workers = client.rank, max(1, client.num_workers)
 
         def say(message: str) -> None:
@@ -242,7 +248,7 @@ def run_distributed(data: Dataset, args: argparse.Namespace) -> tuple[Params | N
 
         x, y = data.x_train[rank::workers], data.y_train[rank::workers]
         say(f"{len(y)} training examples (shard {rank} of {workers}), {client.num_servers} "
-            f"servers, {sum(p.size for p in params.values()):,} parameters")
+            f"servers, {sum(p.size for p in params.values()):,} parameters, {client.sync}")
 
         # A resumed job continues after the epoch its checkpoint saved (0: a fresh job).
         done = int(client.restored_metadata.get("epoch", 0))
@@ -262,11 +268,13 @@ def run_distributed(data: Dataset, args: argparse.Namespace) -> tuple[Params | N
         stats = train(client.push_pull, params, x, y, args,
                       np.random.default_rng(args.seed + 1 + rank + 7919 * done), say, on_epoch,
                       step_name="push_pull", first_epoch=done + 1)
-        # Every push is applied once the barrier returns: each worker's last push_pull completed.
+        # Out of data: in a bsp/ssp job the other workers' remaining steps stop waiting for this
+        # one (shards can differ by a batch). Every push is applied once the barrier returns.
+        client.leave()
         client.barrier("trained")
         final = client.pull(NAMES) if rank == 0 else None
         job = {"mode": "distributed", "num_workers": workers, "num_servers": client.num_servers,
-               "rank": rank}
+               "rank": rank, "sync": str(client.sync)}
     return final, stats, job
 
 
@@ -291,6 +299,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-epochs", action="store_true",
                         help="rank 0 checkpoints the job after every epoch (needs "
                              "paramserver launch --checkpoint-dir)")
+    parser.add_argument("--sync", default=None, metavar="MODEL",
+                        help="the consistency model this run expects (async, bsp, ssp:S); the "
+                             "job's is set by paramserver launch --sync, and a different one is "
+                             "an error (default: whatever the job runs)")
     parser.add_argument("--local", action="store_true",
                         help="single process, numpy Adam, no parameter servers (the reference)")
     args = parser.parse_args(argv)

@@ -241,6 +241,7 @@ class Client:
                                      f"{config.scheduler} is {self._consistency}")
         self._clock = 0                 # steps this worker has pushed (synchronous jobs)
         self._first_step = 0            # 0 until it joined the step group
+        self._left = False              # left the step group (leave / close)
         self._step_lock = threading.Lock()
         self._pool = ServerPool(self._membership, view, config.timeout, config.security)
         self._tables: dict[str, DenseRef | EmbeddingRef] = {}
@@ -729,13 +730,16 @@ class Client:
               label: str) -> dict[int, list[bytes]]:
         """One step of a synchronous job: a contribution to every server, then (BSP, or a
         push_pull) wait until the step can be read. Caller holds ``_step_lock``."""
-        if not self._first_step:
+        if not self._first_step and not self._left:
             reply = self._membership.call("SyncJoin", pb.SyncJoinRequest(
                 node_id=self.node_id, incarnation=self._membership.incarnation,
                 timeout=self.config.timeout), timeout=self.config.timeout + 5.0,
                 what="join the step group")
             self._first_step = reply.first_step
             self._clock = max(self._clock, reply.first_step - 1)
+        if self._left:
+            raise ParamServerError(f"{label}: {self.node_id} left the step group after step "
+                                   f"{self._clock} (client.leave); it cannot push again")
         step = self._clock + 1
         for rank in range(len(self._pool)):
             items.setdefault(rank, [])
@@ -761,6 +765,22 @@ class Client:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def leave(self) -> None:
+        """Synchronous jobs: this worker has pushed its last step (it ran out of data); the
+        steps after :attr:`clock` stop waiting for it. The client stays connected: it can still
+        pull, checkpoint and meet the others at a barrier, but not push. ``close()`` leaves too.
+        Idempotent; does nothing in an asynchronous job."""
+        if not self._consistency.synchronous:
+            return
+        with self._step_lock:
+            if self._left:
+                return
+            self._membership.call("SyncLeave", pb.SyncLeaveRequest(
+                node_id=self.node_id, incarnation=self._membership.incarnation,
+                last_step=self._clock), timeout=min(self.config.timeout, 30.0),
+                what="leave the step group")
+            self._left = True
+
     def close(self) -> None:
         """Finish queued async calls, leave the job and close every connection. Idempotent.
 
@@ -771,12 +791,9 @@ class Client:
         self._closing = True  # refuse new async calls; the queued ones still run
         self._async.shutdown(wait=True)
         self._closed = True
-        if self._consistency.synchronous and not self._membership.superseded:
+        if not self._membership.superseded:
             try:
-                self._membership.call("SyncLeave", pb.SyncLeaveRequest(
-                    node_id=self.node_id, incarnation=self._membership.incarnation,
-                    last_step=self._clock), timeout=min(self.config.timeout, 30.0),
-                    what="leave the step group")
+                self.leave()
             except ParamServerError as exc:
                 log.warning("%s: leaving the step group: %s", self.node_id, exc)
         self._pool.close()
