@@ -60,3 +60,25 @@ def test_local_reference_learns_digits() -> None:
     result = _result(proc)
     assert result["mode"] == "local"
     assert result["test_accuracy"] >= MIN_ACCURACY, result
+
+
+@pytest.mark.parametrize("model", ["bsp", "ssp:2"])
+def test_distributed_training_learns_digits_in_synchronous_modes(model: str) -> None:
+    """The example under ``paramserver launch --sync MODEL``: both shards train (the shorter
+    leaves the step group first), the job is the model asked for, and it learns."""
+    from tests.integration.conftest import PS
+    proc = run_example(PS + ["launch", "--num-servers", "2", "--num-workers", "2", "--sync",
+                             model, "--", sys.executable, str(EXAMPLE), "--dataset", "digits",
+                             "--seed", "0", "--sync", model], JOB_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = _result(proc)
+    assert result["sync"] == model
+    assert result["test_accuracy"] >= MIN_ACCURACY, result
+    for rank in (0, 1):
+        assert f"rank {rank}: epoch {result['epochs']}/{result['epochs']}" in proc.stdout
+
+
+def test_example_expecting_another_model_fails_clearly() -> None:
+    proc = _launch("--sync", "bsp")  # the job is async
+    assert proc.returncode != 0
+    assert "expects a bsp job" in proc.stdout + proc.stderr
