@@ -141,6 +141,11 @@ class DenseTable(_Handle):
         """Push ``grad``, then return the values after that update, in one round trip."""
         return self._client.push_pull({self.name: grad})[self.name]
 
+    def assign(self, values: np.ndarray) -> None:
+        """Overwrite the values (float32, :attr:`shape`); the optimizer state is kept. Not an
+        optimizer step (a synchronous job does not count it as one)."""
+        self._client._exchange(pb.ASSIGN, {self.name: values}, {self.name: self._ref}, "assign")
+
     def pull_async(self) -> Future[np.ndarray]:
         """:meth:`pull` in the background; the future's result is the array."""
         return self._client._submit(self.pull)
@@ -568,26 +573,39 @@ class Client:
 
     # -- data path ------------------------------------------------------------------------------
 
-    def pull(self, tables: Iterable[str] | Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    def pull(self, tables: Iterable[str] | Mapping[str, np.ndarray | None], *,
+             out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Current values of several tables in one RPC per server.
 
         ``tables`` is a list of dense table names, or a dict mapping dense names to None and
         embedding names to their ids. Returns ``{name: array}`` (embedding rows shaped
-        ``(*ids.shape, dim)``).
+        ``(*ids.shape, dim)``). ``out`` maps dense tables to arrays the values are written into
+        instead of new ones (writable, C-contiguous float32 of the table's size; returned as
+        given), e.g. a torch parameter's ``.numpy()``.
         """
-        if isinstance(tables, str):
-            tables = [tables]
-        entries = dict(tables) if isinstance(tables, Mapping) else dict.fromkeys(tables)
-        return self._exchange(pb.PULL, entries, self._refs(entries), "pull")
+        entries = _read_entries(tables)
+        return self._exchange(pb.PULL, entries, self._refs(entries), "pull", out=out)
 
-    def push(self, grads: Mapping[str, Any]) -> None:
+    def push(self, grads: Mapping[str, Any],
+             pull: Iterable[str] | Mapping[str, np.ndarray | None] | None = None, *,
+             out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
         """One optimizer step on each table, one RPC per server for all of them.
 
         ``grads`` maps a dense table to its gradient and an embedding table to ``(ids, grads)``.
         Every entry is checked (declared table, float32, exact shape, finite, integer ids) before
         anything is sent: a bad one raises InvalidRequestError naming the table, nothing applied.
+
+        ``pull`` (as :meth:`pull` takes it) is read in the same round trip, after this push is
+        applied: e.g. the next batch's embedding rows while this batch's gradients go out, or a
+        dense table's new values. Returns what was pulled (None without ``pull``); ``out`` as in
+        :meth:`pull`. In a synchronous job the pulled values are those after this step.
         """
-        self._exchange(pb.PUSH, dict(grads), self._refs(grads), "push")
+        if pull is None:
+            self._exchange(pb.PUSH, dict(grads), self._refs(grads), "push")
+            return None
+        reads = _read_entries(pull)
+        return self._exchange(pb.PUSH, dict(grads), self._refs(grads), "push",
+                              reads=(reads, self._refs(reads)), out=out)
 
     def push_pull(self, grads: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Push as :meth:`push`, then return each table's values (embedding: the pushed ids'
@@ -617,23 +635,40 @@ class Client:
         return self._async.submit(fn, *args)
 
     def _exchange(self, op: int, entries: dict[str, Any], refs: dict[str, Any],
-                  what: str) -> dict[str, np.ndarray]:
+                  what: str, reads: tuple[dict[str, Any], dict[str, Any]] | None = None,
+                  out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Send one call's tables to the servers (one RPC each, all at once); reassemble reads.
 
         ``entries`` maps a dense table to its array (None in pulls) and an embedding table to its
-        ids (pulls) or ``(ids, grads)``. Every entry is validated before anything is sent. In a
-        synchronous job a push or push_pull is one step: it goes to every server (empty where
-        it has nothing), and waits for the step as the job's model says.
+        ids (pulls) or ``(ids, grads)``. ``reads`` (a push's ``pull``: entries and refs) are read
+        in the same messages, after the writes. ``out`` gives dense tables' result arrays to
+        write the values into (float32, C-contiguous, the table's size). Every entry is
+        validated before anything is sent. In a synchronous job a push or push_pull is one step:
+        it goes to every server (empty where it has nothing), and waits for the step as the
+        job's model says.
         """
         self._check_open(f"{what} of {sorted(refs)}")
-        plans = {name: (DensePlan if isinstance(ref, DenseRef) else SparsePlan)(ref, op,
-                                                                                  entries[name])
-                 for name, ref in refs.items()}
+        out = out or {}
+
+        def plan_of(name: str, ref: Any, kind: int, value: Any) -> DensePlan | SparsePlan:
+            if isinstance(ref, DenseRef):
+                return DensePlan(ref, kind, value, out=out.get(name))
+            return SparsePlan(ref, kind, value)
+
+        plans = {name: plan_of(name, ref, op, entries[name]) for name, ref in refs.items()}
         items: dict[int, list[DenseItem | SparseItem]] = {}
         for plan in plans.values():
             for server, item in plan.items().items():
                 items.setdefault(server, []).append(item)
         label = f"{what} of {sorted(refs)}"
+        if reads is not None:
+            # The push's own plans only send; the reads' plans take the values.
+            plans = {name: plan_of(name, ref, pb.PULL, reads[0][name])
+                     for name, ref in reads[1].items()}
+            for plan in plans.values():
+                for server, item in plan.items().items():
+                    items.setdefault(server, []).append(item)
+            label += f", pull of {sorted(reads[1])}"
         if self._consistency.synchronous and op in (pb.PUSH, pb.PUSH_PULL):
             with self._step_lock:
                 replies = self._step(op, items, label)
@@ -642,7 +677,7 @@ class Client:
             if self._consistency.synchronous and op in (pb.PULL, pb.LOOKUP):
                 step = self._read_tag(self._clock)
             replies = self._send(op, items, label, step)
-        if op not in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP):
+        if op not in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP) and reads is None:
             return {}
         # Every reply is checked: each requested block and row arrives exactly once, with the
         # right length, and from the server it was asked of. A bad reply is an error naming the
@@ -690,9 +725,7 @@ class Client:
         waiting = {s for s, rs in replies.items() if any(reply_pending(r) for r in rs)}
         if waiting:
             # Ask again (reads only: a write is never sent twice) until the step is reached.
-            reads = {s: [_read_item(item) for item in items[s]]
-                     for s in waiting} if op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP) else \
-                {s: [] for s in waiting}
+            reads = {s: _poll_items(op, items[s]) for s in waiting}
             poll_op = pb.LOOKUP if op == pb.LOOKUP else pb.PULL
             replies.update(self._pool.on_servers(
                 reads, lambda rank, its: self._poll(poll_op, rank, its, step, label)))
@@ -743,7 +776,8 @@ class Client:
         step = self._clock + 1
         for rank in range(len(self._pool)):
             items.setdefault(rank, [])
-        waits = self._consistency.mode == "bsp" or op == pb.PUSH_PULL
+        waits = (self._consistency.mode == "bsp" or op == pb.PUSH_PULL
+                 or any(_read_only(item) for its in items.values() for item in its))
         if not waits:
             replies = self._send(op, items, label, pb.StepTag(worker=self.rank, step=step))
         elif all(_messages(its, self.config.message_bytes) == 1 for its in items.values()):
@@ -754,12 +788,13 @@ class Client:
             # Several messages per server: they contribute without waiting (a server would
             # otherwise hold a thread per message); then one call per server waits for the
             # step, and a push_pull reads the values.
-            self._send(pb.PUSH, items, label, pb.StepTag(worker=self.rank, step=step))
+            writes = {s: [item for item in its if not _read_only(item)]
+                      for s, its in items.items()}
+            self._send(pb.PUSH, writes, label, pb.StepTag(worker=self.rank, step=step))
             self._send(pb.PULL, {rank: [] for rank in items}, label, self._read_tag(step))
-            replies = {}
-            if op == pb.PUSH_PULL:
-                reads = {s: [_read_item(item) for item in its] for s, its in items.items() if its}
-                replies = self._send(pb.PULL, reads, label, self._read_tag(step))
+            reads = {s: _poll_items(op, its) for s, its in items.items()}
+            reads = {s: its for s, its in reads.items() if its}
+            replies = self._send(pb.PULL, reads, label, self._read_tag(step)) if reads else {}
         self._clock = step
         return replies
 
@@ -815,11 +850,31 @@ def _messages(items: list[DenseItem | SparseItem], message_bytes: int) -> int:
     return len(plan_requests(items, message_bytes))
 
 
+def _read_entries(tables: Iterable[str] | Mapping[str, np.ndarray | None]) -> dict[str, Any]:
+    """What :meth:`Client.pull` takes (a name, names, or names to ids) as a dict."""
+    if isinstance(tables, str):
+        return {tables: None}
+    return dict(tables) if isinstance(tables, Mapping) else dict.fromkeys(tables)
+
+
+def _read_only(item: DenseItem | SparseItem) -> bool:
+    """A read in a push (no data: a pull's item)."""
+    return not item.views if isinstance(item, DenseItem) else item.rows is None
+
+
 def _read_item(item: DenseItem | SparseItem) -> DenseItem | SparseItem:
     """The read of what a write item wrote: the same blocks or rows, without data."""
     if isinstance(item, DenseItem):
         return DenseItem(item.table, item.blocks, item.lengths, [])
     return SparseItem(item.table, item.ids, item.dim)
+
+
+def _poll_items(op: int, items: list[DenseItem | SparseItem]) -> list[DenseItem | SparseItem]:
+    """What to read again from a server whose answer was pending: everything a pull or
+    push_pull reads, a push's read-only items."""
+    if op == pb.PUSH:
+        return [item for item in items if _read_only(item)]
+    return [_read_item(item) for item in items]
 
 
 def _metadata_json(metadata: Mapping[str, Any] | None) -> str:

@@ -81,9 +81,17 @@ def _float32(name: str, value: Any, shape: tuple[int, ...], what: str) -> np.nda
 class DensePlan:
     """One dense table in one call: whole blocks to the servers holding them."""
 
-    def __init__(self, ref: DenseRef, op: int, value: Any) -> None:
+    def __init__(self, ref: DenseRef, op: int, value: Any, out: np.ndarray | None = None) -> None:
+        """``out``: where a read's values go (float32, C-contiguous, the table's size), instead
+        of a new array (a torch parameter's memory, say)."""
         self.ref = ref
         self._flat = None
+        if out is not None and (out.dtype != np.float32 or out.size != ref.layout.num_elements
+                                or not out.flags.c_contiguous or not out.flags.writeable):
+            raise InvalidRequestError(f"table {ref.name!r}: the output array must be writable, "
+                                      f"C-contiguous float32 of {ref.layout.num_elements} "
+                                      f"elements")
+        self._given = out
         if op not in (pb.PULL, pb.LOOKUP):
             self._flat = _float32(ref.name, value, ref.shape,
                                   "values" if op == pb.ASSIGN else "a gradient")
@@ -104,7 +112,8 @@ class DensePlan:
         """Take one reply slice from ``server``; ValueError if it has a block this table did not
         ask of that server, a block twice, or the wrong number of values."""
         if self._out is None:
-            self._out = np.empty(self.ref.layout.num_elements, dtype=FLOAT)
+            self._out = (self._given.reshape(-1) if self._given is not None
+                         else np.empty(self.ref.layout.num_elements, dtype=FLOAT))
             self._seen = np.zeros(len(self.ref.layout.block_servers), dtype=bool)
         data = np.frombuffer(piece.data, dtype=FLOAT)
         owners = self.ref.layout.block_servers
@@ -133,6 +142,8 @@ class DensePlan:
                        else np.flatnonzero(~self._seen))
             raise ValueError(f"table {self.ref.name!r}: no values for blocks "
                              f"{missing[:10].tolist()}")
+        if self._given is not None:
+            return self._given
         return self._out.reshape(self.ref.shape)
 
 

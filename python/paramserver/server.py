@@ -385,6 +385,8 @@ class _Shards:
             if payload:
                 raise ValueError(f"table {_name(table)}: a pull carries no data")
             return None
+        if op in (pb.PUSH, pb.PUSH_PULL) and not payload and length:
+            return None  # a read-only slice: read after the message's writes
         data = floats(payload)
         if data.size != length:
             raise ValueError(f"table {_name(table)}: {what} {length} elements, the request "
@@ -472,7 +474,8 @@ class _Shards:
             self._contribute(steps, step, request.part, tag, dense, sparse)
         elif op == pb.ASSIGN:
             self._write(op, dense, sparse)
-        reads = op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
+        read_only = self._reads(op, dense, sparse)
+        reads = bool(read_only[0] or read_only[1]) or op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
         waits = steps is not None and (reads or (step is not None and step.read_step))
         if not waits:
             out = self._read(op, dense, sparse) if reads else ([], [])
@@ -492,8 +495,10 @@ class _Shards:
         """A worker's share of a step (synchronous jobs): summed into the step (BSP) or applied
         now and counted on the worker's clock (SSP)."""
         parts = self.gate.parts_here(tag) if tag is not None else 1
-        share = Contribution([(shard, blocks, data) for shard, blocks, data, _ in dense],
-                             [(shard, ids, rows) for shard, ids, rows in sparse])
+        share = Contribution([(shard, blocks, data) for shard, blocks, data, _ in dense
+                              if data is not None],
+                             [(shard, ids, rows) for shard, ids, rows in sparse
+                              if rows is not None])
         if steps.consistency.mode == "bsp":
             whole = steps.contribute(step.worker, step.step, part, parts, share)
             if whole is not None:
@@ -506,17 +511,22 @@ class _Shards:
             steps.applied(step.worker, step.step)
 
     def _validate(self, request: pb.DataRequest | RequestView) -> tuple[list, list]:
+        """Check every slice; the dense ``(shard, blocks, data, length)`` and embedding
+        ``(shard, ids, rows)`` of the message. In a push, a slice without data is read-only:
+        read after the writes (a table may have one write and one read-only slice)."""
         op = request.op
-        for pieces in (request.dense, request.sparse):
-            if len({p.table for p in pieces}) != len(pieces):
-                repeated = _first_repeated([p.table for p in pieces])
-                raise ValueError(f"table {_name(repeated)} appears more than once in one message")
         dense = [self._check_dense(op, piece) for piece in request.dense]
         sparse = [self._check_sparse(op, piece) for piece in request.sparse]
-        if op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP):
+        for pieces, checked in ((request.dense, dense), (request.sparse, sparse)):
+            keys = [(p.table, c[2] is None) for p, c in zip(pieces, checked)]
+            if len(set(keys)) != len(keys):
+                repeated = _first_repeated(keys)[0]
+                raise ValueError(f"table {_name(repeated)} appears more than once in one message")
+        reads = self._reads(op, dense, sparse)
+        if reads[0] or reads[1]:
             # The reply must fit in a message: check before building it or creating rows.
-            reply = sum(4 * length + 64 for _, _, _, length in dense) + sum(
-                ids.size * (8 + 4 * shard.spec.dim) + 64 for shard, ids, _ in sparse)
+            reply = sum(4 * length + 64 for _, _, _, length in reads[0]) + sum(
+                ids.size * (8 + 4 * shard.spec.dim) + 64 for shard, ids, _ in reads[1])
             if reply > _MAX_REPLY_BYTES:
                 tables = [p.table for p in request.dense] + [p.table for p in request.sparse]
                 raise ResourceExhaustedError(
@@ -538,7 +548,18 @@ class _Shards:
             if rows is not None:
                 shard.table.push(ids, rows, self._apply_threads)
 
+    @staticmethod
+    def _reads(op: int, dense: list, sparse: list) -> tuple[list, list]:
+        """The slices a message reads: all of a pull or push_pull, the read-only ones of a
+        push."""
+        if op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP):
+            return dense, sparse
+        if op == pb.PUSH:
+            return [d for d in dense if d[2] is None], [s for s in sparse if s[2] is None]
+        return [], []
+
     def _read(self, op: int, dense: list, sparse: list) -> tuple[list, list]:
+        dense, sparse = self._reads(op, dense, sparse)
         dense_out: list[tuple[str, list[int], np.ndarray]] = []
         sparse_out: list[tuple[str, np.ndarray, np.ndarray]] = []
         for shard, blocks, _, length in dense:
@@ -561,10 +582,10 @@ class _Shards:
             if op in (pb.PUSH, pb.PUSH_PULL):
                 self.push_requests += 1
                 if self.steps is None or self.steps.consistency.mode != "bsp":
-                    for shard, blocks, _, _ in dense:  # BSP counts when it applies a step
-                        shard.updates += len(blocks)
-                    for shard, ids, _ in sparse:
-                        shard.updates += ids.size
+                    for shard, blocks, data, _ in dense:  # BSP counts when it applies a step
+                        shard.updates += len(blocks) if data is not None else 0
+                    for shard, ids, rows in sparse:
+                        shard.updates += ids.size if rows is not None else 0
             if op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP):
                 self.pull_requests += 1
 
