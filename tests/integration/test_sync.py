@@ -7,6 +7,7 @@ as the optimizer oracle. The elastic tests (leave, join, death) use real worker 
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -425,3 +426,32 @@ def test_mismatched_models_and_tables_are_refused(cluster_factory):
         ps.SchedulerConfig(num_servers=1, sync="bsp")
     with pytest.raises(ValueError, match="ssp:S"):
         ps.SchedulerConfig(num_servers=1, num_workers=2, sync="bulk")
+
+
+def test_launch_with_shrink_keeps_the_job_running_when_a_worker_fails(tmp_path):
+    """paramserver launch --sync bsp --on-worker-failure shrink: worker 1 crashes (exit 5, no
+    clean leave) after 3 steps; the launcher says the others go on, worker 0 finishes its 12
+    steps alone after the scheduler removed worker 1, and the job exits 0."""
+    from tests.integration.conftest import PS, run_example
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, numpy as np, paramserver as ps\n"
+        "client = ps.connect(timeout=30)\n"
+        "w = client.dense('w', (4,), ps.SGD(lr=1.0))\n"
+        "client.barrier('start')\n"
+        "for i in range(12):\n"
+        "    if client.rank == 1 and i == 3:\n"
+        "        os._exit(5)\n"
+        "    value = w.push_pull(np.full(4, client.rank + 1.0, np.float32))\n"
+        "print('FINAL', client.rank, float(value[0]), flush=True)\n"
+        "client.close()\n")
+    proc = run_example(PS + ["launch", "--num-servers", "2", "--num-workers", "2", "--sync",
+                             "bsp", "--on-worker-failure", "shrink", "--heartbeat-interval",
+                             "0.2", "--heartbeat-timeout", "1.5", "--", sys.executable,
+                             str(script)], 120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "worker 1 failed with exit code 5; the other workers go on without it" in output
+    # Steps 1-3: mean of 1 and 2; steps 4-12: worker 0 alone.
+    final = float(output.split("FINAL 0 ", 1)[1].split()[0])
+    assert final == pytest.approx(-(3 * 1.5 + 9 * 1.0))
