@@ -139,6 +139,7 @@ class Membership:
         request = pb.RegisterRequest()
         request.CopyFrom(self._request)
         request.requested_rank = self.rank
+        request.incarnation = self.incarnation
         try:
             reply = self.stub.Register(request, timeout=max(1.0, self.reply.heartbeat_interval))
         except grpc.RpcError as error:

@@ -114,7 +114,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self.sync_group: SyncGroup | None = None
         if self.consistency.synchronous:
             self.sync_group = SyncGroup(self.consistency, config.on_worker_failure,
-                                        config.num_workers, self._call_all_servers)
+                                        config.num_workers, self._call_all_servers,
+                                        on_change=self._save_state_locked)
             threading.Thread(target=self._watch_workers, name="ps-sync-watch",
                              daemon=True).start()
         self._view_version = 0
@@ -147,10 +148,16 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                  "restored_version": self.checkpoints.restored_version,
                  "restored_metadata": self._restored_metadata,
                  "tables": [json_format.MessageToDict(t.placement, preserving_proto_field_name=True)
-                            for t in self._tables.values() if t.ready]}
+                            for t in self._tables.values() if t.ready],
+                 "sync_members": (self.sync_group.to_state()
+                                  if getattr(self, "sync_group", None) is not None else [])}
         with self._state_cv:
             self._state_pending = state  # the latest state wins; older ones need no write
             self._state_cv.notify()
+
+    def _save_state_locked(self) -> None:
+        with self._cond:
+            self._save_state()
 
     def _write_states(self) -> None:
         while True:
@@ -205,6 +212,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self._restored_metadata = state["restored_metadata"]
         for placement in tables:
             self._tables[placement.spec.name] = _Table(placement, owner="", ready=True)
+        if self.sync_group is not None and state.get("sync_members"):
+            self.sync_group.load_state(state["sync_members"])
         log.warning("recovering the job from %s: %d tables; waiting for nodes to register again",
                     self._state_file, len(tables))
 
@@ -430,8 +439,11 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                         f"{limit} {name}s")
                 rank = free[0]
             previous = taken.get(rank)
+            # A node registering again after this scheduler's restart keeps its incarnation.
+            incarnation = (request.incarnation if request.incarnation and previous is None
+                           else uuid.uuid4().hex[:16])
             node = _Node(request.role, rank, f"{name}-{rank}", request.address, request.pid,
-                         request.hostname, now, incarnation=uuid.uuid4().hex[:16])
+                         request.hostname, now, incarnation=incarnation)
             restoring = False
             if previous is not None:
                 # A new incarnation of the rank: the old one is fenced from now on.

@@ -57,10 +57,14 @@ class SyncGroup:
     """
 
     def __init__(self, consistency: Consistency, on_worker_failure: str, num_workers: int,
-                 call_servers: Callable[[str, Any, str, float], dict[int, Any]]) -> None:
+                 call_servers: Callable[[str, Any, str, float], dict[int, Any]],
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        """``on_change`` is called after every change of the group (the scheduler saves its
+        state, so a restarted scheduler knows the group)."""
         self.consistency = consistency
         self.on_worker_failure = on_worker_failure
         self._call = call_servers
+        self._on_change = on_change
         self._lock = threading.Lock()      # the records
         self._change = threading.Lock()    # one change of the group at a time
         self._members = {r: _Record(r, 1) for r in range(num_workers)}
@@ -72,6 +76,19 @@ class SyncGroup:
                                   state=r.state) for r in sorted(self._members.values(),
                                                                  key=lambda r: r.rank)]
 
+    def to_state(self) -> list[dict[str, Any]]:
+        """The group as JSON-ready data (the scheduler's state file)."""
+        with self._lock:
+            return [{"rank": r.rank, "first": r.first, "last": r.last, "state": r.state,
+                     "incarnation": r.incarnation} for r in self._members.values()]
+
+    def load_state(self, records: list[dict[str, Any]]) -> None:
+        """The group saved by a predecessor scheduler (``--recover``)."""
+        with self._lock:
+            self._members = {int(r["rank"]): _Record(int(r["rank"]), int(r["first"]),
+                                                     int(r["last"]), str(r["state"]),
+                                                     str(r["incarnation"])) for r in records}
+
     def _tell(self, action: int, worker: int, step: int = 0, reason: str = "",
               timeout: float = 10.0) -> dict[int, Any]:
         name = pb.SyncMembersRequest.Action.Name(action).lower()
@@ -82,12 +99,17 @@ class SyncGroup:
     def join(self, rank: int, incarnation: str, timeout: float) -> int:
         """Make worker ``rank`` (this incarnation) a member; returns its first step."""
         with self._change:
+            first = 0
             with self._lock:
                 record = self._members.get(rank)
-                if record is not None and record.state == "member":
-                    if record.incarnation in ("", incarnation):
-                        record.incarnation = incarnation
-                        return record.first
+                if record is not None and record.state == "member" and \
+                        record.incarnation in ("", incarnation):
+                    first, changed = record.first, record.incarnation != incarnation
+                    record.incarnation = incarnation
+            if first:
+                if changed:
+                    self._on_change()
+                return first
             if record is not None and record.state == "member":
                 # An older incarnation of the rank is still a member: it is dead (its rank was
                 # taken over). Its unfinished contribution goes; the new one joins afresh.
@@ -104,6 +126,7 @@ class SyncGroup:
                 raise
             with self._lock:
                 self._members[rank] = _Record(rank, first, incarnation=incarnation)
+            self._on_change()
             log.info("worker-%d joined the step group at step %d", rank, first)
             return first
 
@@ -118,6 +141,7 @@ class SyncGroup:
             self._tell(pb.SyncMembersRequest.LEAVE, rank, last_step)
             with self._lock:
                 record.last, record.state = max(last_step, record.first - 1), "left"
+            self._on_change()
             log.info("worker-%d left the step group after step %d", rank, last_step)
 
     def check(self, workers: dict[int, tuple[str, bool, bool, str]]) -> None:
@@ -157,6 +181,7 @@ class SyncGroup:
                 return
             with self._lock:
                 record.state = f"failed: {what}"
+            self._on_change()
             log.error("%s; the job's steps fail (--on-worker-failure fail)", what)
 
     def _remove(self, record: _Record, what: str) -> None:
@@ -169,3 +194,4 @@ class SyncGroup:
         with self._lock:
             record.state = f"removed: {what}"
             record.last = max(record.last, record.first - 1)
+        self._on_change()

@@ -455,3 +455,48 @@ def test_launch_with_shrink_keeps_the_job_running_when_a_worker_fails(tmp_path):
     # Steps 1-3: mean of 1 and 2; steps 4-12: worker 0 alone.
     final = float(output.split("FINAL 0 ", 1)[1].split()[0])
     assert final == pytest.approx(-(3 * 1.5 + 9 * 1.0))
+
+
+def test_a_restarted_scheduler_keeps_the_step_group(cluster_factory, tmp_path):
+    """The step group is part of the scheduler's saved state: after the scheduler is killed and
+    restarted with --recover, a worker that had left is still known as left, and a new worker on
+    its rank joins at a later step (not at step 1, which the servers would refuse)."""
+    from tests.integration.conftest import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, kill, start_node
+    args = ("--sync", "bsp", "--checkpoint-dir", str(tmp_path / "ckpt"))
+    cluster = cluster_factory(2, 2, scheduler_args=args)
+    port = cluster.scheduler.rsplit(":", 1)[1]
+    steady = cluster.connect(rank=0, num_workers=2)
+    try:
+        w0 = steady.dense("w", (4,), ps.SGD(lr=1.0))
+        with cluster.connect(rank=1, num_workers=2) as early:
+            w1 = early.table("w")
+            threads = [threading.Thread(target=lambda t=t, g=g: [t.push(np.full(4, g, np.float32))
+                                                                 for _ in range(2)])
+                       for t, g in ((w0, 1.0), (w1, 3.0))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        assert w0.pull()[0] == pytest.approx(-4.0)  # 2 steps of mean(1, 3)
+        kill(cluster.scheduler_proc)
+        proc, _ = start_node(["scheduler", "--port", port, "--num-servers", "2",
+                              "--num-workers", "2", "--heartbeat-interval",
+                              str(HEARTBEAT_INTERVAL), "--heartbeat-timeout",
+                              str(HEARTBEAT_TIMEOUT), "--recover", *args],
+                             tmp_path / "s2.json", tmp_path / "s2.log")
+        cluster.scheduler_proc = proc
+        members = wait_for(lambda: (lambda m: m if m else None)(
+            {m["rank"]: m for m in steady.status()["sync"]["members"]}), 20, "the step group")
+        assert members[1]["state"] == "left" and members[1]["last_step"] == 2, members
+        w0.push(np.full(4, 1.0, np.float32))  # step 3: worker 0 alone
+        with cluster.connect(rank=1, num_workers=2) as late:
+            joined = threading.Thread(target=lambda: late.table("w").push(
+                np.full(4, 5.0, np.float32)))
+            joined.start()
+            # Its clock starts just below its first step: after the 3 steps the servers did.
+            assert wait_for(lambda: late.clock or None, 20, "the late worker to join") == 3
+            w0.push(np.full(4, 1.0, np.float32))  # step 4: mean(1, 5)
+            joined.join(30)
+        assert w0.pull()[0] == pytest.approx(-4.0 - 1.0 - 3.0)
+    finally:
+        steady.close()
