@@ -16,7 +16,15 @@ from paramserver.errors import InvalidRequestError
 from paramserver.optim import Optimizer
 from paramserver.partition import BlockLayout, server_of_ids
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.wire import FLOAT, DenseItem, SliceView, SparseItem, SparseView, ids_view
+from paramserver.wire import (
+    FLOAT,
+    DenseItem,
+    SliceView,
+    SparseItem,
+    SparseView,
+    first_non_finite,
+    ids_view,
+)
 
 __all__ = ["DenseRef", "EmbeddingRef", "DensePlan", "SparsePlan"]
 
@@ -55,11 +63,8 @@ class EmbeddingRef:
 
 
 def _finite(name: str, flat: np.ndarray) -> None:
-    # One cheap pass: the float32 sum is finite only if every element is (NaN and inf propagate);
-    # it can also overflow on finite input, so a non-finite sum is confirmed element by element.
-    # (Measured: half the time of a float64 sum, which costs ~2 ms on a 16 MB push.)
-    if not np.isfinite(np.add.reduce(flat)) and not np.isfinite(flat).all():
-        bad = int(np.flatnonzero(~np.isfinite(flat))[0])
+    bad = first_non_finite(flat)
+    if bad >= 0:
         raise InvalidRequestError(f"table {name!r}: gradient is not finite ({flat[bad]} at flat "
                                   f"index {bad}); nothing was pushed")
 

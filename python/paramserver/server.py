@@ -54,6 +54,7 @@ from paramserver.wire import (
     decode_request,
     describe_spec,
     encode_reply,
+    first_non_finite,
     floats,
     ids_view,
     initializer_from_json,
@@ -391,12 +392,8 @@ class _Shards:
         if data.size != length:
             raise ValueError(f"table {_name(table)}: {what} {length} elements, the request "
                              f"carries {data.size}")
-        # A float64 sum propagates NaN/inf and cannot overflow on finite float32: one cheap pass.
-        # (inf + -inf is NaN, which is what we test for: no warning wanted.)
-        with np.errstate(invalid="ignore"):
-            total = np.add.reduce(data, dtype=np.float64)
-        if not np.isfinite(total):
-            bad = int(np.flatnonzero(~np.isfinite(data))[0])
+        bad = first_non_finite(data)
+        if bad >= 0:
             kind = "values to assign are" if op == pb.ASSIGN else "gradient is"
             raise ValueError(f"table {_name(table)}: {kind} not finite ({data[bad]} at element "
                              f"{bad} of the slice)")

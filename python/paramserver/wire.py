@@ -18,7 +18,7 @@ import numpy as np
 from paramserver.optim import SGD, Adagrad, Adam, AdamW, Optimizer
 from paramserver.v1 import paramserver_pb2 as pb
 
-__all__ = ["FLOAT", "floats", "ids_view", "optimizer_to_spec", "optimizer_from_spec",
+__all__ = ["FLOAT", "floats", "ids_view", "first_non_finite", "optimizer_to_spec", "optimizer_from_spec",
            "initializer_to_json", "initializer_from_json", "describe_spec", "specs_match", "spec_to_dict",
            "DenseItem", "SparseItem", "plan_requests", "iter_requests", "encode_reply", "decode_request",
            "decode_reply", "reply_pending", "RequestView", "SliceView", "SparseView"]
@@ -41,6 +41,20 @@ def floats(data: bytes) -> np.ndarray:
         # message from another protobuf writer may not be, and pays one copy.
         array = array.copy()
     return array
+
+
+def first_non_finite(values: np.ndarray) -> int:
+    """The index of the first NaN or infinity in a flat float32 array, or -1 if there is none.
+
+    One float32 pass in the common case: NaN and inf propagate through the sum (inf + -inf is
+    NaN). Finite values can overflow the sum, so a non-finite sum is checked element by element,
+    which is exact. (Half the time of a float64 sum: that costs about 2.75 ms per 16 MB.)
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(np.add.reduce(values)):
+            return -1
+    bad = np.flatnonzero(~np.isfinite(values))
+    return int(bad[0]) if bad.size else -1
 
 
 def ids_view(data: bytes) -> np.ndarray:

@@ -194,3 +194,16 @@ def test_a_slice_whose_length_sits_at_a_varint_boundary_is_still_aligned():
         for n in range(20, 30):
             reply = encode_reply([("t" * name_len, [0], np.ones(n, np.float32))])
             assert pb.DataReply.FromString(reply).dense[0].data == np.ones(n, np.float32).tobytes()
+
+
+def test_first_non_finite_is_exact_when_the_float32_sum_overflows() -> None:
+    from paramserver.wire import first_non_finite
+    big = np.full(8, np.finfo(np.float32).max, np.float32)  # finite, but the sum overflows
+    assert first_non_finite(big) == -1
+    for bad in (np.nan, np.inf, -np.inf):
+        values = big.copy()
+        values[5] = bad
+        assert first_non_finite(values) == 5
+    mixed = np.array([1.0, np.inf, -np.inf, 2.0], np.float32)  # the sum is NaN
+    assert first_non_finite(mixed) == 1
+    assert first_non_finite(np.zeros(0, np.float32)) == -1
