@@ -173,43 +173,64 @@ Run = tuple[Any, int, int]
 
 
 def _plan_messages(items: list[DenseItem | SparseItem], message_bytes: int) -> list[list[Run]]:
-    """Cut ``items`` into messages of about ``message_bytes`` at most: for each message, the
-    ``(item, i, j)`` runs it carries (blocks ``item.blocks[i:j]`` or rows ``item.ids[i:j]``).
+    """Cut ``items`` into messages of about ``message_bytes`` at most each way: for each message,
+    the ``(item, i, j)`` runs it carries (blocks ``item.blocks[i:j]`` or rows ``item.ids[i:j]``).
 
-    Small tables share a message; a large one is split at block / row boundaries; a block larger
-    than ``message_bytes`` travels alone. Always at least one (maybe empty) message.
+    A message's request (the data written) and its reply (the values read) are counted apart: a
+    write item fills the request, a read item (no data: a pull's, or a push's ``pull``) the reply,
+    so a push that also reads fills both directions of one message instead of two messages. (A
+    push_pull's reply is its request's size: counting the request covers it.) Small tables share
+    a message; a large one is split at block / row boundaries; a block larger than
+    ``message_bytes`` travels alone. Always at least one (maybe empty) message.
     """
     messages: list[list[Run]] = [[]]
-    size = 0
+    sent = back = 0  # bytes of the current message's request and reply
+
+    def fits(units: int, send: int, recv: int) -> int:
+        """How many of the next ``units`` fit (each costs ``send`` / ``recv`` bytes)."""
+        room = [(message_bytes - sent) // send if send else units,
+                (message_bytes - back) // recv if recv else units]
+        return max(0, min(units, *room))
+
     for item in items:
         if isinstance(item, SparseItem):
-            row_bytes = 8 + 4 * item.dim  # the id and, in a write or its reply, the row
+            reads = item.rows is None
+            # An id travels in the request; its row in the request (write) or the reply (read).
+            send, recv = (8, 8 + 4 * item.dim) if reads else (8 + 4 * item.dim, 0)
             i = 0
             while i < len(item.ids):
-                take = min(len(item.ids) - i, (message_bytes - size) // row_bytes)
+                take = fits(len(item.ids) - i, send, recv)
                 if take <= 0:
-                    if size:
+                    if sent or back:
                         messages.append([])
-                        size = 0
+                        sent = back = 0
                         continue
                     take = 1  # a row wider than a message still travels
                 messages[-1].append((item, i, i + take))
-                size += take * row_bytes
+                sent += take * send
+                back += take * recv
                 i += take
             continue
+        reads = not item.views
         i = 0
         while i < len(item.blocks):
             j, take = i, 0
-            while j < len(item.blocks) and (size + take == 0 or
-                                            size + take + item.lengths[j] * 4 <= message_bytes):
-                take += item.lengths[j] * 4
+            while j < len(item.blocks):
+                size = item.lengths[j] * 4
+                fill = (back if reads else sent) + take + size
+                if (sent or back or take) and fill > message_bytes:
+                    break
+                take += size
                 j += 1
             if j == i:  # the current message is full: start the next one
                 messages.append([])
-                size = 0
+                sent = back = 0
                 continue
             messages[-1].append((item, i, j))
-            size += take
+            if reads:
+                back += take
+            else:
+                sent += take
             i = j
     return messages
 
