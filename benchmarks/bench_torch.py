@@ -37,14 +37,15 @@ fixed; only the optimizer step is timed:
   decoded straight into the parameters).
 * ``bare_push_pull``: ``client.push_pull({name: grad})`` of the same gradient arrays to the same
   tables, then the returned values copied into the parameters (``np.copyto``).
-* ``bare_push_pull_out``: ``client.push(grads, pull=names, out=parameter views)``: the call
-  DistributedOptimizer makes, without the wrapper (no copy).
+* ``bare_push_pull_out``: ``client.push_pull(grads, out=parameter views)``: the call
+  DistributedOptimizer makes when every parameter has a gradient, without the wrapper (the
+  values decoded into the parameters, no copy).
 * ``torch_adam``: local ``torch.optim.Adam(lr=1e-3).step()`` on a copy of the model.
 
 The four variants take turns step by step (so they see the same load); each figure is the
 median step time. The wrapper's own cost is ``distributed_optimizer - bare_push_pull`` (beside
 it: the median of the step-by-step paired differences, the difference to ``bare_push_pull_out``,
-and ``wrapper_own_ms_client_stubbed``, ``step()`` with ``client.push`` replaced by a stub). After timing, the benchmark checks that the parameters hold the servers'
+and ``wrapper_own_ms_client_stubbed``, ``step()`` with the client's calls replaced by stubs). After timing, the benchmark checks that the parameters hold the servers'
 values and that the pulled embedding rows are finite.
 
 Prints a table on stderr and, with ``--json``, one JSON object on stdout ending in ``"targets"``:
@@ -272,7 +273,7 @@ def optimizer_overhead(settings: Settings, address: str, servers: int) -> dict[s
                 np.copyto(views[n], v.reshape(-1))
 
         def bare_push_pull_out() -> None:
-            client.push(grads, pull=names, out=views)
+            client.push_pull(grads, out=views)
 
         variants: dict[str, Callable[[], None]] = {
             "distributed_optimizer": dist_opt.step, "bare_push_pull": bare_push_pull,
@@ -293,10 +294,14 @@ def optimizer_overhead(settings: Settings, address: str, servers: int) -> dict[s
         served = client.pull(names)
         for n, p in params.items():
             if not np.array_equal(served[n].reshape(-1), views[n]):
-                raise AssertionError(f"parameter {n!r} does not hold the server's values")
+                raise AssertionError(f"parameter {n!r} does not hold the server's values: "
+                                     f"{np.abs(served[n].reshape(-1) - views[n]).max()} off, "
+                                     f"{int((served[n].reshape(-1) != views[n]).sum())} elements")
         # The wrapper's own work, without the noise of a round trip: step() with client.push
         # replaced by a stub that returns at once.
+        # (step() calls push_pull when every parameter has a gradient, else push with pull.)
         client.push = lambda grads, pull=None, *, out=None: {}  # type: ignore[method-assign]
+        client.push_pull = lambda grads, *, out=None: {}  # type: ignore[method-assign]
         try:
             own = []
             for _ in range(10 * settings.mlp_steps):
@@ -304,7 +309,7 @@ def optimizer_overhead(settings: Settings, address: str, servers: int) -> dict[s
                 dist_opt.step()
                 own.append(time.perf_counter() - t0)
         finally:
-            del client.push
+            del client.push, client.push_pull
         fwd_bwd = []
         for _ in range(max(3, settings.mlp_steps // 2)):
             t0 = time.perf_counter()

@@ -607,10 +607,12 @@ class Client:
         return self._exchange(pb.PUSH, dict(grads), self._refs(grads), "push",
                               reads=(reads, self._refs(reads)), out=out)
 
-    def push_pull(self, grads: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def push_pull(self, grads: Mapping[str, Any], *,
+                  out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Push as :meth:`push`, then return each table's values (embedding: the pushed ids'
-        rows) after the update, in one round trip."""
-        return self._exchange(pb.PUSH_PULL, dict(grads), self._refs(grads), "push_pull")
+        rows) after the update, in one round trip; ``out`` as in :meth:`pull`."""
+        return self._exchange(pb.PUSH_PULL, dict(grads), self._refs(grads), "push_pull",
+                              out=out)
 
     def _refs(self, names: Iterable[str]) -> dict[str, DenseRef | EmbeddingRef]:
         return {name: self._ref(name) for name in names}
@@ -672,6 +674,16 @@ class Client:
         if self._consistency.synchronous and op in (pb.PUSH, pb.PUSH_PULL):
             with self._step_lock:
                 replies = self._step(op, items, label)
+        elif reads is not None and any(_messages(its, self.config.message_bytes) > 1
+                                       for its in items.values()):
+            # A server reads a message's read-only slices after that message's writes, not
+            # after the other messages', which it may apply in parallel: a push too large for
+            # one message per server writes first, then reads, in two rounds.
+            writes = {s: [item for item in its if not _read_only(item)]
+                      for s, its in items.items()}
+            self._send(op, {s: its for s, its in writes.items() if its}, label)
+            replies = self._send(pb.PULL, {s: [item for item in its if _read_only(item)]
+                                           for s, its in items.items()}, label)
         else:
             step = None
             if self._consistency.synchronous and op in (pb.PULL, pb.LOOKUP):

@@ -291,8 +291,15 @@ class DistributedOptimizer:
                 prefetch[layer.name] = (layer, nxt)
         if not grads and not pull:
             return
-        pulled = self.client.push(grads, pull=pull,
-                                  out={n: v for n, v in self._views.items() if n in pull}) or {}
+        if not prefetch and not any(layer.name in grads for layer in self.embeddings) \
+                and set(grads) == set(self.params):
+            # Every parameter has a gradient and no rows travel: each message returns the
+            # values of the blocks it updates (a push_pull), whatever the model's size.
+            self.client.push_pull(grads, out=self._views)
+            pulled: dict[str, np.ndarray] = {}
+        else:
+            pulled = self.client.push(grads, pull=pull, out={
+                n: v for n, v in self._views.items() if n in pull}) or {}
         for name, (layer, ids) in prefetch.items():
             layer.store_prefetch(ids, pulled[name])
         if self._buffers:
