@@ -12,6 +12,7 @@ using paramserver::OptimizerKind;
 namespace paramserver::bindings {
 void bind_dense(py::module_& m);
 void bind_embedding(py::module_& m);
+void bind_reply(py::module_& m);
 }  // namespace paramserver::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -46,4 +47,5 @@ PYBIND11_MODULE(_core, m) {
 
   paramserver::bindings::bind_dense(m);
   paramserver::bindings::bind_embedding(m);
+  paramserver::bindings::bind_reply(m);
 }

@@ -7,7 +7,7 @@ out of range or not held raises IndexError. A call that raises leaves the table 
 """
 
 from collections.abc import Sequence
-from typing import ClassVar, SupportsIndex, SupportsInt
+from typing import Any, ClassVar, SupportsIndex, SupportsInt
 
 import numpy as np
 import numpy.typing as npt
@@ -201,3 +201,8 @@ class EmbeddingTable:
         """Create or overwrite rows (a checkpoint's content)."""
     def clear(self) -> None:
         """Drop every row."""
+
+def assemble(parts: list[Any], num_threads: _Int = 1) -> bytes:
+    """One bytes object of ``parts`` in order: buffers (bytes, numpy arrays) copied, and
+    ``(DenseTable, int64 blocks)`` pairs read from the table into it (a reply with one copy of
+    its values)."""

@@ -49,16 +49,16 @@ from paramserver.sync import Consistency
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import (
-    FLOAT,
     RequestView,
     decode_request,
     describe_spec,
-    encode_reply,
+    encode_pending,
     first_non_finite,
     floats,
     ids_view,
     initializer_from_json,
     optimizer_from_spec,
+    reply_parts,
     specs_match,
 )
 
@@ -412,13 +412,13 @@ class _Shards:
         request = decode_request(message)
         tag = request.op_tag
         if request.op not in (pb.PUSH, pb.PUSH_PULL, pb.ASSIGN) or tag is None or not tag.client:
-            return encode_reply(*self.handle(request))
+            return self.handle(request)
         key = (tag.client, tag.seq, request.part)
         cached = self.replies.begin(key, tag.done_below)
         if cached is not None:
             return cached
         try:
-            reply = encode_reply(*self.handle(request))
+            reply = self.handle(request)
         except BaseException:
             self.replies.fail(key)
             raise
@@ -432,11 +432,10 @@ class _Shards:
                                 f"dropped after applying it (fault injection)")
         return reply
 
-    def handle(self, request: pb.DataRequest | RequestView) -> tuple[list, list, str]:
-        """Validate every slice of a request, then apply it. Returns the reply's slices: dense
-        ``(table, blocks, values)`` and embedding ``(table, ids, rows)``, empty for writes, and,
-        in a synchronous job, what the step asked for waits for ("" : nothing, the reply is
-        complete; else the reply is *pending* and carries no values)."""
+    def handle(self, request: pb.DataRequest | RequestView) -> bytes:
+        """Validate every slice of a request, then apply it. Returns the serialized reply: the
+        values read (none for a plain write), or, in a synchronous job whose step the request
+        waits for is not reached in time, a *pending* reply saying what the step waits for."""
         op = request.op
         if op not in (pb.PUSH, pb.PULL, pb.PUSH_PULL, pb.ASSIGN, pb.LOOKUP):
             raise ValueError(f"unknown op {op}")
@@ -456,7 +455,7 @@ class _Shards:
             self.gate.leave(handle)
 
     def _serve(self, request: pb.DataRequest | RequestView, step: pb.StepTag | None,
-               tag: pb.OpTag | None = None) -> tuple[list, list, str]:
+               tag: pb.OpTag | None = None) -> bytes:
         op = request.op
         dense, sparse = self._validate(request)
         # Everything is valid: from here on nothing raises on the request's content.
@@ -475,17 +474,18 @@ class _Shards:
         reads = bool(read_only[0] or read_only[1]) or op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
         waits = steps is not None and (reads or (step is not None and step.read_step))
         if not waits:
-            out = self._read(op, dense, sparse) if reads else ([], [])
-            self._count(request, op, dense, sparse, out)
-            return (*out, "")
+            reply, sent = self._read(op, dense, sparse) if reads else (b"", 0)
+            self._count(request, op, dense, sparse, sent)
+            return reply
         assert steps is not None
         worker = step.worker if step is not None else -1
         read_step = step.read_step if step is not None else 0
         wait = step.wait if step is not None else _BSP_READ_WAIT
         with steps.read(worker, read_step, wait) as pending:
-            out = self._read(op, dense, sparse) if reads and not pending else ([], [])
-        self._count(request, op, dense, sparse, out)
-        return (*out, pending)
+            # Read inside: a BSP step is not applied meanwhile.
+            reply, sent = self._read(op, dense, sparse) if reads and not pending else (b"", 0)
+        self._count(request, op, dense, sparse, sent)
+        return encode_pending(pending) if pending else reply
 
     def _contribute(self, steps: StepEngine, step: pb.StepTag, part: int,
                     tag: pb.OpTag | None, dense: list, sparse: list) -> None:
@@ -555,27 +555,26 @@ class _Shards:
             return [d for d in dense if d[2] is None], [s for s in sparse if s[2] is None]
         return [], []
 
-    def _read(self, op: int, dense: list, sparse: list) -> tuple[list, list]:
+    def _read(self, op: int, dense: list, sparse: list) -> tuple[bytes, int]:
+        """The serialized reply with the values the message reads, and its payload bytes. The
+        core reads dense blocks straight into the reply (one copy of the values)."""
         dense, sparse = self._reads(op, dense, sparse)
-        dense_out: list[tuple[str, list[int], np.ndarray]] = []
-        sparse_out: list[tuple[str, np.ndarray, np.ndarray]] = []
-        for shard, blocks, _, length in dense:
-            out = np.empty(length, dtype=FLOAT)
-            shard.table.read_many(blocks, out, self._apply_threads)
-            dense_out.append((shard.spec.name, blocks.tolist(), out))
+        rows = []
         for shard, ids, _ in sparse:
             read = shard.table.lookup if op == pb.LOOKUP else shard.table.pull
-            sparse_out.append((shard.spec.name, ids, read(ids, None, self._apply_threads)))
-        return dense_out, sparse_out
+            rows.append((shard.spec.name, ids, read(ids, None, self._apply_threads)))
+        parts = reply_parts([(shard.spec.name, blocks.tolist(), 4 * length, (shard.table, blocks))
+                             for shard, blocks, _, length in dense], rows)
+        sent = sum(4 * length for _, _, _, length in dense) + sum(
+            ids.nbytes + values.nbytes for _, ids, values in rows)
+        return _core.assemble(parts, self._apply_threads), sent
 
     def _count(self, request: pb.DataRequest | RequestView, op: int, dense: list, sparse: list,
-               out: tuple[list, list]) -> None:
-        dense_out, sparse_out = out
+               sent: int) -> None:
         with self._lock:
             self.bytes_in += sum(len(p.data) for p in request.dense) + sum(
                 len(p.ids) + len(p.data) for p in request.sparse)
-            self.bytes_out += sum(v.nbytes for _, _, v in dense_out) + sum(
-                i.nbytes + r.nbytes for _, i, r in sparse_out)
+            self.bytes_out += sent
             if op in (pb.PUSH, pb.PUSH_PULL):
                 self.push_requests += 1
                 if self.steps is None or self.steps.consistency.mode != "bsp":

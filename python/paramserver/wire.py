@@ -20,7 +20,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["FLOAT", "floats", "ids_view", "first_non_finite", "optimizer_to_spec", "optimizer_from_spec",
            "initializer_to_json", "initializer_from_json", "describe_spec", "specs_match", "spec_to_dict",
-           "DenseItem", "SparseItem", "plan_requests", "iter_requests", "encode_reply", "decode_request",
+           "DenseItem", "SparseItem", "plan_requests", "iter_requests", "encode_reply", "encode_pending", "reply_parts", "decode_request",
            "decode_reply", "reply_pending", "RequestView", "SliceView", "SparseView"]
 
 #: The wire dtype of tensors: float32, little-endian.
@@ -366,23 +366,37 @@ def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]]
     return len(plan), (encode(runs, i) for i, runs in enumerate(plan))
 
 
+def reply_parts(dense: list[tuple[str, list[int], int, Any]],
+                sparse: list[tuple[str, np.ndarray, np.ndarray]] = ()) -> list[Any]:
+    """The pieces of a DataReply, for an assembler that fills the dense payloads itself: for
+    each dense slice ``(table, blocks, payload bytes, payload)`` its header then ``payload`` (any
+    object standing for the values, e.g. a read the core makes straight into the message; its
+    16-byte alignment is kept), then the embedding slices' pieces (headers, ids and rows)."""
+    parts: list[Any] = []
+    pos = 0
+    for table, blocks, nbytes, payload in dense:
+        head = _slice_head(b"\x0a", pos, table, blocks, nbytes)
+        parts += [head, payload]
+        pos += len(head) + nbytes
+    for table, ids, rows in sparse:
+        parts += _sparse_field(b"\x12", table, ids, rows)
+    return parts
+
+
 def encode_reply(dense: list[tuple[str, list[int], np.ndarray]],
                  sparse: list[tuple[str, np.ndarray, np.ndarray]] = (), pending: str = "") -> bytes:
     """A serialized DataReply: dense slices ``(table, blocks, float32 values)`` and embedding
     slices ``(table, uint64 ids, float32 rows)``; or, with ``pending`` (what the step waits for),
     a pending reply without values."""
     if pending:
-        text = pending.encode()[:4096]
-        return b"\x18\x01" + b"\x22" + _uvarint(len(text)) + text
-    parts: list[Any] = []
-    pos = 0
-    for table, blocks, values in dense:
-        head = _slice_head(b"\x0a", pos, table, blocks, values.nbytes)
-        parts += [head, values]
-        pos += len(head) + values.nbytes
-    for table, ids, rows in sparse:
-        parts += _sparse_field(b"\x12", table, ids, rows)
-    return b"".join(parts)
+        return encode_pending(pending)
+    return b"".join(reply_parts([(t, b, v.nbytes, v) for t, b, v in dense], sparse))
+
+
+def encode_pending(waiting_for: str) -> bytes:
+    """A pending DataReply: the step asked for is not reached; ``waiting_for`` says why."""
+    text = waiting_for.encode()[:4096]
+    return b"\x18\x01" + b"\x22" + _uvarint(len(text)) + text
 
 
 @dataclass
