@@ -182,6 +182,9 @@ class _Shards:
         #: Set while a restarted server waits for its tables from a checkpoint: every data
         #: request is refused UNAVAILABLE (clients retry) rather than served from empty tables.
         self.restoring: str | None = None
+        #: The scheduler's Restore has completed (it can arrive before the registration's
+        #: reply is processed: then the server must not start refusing requests after it).
+        self.restored = False
         #: Tables this server held before a restart that no checkpoint had: name -> reason.
         self.lost: dict[str, str] = {}
         #: Asks the scheduler whether it placed a table here as requested (set once registered;
@@ -329,7 +332,15 @@ class _Shards:
                                    "has it (the job has no --checkpoint-dir, or the table is "
                                    "newer than its newest checkpoint)")
             self.restoring = None
+            self.restored = True
         return pb.RestoreReply(bytes=total)
+
+    def begin_restore(self) -> None:
+        """Refuse data requests until the scheduler's Restore completes (unless it already
+        has: the scheduler starts it as soon as this server registers)."""
+        with self._lock:
+            if not self.restored:
+                self.restoring = "restoring its tables after a restart"
 
     def _shard(self, name: str, sparse: bool) -> Any:
         tables, other = (self._sparse, self._dense) if sparse else (self._dense, self._sparse)
@@ -739,7 +750,7 @@ class Server:
             raise
         self._shards.placed = self._check_placed
         if self._membership.reply.restoring:
-            self._shards.restoring = "restoring its tables after a restart"
+            self._shards.begin_restore()
         self.rank = self._membership.rank
         self._shards.node = f"server-{self.rank} at {self.address}"
         self._shards.gate.node = self._shards.node
