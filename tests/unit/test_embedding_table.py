@@ -59,8 +59,9 @@ def test_pull_into_out() -> None:
 
 @pytest.mark.parametrize("internal_threads", [1, 2])
 def test_concurrent_pushes_lose_no_update(internal_threads: int) -> None:
-    """Integer gradients and SGD lr=1: the final values are exact."""
-    dim, pool, workers, rounds = 8, 300, 4, 40
+    """Integer gradients and SGD lr=1: the final values are exact. Batches of 16,384 x 64 (1M
+    elements) are large enough for the table to use the threads it is allowed."""
+    dim, pool, workers, rounds, batch = 64, 300, 4, 5, 16384
     table = make_table(dim, ps.SGD(lr=1.0))
     expected = np.zeros((pool, dim), np.float64)
     plans = []
@@ -68,8 +69,8 @@ def test_concurrent_pushes_lose_no_update(internal_threads: int) -> None:
         rng = np.random.default_rng(w)
         plan = []
         for _ in range(rounds):
-            ids = rng.integers(0, pool, 2000)
-            grads = rng.integers(-3, 4, (2000, dim)).astype(np.float32)
+            ids = rng.integers(0, pool, batch)
+            grads = rng.integers(-3, 4, (batch, dim)).astype(np.float32)
             np.add.at(expected, ids, grads)
             plan.append((ids.astype(np.int64), grads))
         plans.append(plan)
