@@ -47,11 +47,17 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _ids(ids: torch.Tensor | np.ndarray) -> tuple[np.ndarray, torch.Tensor, tuple[int, ...]]:
-    """The distinct ids (int64 numpy), each position's index among them, and the ids' shape."""
+    """The distinct ids (int64 numpy), each position's index among them, and the ids' shape.
+    uint64 ids (hashed features; the tables take them) are read as the int64 of the same bits,
+    the row the tables give that int64."""
+    if isinstance(ids, np.ndarray) and ids.dtype == np.uint64:
+        ids = ids.view(np.int64)
     tensor = torch.as_tensor(ids)
+    if tensor.dtype == torch.uint64:
+        tensor = tensor.view(torch.int64)
     if tensor.dtype not in (torch.int64, torch.int32):
-        raise InvalidRequestError(f"embedding ids must be an int64 (or int32) tensor, got "
-                                  f"{tensor.dtype}")
+        raise InvalidRequestError(f"embedding ids must be an int64 (or int32, uint64) tensor, "
+                                  f"got {tensor.dtype}")
     flat = tensor.reshape(-1).to(torch.int64)
     unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
     return unique.numpy(), inverse, tuple(tensor.shape)
@@ -135,6 +141,15 @@ class Embedding(nn.Module):
     def store_prefetch(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Rows the optimizer's step pulled for the next forward."""
         self._prefetched = (ids, rows)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Discard the row gradients of the forwards since the last step, as ``zero_grad``
+        discards a sparse ``nn.Embedding``'s: those rows are not pushed (a forward whose backward
+        comes later still counts). :meth:`DistributedOptimizer.zero_grad` calls this; a parent
+        module's ``zero_grad`` does not reach it."""
+        for _, weight in self._pending:
+            weight.grad = None
+        super().zero_grad(set_to_none)
 
     def step(self) -> None:
         """Push this layer's row gradients (and pull announced rows) on its own: for a model
@@ -258,7 +273,10 @@ class DistributedOptimizer:
                 self._sync_buffers()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameters' gradients, as ``torch.optim.Optimizer.zero_grad``."""
+        """Clear the parameters' gradients, as ``torch.optim.Optimizer.zero_grad``, and the
+        embedding layers' row gradients (see :meth:`Embedding.zero_grad`)."""
+        for layer in self.embeddings:
+            layer.zero_grad(set_to_none)
         for param in self.params.values():
             if param.grad is None:
                 continue

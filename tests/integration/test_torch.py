@@ -227,3 +227,37 @@ def test_bad_inputs_are_refused(cluster):
         bag = EmbeddingBag(client, "b", 4, ps.SGD(lr=0.1))
         with pytest.raises(ps.InvalidRequestError, match="bags"):
             bag(torch.tensor([1, 2, 3]))
+
+
+def test_zero_grad_discards_row_gradients_as_torch_does(cluster):
+    """forward/backward on batch A, zero_grad, forward/backward on batch B, step: as with
+    nn.Embedding(sparse=True) and torch.optim, only B's rows are updated."""
+    with cluster.connect() as client:
+        layer = Embedding(client, "zg", 2, ps.SGD(lr=1.0))
+        torch.manual_seed(0)
+        head = nn.Linear(2, 1)
+        opt = DistributedOptimizer(client, nn.ModuleDict({"e": layer, "h": head}),
+                                   ps.SGD(lr=0.0))
+        reference = nn.Embedding(4, 2, sparse=True)
+        nn.init.zeros_(reference.weight)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=1.0)
+        for emb, o in ((layer, opt), (reference, ref_opt)):
+            o.zero_grad()
+            head(emb(torch.tensor([1]))).sum().backward()  # batch A, discarded
+            o.zero_grad()
+            head(emb(torch.tensor([2, 2]))).sum().backward()
+            o.step()
+        got = layer.table.pull(np.arange(4, dtype=np.int64), create=False)
+        np.testing.assert_allclose(got, reference.weight.detach().numpy(), rtol=0, atol=1e-6)
+        assert got[1].tolist() == [0.0, 0.0]
+
+
+def test_uint64_ids_name_the_tables_rows(cluster):
+    """Hashed uint64 ids (numpy or torch) look up the rows the table gives those ids."""
+    with cluster.connect() as client:
+        layer = Embedding(client, "hashed", 3, ps.SGD(lr=0.1), ps.init.normal(0.0, 1.0), seed=2)
+        ids = np.array([2**64 - 1, 2**63 + 5, 7, 2**63 + 5], dtype=np.uint64)
+        expected = layer.table.pull(ids, create=False)
+        for given in (ids, torch.from_numpy(ids)):
+            with torch.no_grad():
+                np.testing.assert_array_equal(layer(given).numpy(), expected)
