@@ -144,7 +144,7 @@ class DenseTable(_Handle):
     def assign(self, values: np.ndarray) -> None:
         """Overwrite the values (float32, :attr:`shape`); the optimizer state is kept. Not an
         optimizer step (a synchronous job does not count it as one)."""
-        self._client._exchange(pb.ASSIGN, {self.name: values}, {self.name: self._ref}, "assign")
+        self._client.assign({self.name: values})
 
     def pull_async(self) -> Future[np.ndarray]:
         """:meth:`pull` in the background; the future's result is the array."""
@@ -606,6 +606,12 @@ class Client:
         reads = _read_entries(pull)
         return self._exchange(pb.PUSH, dict(grads), self._refs(grads), "push",
                               reads=(reads, self._refs(reads)), out=out)
+
+    def assign(self, values: Mapping[str, np.ndarray]) -> None:
+        """Overwrite several dense tables (float32 arrays of their shapes) in one RPC per
+        server; their optimizer state is kept. Not an optimizer step (a synchronous job does not
+        count it as one)."""
+        self._exchange(pb.ASSIGN, dict(values), self._refs(values), "assign")
 
     def push_pull(self, grads: Mapping[str, Any], *,
                   out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

@@ -159,7 +159,7 @@ class Embedding(nn.Module):
         nxt = self.take_prefetch()
         pulled = self.client.push({self.name: grads} if grads else {},
                                   pull={self.name: nxt} if nxt is not None else None)
-        if pulled:
+        if pulled and nxt is not None:
             self.store_prefetch(nxt, pulled[self.name])
 
     def extra_repr(self) -> str:
@@ -238,8 +238,9 @@ class DistributedOptimizer:
             raise InvalidRequestError(f"buffers must be 'rank0' or 'local', got {buffers!r}")
         self.client = client
         module = model if isinstance(model, nn.Module) else None
-        named = module.named_parameters() if module is not None else model
-        self.params: dict[str, nn.Parameter] = {}
+        named: Iterable[tuple[str, Any]] = (module.named_parameters() if module is not None
+                                             else model)  # type: ignore[assignment]
+        self.params: dict[str, torch.Tensor] = {}
         for name, param in named:
             if not isinstance(param, torch.Tensor):
                 raise InvalidRequestError(f"parameter {name!r} is {type(param).__name__}, not a "
@@ -263,14 +264,20 @@ class DistributedOptimizer:
             client.pull(list(self.params), out=self._views)
         # Float buffers published by rank 0 (BatchNorm statistics, ...).
         self._buffers: dict[str, torch.Tensor] = {}
+        self._buffer_views: dict[str, np.ndarray] = {}
         if module is not None and buffers == "rank0":
             for name, buf in module.named_buffers():
-                if buf.dtype == torch.float32 and buf.numel():
+                if buf.dtype == torch.float32 and buf.numel() and buf.is_contiguous():
                     self._buffers[f"{prefix}buffer:{name}"] = buf
             for name, buf in self._buffers.items():
                 client.dense(name, (buf.numel(),), SGD(lr=0.0), _as_numpy(buf).reshape(-1))
+            self._buffer_views = {name: buf.data.numpy().reshape(-1)
+                                  for name, buf in self._buffers.items()}
             if self._buffers:
-                self._sync_buffers()
+                if client.rank == 0:
+                    self._publish_buffers()
+                else:
+                    self.refresh()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the parameters' gradients, as ``torch.optim.Optimizer.zero_grad``, and the
@@ -295,6 +302,8 @@ class DistributedOptimizer:
             if param.grad is not None:
                 grads[name] = _as_numpy(param.grad).reshape(param.shape or (1,))
         pull: dict[str, Any] = dict.fromkeys(self.params)  # every value: others push too
+        if self.client.rank != 0:
+            pull.update(dict.fromkeys(self._buffers))  # rank 0's statistics, same round trip
         prefetch: dict[str, tuple[Embedding, np.ndarray]] = {}
         for layer in self.embeddings:
             rows = layer.gradients()
@@ -310,31 +319,36 @@ class DistributedOptimizer:
         if not grads and not pull:
             return
         if not prefetch and not any(layer.name in grads for layer in self.embeddings) \
-                and set(grads) == set(self.params):
+                and set(grads) == set(self.params) and set(pull) == set(self.params):
             # Every parameter has a gradient and no rows travel: each message returns the
             # values of the blocks it updates (a push_pull), whatever the model's size.
             self.client.push_pull(grads, out=self._views)
             pulled: dict[str, np.ndarray] = {}
         else:
             pulled = self.client.push(grads, pull=pull, out={
-                n: v for n, v in self._views.items() if n in pull}) or {}
+                n: v for n, v in {**self._views, **self._buffer_views}.items()
+                if n in pull}) or {}
         for name, (layer, ids) in prefetch.items():
             layer.store_prefetch(ids, pulled[name])
-        if self._buffers:
-            self._sync_buffers()
+        if self._buffers and self.client.rank == 0:
+            self._publish_buffers()
 
-    def _sync_buffers(self) -> None:
-        """Rank 0 writes its float buffers; the others read rank 0's."""
-        if self.client.rank == 0:
-            for name, buf in self._buffers.items():
-                self.client.table(name).assign(_as_numpy(buf).reshape(-1))
-        else:
-            values = self.client.pull(list(self._buffers))
-            with torch.no_grad():
-                for name, buf in self._buffers.items():
-                    buf.copy_(torch.from_numpy(values[name]).view_as(buf))
+    def refresh(self) -> None:
+        """Copy the servers' current values into the parameters (and, on workers other than
+        rank 0, rank 0's buffers): e.g. before evaluating a model that other workers train."""
+        names = list(self.params) + (list(self._buffers) if self.client.rank != 0 else [])
+        if names:
+            self.client.pull(names, out={n: v for n, v in {**self._views,
+                                                           **self._buffer_views}.items()
+                                         if n in names})
 
-    def __iter__(self) -> Iterator[tuple[str, nn.Parameter]]:
+    def _publish_buffers(self) -> None:
+        """Rank 0 writes its float buffers, all in one call."""
+        self.client.assign({name: _as_numpy(buf).reshape(-1)
+                            for name, buf in self._buffers.items()})
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The trainable parameters this optimizer steps: (table name, parameter)."""
         return iter(self.params.items())
 
     def __repr__(self) -> str:
