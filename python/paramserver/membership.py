@@ -161,9 +161,9 @@ class Membership:
                 return rpc.call(getattr(self.stub, method), request,
                                 timeout=max(0.1, deadline - time.monotonic()),
                                 what=what or method, node="scheduler", address=self.scheduler)
-            except NodeUnavailableError:
-                if time.monotonic() + delay >= deadline:
-                    raise
+            except NodeUnavailableError as exc:
+                if getattr(exc, "answered", False) or time.monotonic() + delay >= deadline:
+                    raise  # the scheduler answered (a node it knows is dead): no retry
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 

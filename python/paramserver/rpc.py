@@ -319,11 +319,25 @@ def _error_class(error: grpc.RpcError, code: grpc.StatusCode) -> type[ParamServe
     return _BY_CODE.get(code, ParamServerError)
 
 
+def _answered(error: grpc.RpcError) -> bool:
+    """Whether the status came from a paramserver handler (it names its error class)."""
+    try:
+        return any(key == _ERROR_KEY for key, _ in error.trailing_metadata() or ())
+    except Exception:  # not a call error
+        return False
+
+
 def translate(error: grpc.RpcError, what: str, node: str, address: str) -> ParamServerError:
     """The paramserver exception for a failed call ``what`` to ``node`` at ``address``."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     cls = _error_class(error, code)
+    if code == grpc.StatusCode.UNAVAILABLE and _answered(error):
+        # The node answered that something else is unavailable (a dead worker, a missing
+        # server): not a transport failure, so not something to retry.
+        exc = cls(f"{what} on {node} at {address} failed: {details}")
+        exc.answered = True  # type: ignore[attr-defined]
+        return exc
     if code == grpc.StatusCode.UNAVAILABLE:
         return cls(f"{node} at {address} is unreachable during {what}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -367,6 +381,7 @@ def abort_on(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
     except PSTimeoutError as exc:
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, bounded(str(exc)))
     except NodeUnavailableError as exc:
+        context.set_trailing_metadata(((_ERROR_KEY, "NodeUnavailableError"),))
         context.abort(grpc.StatusCode.UNAVAILABLE, bounded(str(exc)))
     except ResourceExhaustedError as exc:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, bounded(str(exc)))
