@@ -115,6 +115,7 @@ class Embedding(nn.Module):
         return weight, inverse, shape
 
     def forward(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The rows of ``ids`` (any shape): a ``(*ids.shape, dim)`` float32 tensor."""
         weight, inverse, shape = self._lookup(ids)
         return weight[inverse].reshape(*shape, self.dim)
 
@@ -163,6 +164,7 @@ class Embedding(nn.Module):
             self.store_prefetch(nxt, pulled[self.name])
 
     def extra_repr(self) -> str:
+        """The table's name, width and optimizer, for ``repr(model)``."""
         return f"{self.name!r}, dim={self.dim}, optimizer={self.table.optimizer!r}"
 
 
@@ -182,6 +184,8 @@ class EmbeddingBag(Embedding):
 
     def forward(self, ids: torch.Tensor | np.ndarray,  # type: ignore[override]
                 offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """Each bag's pooled rows, ``(bags, dim)``: ids ``(bags, ids_per_bag)``, or 1-D ids
+        with each bag's start in ``offsets``."""
         ids = torch.as_tensor(ids)
         if offsets is None and ids.dim() != 2:
             raise InvalidRequestError(f"EmbeddingBag {self.name!r}: ids of shape "
@@ -199,6 +203,7 @@ class EmbeddingBag(Embedding):
                                            mode=self.mode)
 
     def extra_repr(self) -> str:
+        """As :meth:`Embedding.extra_repr`, with the pooling mode."""
         return super().extra_repr() + f", mode={self.mode!r}"
 
 
