@@ -500,3 +500,28 @@ def test_a_restarted_scheduler_keeps_the_step_group(cluster_factory, tmp_path):
         assert w0.pull()[0] == pytest.approx(-4.0 - 1.0 - 3.0)
     finally:
         steady.close()
+
+
+def test_status_text_shows_the_steps(cluster_factory):
+    """paramserver status (text) of a BSP job: the step group and each server's step, and what
+    an open step waits for."""
+    import subprocess
+
+    from tests.integration.conftest import PS
+    cluster = cluster_factory(2, 2, scheduler_args=("--sync", "bsp"))
+    with cluster.connect(rank=0, num_workers=2) as client:
+        w = client.dense("w", (4,), ps.SGD(lr=1.0))
+        pushing = threading.Thread(target=lambda: w.push(np.ones(4, np.float32)))
+        pushing.start()  # step 1 waits for worker-1
+
+        def shown() -> str | None:
+            text = subprocess.run(PS + ["status", "--scheduler", cluster.scheduler],
+                                  capture_output=True, text=True, timeout=30).stdout
+            return text if "waiting: step 1 needs worker-1" in text else None
+
+        text = wait_for(shown, 20, "the open step in the status")
+        assert "STEPS (bsp, on worker failure: fail)" in text
+        assert "worker-0     steps 1-" in text and "step 0, 2 workers" in text
+        with cluster.connect(rank=1, num_workers=2) as other:
+            other.table("w").push(np.ones(4, np.float32))
+        pushing.join(30)
