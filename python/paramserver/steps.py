@@ -172,9 +172,12 @@ class StepEngine:
                 self._holds.pop(worker, None)
             elif action == pb.SyncMembersRequest.COMMIT:
                 hold = self._holds.pop(worker, None)
-                if hold is not None and request.step < hold[0]:
+                # Without a hold (it lapsed, or this server restarted) later steps may have
+                # started here: the join must still be at a step none has.
+                started = hold[0] if hold is not None else self._next_free_step()
+                if request.step < started:
                     raise ValueError(f"{self.node}: worker-{worker} cannot join at step "
-                                     f"{request.step}; steps up to {hold[0] - 1} started here")
+                                     f"{request.step}; steps up to {started - 1} started here")
                 old = self._members.get(worker)
                 if old is not None and old.last is None:
                     raise ValueError(f"{self.node}: worker-{worker} is already a member of the "
