@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_cluster import LocalCluster  # noqa: E402  (benchmarks/ is not a package)
+from local_cluster import LocalCluster, run_processes  # noqa: E402  (not a package)
 
 import paramserver as ps  # noqa: E402
 from paramserver.sync import Consistency  # noqa: E402
@@ -206,49 +206,10 @@ def _worker_main(kind: str, cfg: dict[str, Any], rank: int, results: Any) -> Non
 # --------------------------------------------------------------------------------------------
 # Orchestration
 
-def _stop_procs(procs: list[Any]) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
-            p.join()
-
-
 def _run_workers(ctx: Any, kind: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Start cfg["workers"] processes of ``kind`` and return their results, by rank."""
-    workers = cfg["workers"]
-    results = ctx.Queue()
-    procs = []
-    try:
-        for rank in range(workers):
-            p = ctx.Process(target=_worker_main, args=(kind, cfg, rank, results), daemon=True)
-            p.start()
-            procs.append(p)
-        out: list[Any] = [None] * workers
-        deadline = time.monotonic() + TIMEOUT
-        for _ in range(workers):
-            while True:
-                try:
-                    status, rank, value = results.get(timeout=1.0)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{kind} workers did not finish within {TIMEOUT:.0f} s")
-                    dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                    if dead:
-                        raise RuntimeError(f"a {kind} worker died with exit code "
-                                           f"{dead[0].exitcode}")
-            if status != "ok":
-                raise RuntimeError(f"{kind} worker {rank} failed:\n{value}")
-            out[rank] = value
-        for p in procs:
-            p.join(timeout=30)
-        return out
-    finally:
-        _stop_procs(procs)
+    return run_processes(ctx, _worker_main, lambda rank, results: (kind, cfg, rank, results),
+                         cfg["workers"], TIMEOUT, f"{kind} worker")
 
 
 def _summary(outs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:

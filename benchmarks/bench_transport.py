@@ -54,7 +54,7 @@ import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from local_cluster import LocalCluster  # noqa: E402  (benchmarks/ is not a package)
+from local_cluster import LocalCluster, run_processes, stop_processes  # noqa: E402
 
 KB, MB = 1024, 1024 * 1024
 GB = 1e9  # GB = 10^9 bytes
@@ -362,51 +362,17 @@ def _worker(args: dict[str, Any], rank: int, barrier: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Orchestration
 
-def _stop_procs(procs: list[Any]) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
-            p.join()
-
-
 def _run_workers(ctx: Any, job: LocalCluster, num_workers: int, base: dict[str, Any],
                  timeout: float) -> list[dict[str, Any]]:
     barrier = ctx.Barrier(num_workers)
-    results = ctx.Queue()
-    procs = []
-    try:
-        for rank in range(num_workers):
-            args = dict(base, scheduler=job.address, workers=num_workers)
-            if rank != 0:
-                args.pop("peers", None)
-            p = ctx.Process(target=_worker_main, args=(args, rank, barrier, results), daemon=True)
-            p.start()
-            procs.append(p)
-        out: list[Any] = [None] * num_workers
-        deadline = time.monotonic() + timeout
-        for _ in range(num_workers):
-            while True:
-                try:
-                    status, rank, value = results.get(timeout=1.0)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"workers did not finish within {timeout:.0f} s")
-                    dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                    if dead:
-                        raise RuntimeError(f"a worker died with exit code {dead[0].exitcode}")
-            if status != "ok":
-                raise RuntimeError(f"worker {rank} failed:\n{value}")
-            out[rank] = value
-        for p in procs:
-            p.join(timeout=10)
-        return out
-    finally:
-        _stop_procs(procs)
+
+    def args_for(rank: int, results: Any) -> tuple[Any, ...]:
+        args = dict(base, scheduler=job.address, workers=num_workers)
+        if rank != 0:
+            args.pop("peers", None)
+        return args, rank, barrier, results
+
+    return run_processes(ctx, _worker_main, args_for, num_workers, timeout)
 
 
 def _median(xs: list[float]) -> float:
@@ -487,7 +453,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "pull": _summary(t["pull"], 4 * TEN_M),
                         "ps_lite": PSLITE}
     finally:
-        _stop_procs(peer_procs)
+        stop_processes(peer_procs)
     report["targets"] = _targets(report)
     return report
 

@@ -14,7 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paramserver as ps
 
@@ -91,3 +93,52 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_processes(ctx: Any, target: Callable[..., None],
+                  args_for: Callable[[int, Any], tuple[Any, ...]], count: int, timeout: float,
+                  what: str = "worker") -> list[Any]:
+    """Run ``count`` processes of ``target(*args_for(rank, results))`` (``ctx`` a multiprocessing
+    context); each puts ``("ok", rank, value)`` or ``("error", rank, traceback)`` on ``results``.
+    Returns the values by rank. Raises RuntimeError naming a failed, dead or late process; every
+    process is stopped on every path."""
+    results = ctx.Queue()
+    procs: list[Any] = []
+    try:
+        for rank in range(count):
+            p = ctx.Process(target=target, args=args_for(rank, results), daemon=True)
+            p.start()
+            procs.append(p)
+        out: list[Any] = [None] * count
+        deadline = time.monotonic() + timeout
+        for _ in range(count):
+            while True:
+                try:
+                    status, rank, value = results.get(timeout=1.0)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{what}s did not finish within {timeout:.0f} s")
+                    dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+                    if dead:
+                        raise RuntimeError(f"a {what} died with exit code {dead[0].exitcode}")
+            if status != "ok":
+                raise RuntimeError(f"{what} {rank} failed:\n{value}")
+            out[rank] = value
+        for p in procs:
+            p.join(timeout=30)
+        return out
+    finally:
+        stop_processes(procs)
+
+
+def stop_processes(procs: list[Any]) -> None:
+    """Terminate multiprocessing processes still running (kill after 5 s) and reap them."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
