@@ -305,9 +305,7 @@ class StepEngine:
                     name = shard.spec.name
                     total = current.dense.get(name)
                     if total is None:
-                        spare = self._spare.get(name)
-                        total = spare.pop() if spare else _DenseSum(shard)
-                        current.dense[name] = total
+                        total = current.dense[name] = self._take_sum(shard)
                     total.add(blocks, data)
                 for shard, ids, rows in whole.sparse:
                     entry = current.sparse.setdefault(shard.spec.name, (shard, {}))
@@ -371,22 +369,27 @@ class StepEngine:
                 table.apply_many(total.blocks, total.buffer, self._apply_threads)
                 total.shard.updates += len(total.blocks)
             total.reset()
-            self._spare.setdefault(name, []).append(total)
+            with self._cond:
+                self._spare.setdefault(name, []).append(total)
         for shard, by_worker in current.sparse.values():
             # Rank order: the sums do not depend on the order contributions arrived in.
             parts = [piece for w in sorted(by_worker) for piece in by_worker[w]]
             ids = np.concatenate([p[0] for p in parts])
-            rows = np.concatenate([p[1] for p in parts])
+            rows = np.concatenate([p[1] for p in parts])  # a new array: divided in place
             if workers > 1:
-                rows = rows / np.float32(workers)
-            shard.table.push(ids, np.ascontiguousarray(rows, dtype=np.float32),
+                np.divide(rows, np.float32(workers), out=rows)
+            shard.table.push(ids, rows,
                              self._apply_threads)
             shard.updates += int(np.unique(ids).size)
 
-    def forget_table(self, name: str) -> None:
-        """Drop the reusable sums of a table that is dropped or replaced (restore)."""
+    def _take_sum(self, shard: Any) -> _DenseSum:
+        """A reusable sum buffer of ``shard``'s table, or a new one. A spare of a table since
+        replaced (restored, or dropped and declared again) belongs to the old shard: dropped."""
         with self._cond:
-            self._spare.pop(name, None)
+            spare = [t for t in self._spare.get(shard.spec.name, ()) if t.shard is shard]
+            total = spare.pop() if spare else None
+            self._spare[shard.spec.name] = spare
+        return total if total is not None else _DenseSum(shard)
 
     # -- reads -----------------------------------------------------------------------------------
 
