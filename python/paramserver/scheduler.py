@@ -150,7 +150,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                  "tables": [json_format.MessageToDict(t.placement, preserving_proto_field_name=True)
                             for t in self._tables.values() if t.ready],
                  "sync_members": (self.sync_group.to_state()
-                                  if getattr(self, "sync_group", None) is not None else [])}
+                                  if self.sync_group is not None else [])}
         with self._state_cv:
             self._state_pending = state  # the latest state wins; older ones need no write
             self._state_cv.notify()
