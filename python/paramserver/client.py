@@ -688,8 +688,8 @@ class Client:
             writes = {s: [item for item in its if not _read_only(item)]
                       for s, its in items.items()}
             self._send(op, {s: its for s, its in writes.items() if its}, label)
-            replies = self._send(pb.PULL, {s: [item for item in its if _read_only(item)]
-                                           for s, its in items.items()}, label)
+            reads_of = {s: [item for item in its if _read_only(item)] for s, its in items.items()}
+            replies = self._send(pb.PULL, {s: its for s, its in reads_of.items() if its}, label)
         else:
             step = None
             if self._consistency.synchronous and op in (pb.PULL, pb.LOOKUP):
