@@ -91,3 +91,38 @@ def test_worker_ranks_are_distinct_and_requested_ranks_honoured(cluster):
         assert sorted([a.rank, b.rank, c.rank]) == [0, 1, 2]
         with pytest.raises(ps.TableMismatchError, match="rank 1 is held by live node"):
             cluster.connect(rank=1)
+
+
+@pytest.mark.parametrize("message_bytes", [None, 4096])
+def test_push_with_pull_reads_the_values_after_the_push(cluster, message_bytes):
+    """push(grads, pull=...) returns every pulled table after the push, into given arrays too:
+    in one round trip when each server gets one message, and (4 KiB messages: every table spans
+    several) in two, since a server orders reads after writes only within a message."""
+    with cluster.connect(message_bytes=message_bytes) as client:
+        names = {"a": 10_000, "b": 3, "c": 5_000}
+        for name, n in names.items():
+            client.dense(name, (n,), ps.SGD(lr=1.0), np.full(n, 10.0, np.float32))
+        emb = client.embedding("e", 8, ps.SGD(lr=1.0))
+        ids = np.arange(500, dtype=np.int64)
+        out = {"a": np.zeros(10_000, np.float32)}
+
+        def pull_requests() -> int:  # asked of every server now
+            from paramserver.v1 import paramserver_pb2 as pb
+            return sum(client._pool.call(r, "Stats", pb.StatsRequest(), "stats").pull_requests
+                       for r in range(client.num_servers))
+
+        before = pull_requests()
+        for step in range(1, 16):  # each step is a chance to read before its write landed
+            got = client.push({"a": np.ones(10_000, np.float32), "b": np.ones(3, np.float32),
+                               "e": (ids, np.ones((500, 8), np.float32))},
+                              pull={"a": None, "b": None, "c": None, "e": ids}, out=out)
+            assert got["a"] is out["a"]
+            np.testing.assert_array_equal(out["a"], 10.0 - step)
+            np.testing.assert_array_equal(got["b"], 10.0 - step)
+            np.testing.assert_array_equal(got["c"], 10.0)
+            np.testing.assert_array_equal(got["e"], -float(step))
+        # One round: the reads travel in the push's messages (no pull request); two rounds: the
+        # reads are pull requests of their own, after every write was acknowledged.
+        reads_alone = pull_requests() - before
+        assert reads_alone == 0 if message_bytes is None else reads_alone >= 15
+        np.testing.assert_array_equal(emb.pull(ids), -15.0)
