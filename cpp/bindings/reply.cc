@@ -33,7 +33,7 @@ struct Part {
 void bind_reply(py::module_& m) {
   m.def(
       "assemble",
-      [](py::list parts, int num_threads) {
+      [](py::list parts, int num_threads, py::object into) -> py::object {
         // Buffers stay referenced by `parts` (the caller's list) while the GIL is released.
         std::vector<Part> plan;
         plan.reserve(parts.size());
@@ -62,12 +62,25 @@ void bind_reply(py::module_& m) {
           total += part.size;
           plan.push_back(std::move(part));
         }
-        // A new bytes object, filled before anyone else can see it (as CPython's own
-        // constructors do).
-        PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total));
-        if (raw == nullptr) throw py::error_already_set();
-        py::bytes out = py::reinterpret_steal<py::bytes>(raw);
-        char* dst = PyBytes_AS_STRING(raw);
+        // Into the caller's writable buffer when it is given and large enough (a shared-memory
+        // segment), else a new bytes object, filled before anyone else can see it (as CPython's
+        // own constructors do).
+        py::object out;
+        char* dst = nullptr;
+        py::buffer_info target;
+        if (!into.is_none()) {
+          target = py::reinterpret_borrow<py::buffer>(into).request(/*writable=*/true);
+          if (static_cast<std::size_t>(target.size * target.itemsize) >= total) {
+            dst = static_cast<char*>(target.ptr);
+            out = py::int_(total);
+          }
+        }
+        if (dst == nullptr) {
+          PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total));
+          if (raw == nullptr) throw py::error_already_set();
+          out = py::reinterpret_steal<py::bytes>(raw);
+          dst = PyBytes_AS_STRING(raw);
+        }
         bool misaligned = false;
         {
           py::gil_scoped_release release;
@@ -96,9 +109,11 @@ void bind_reply(py::module_& m) {
         if (misaligned) throw py::value_error("assemble: a dense payload is not float-aligned");
         return out;
       },
-      py::arg("parts"), py::arg("num_threads") = 1,
-      "One bytes object of `parts` in order: buffers (bytes, numpy arrays) copied, and "
-      "(DenseTable, int64 blocks) pairs read from the table.");
+      py::arg("parts"), py::arg("num_threads") = 1, py::arg("into") = py::none(),
+      "`parts` in order, as one bytes object: buffers (bytes, numpy arrays) copied, and "
+      "(DenseTable, int64 blocks) pairs read from the table. With `into` (a writable buffer, "
+      "16-byte aligned) large enough for them, they are written at its start instead and the "
+      "number of bytes written is returned.");
 }
 
 }  // namespace paramserver::bindings

@@ -7,7 +7,7 @@ out of range or not held raises IndexError. A call that raises leaves the table 
 """
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, SupportsIndex, SupportsInt
+from typing import Any, ClassVar, SupportsIndex, SupportsInt, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -202,7 +202,12 @@ class EmbeddingTable:
     def clear(self) -> None:
         """Drop every row."""
 
-def assemble(parts: list[Any], num_threads: _Int = 1) -> bytes:
+@overload
+def assemble(parts: list[Any], num_threads: _Int = 1, into: None = None) -> bytes:
     """One bytes object of ``parts`` in order: buffers (bytes, numpy arrays) copied, and
     ``(DenseTable, int64 blocks)`` pairs read from the table into it (a reply with one copy of
-    its values)."""
+    its values). With ``into`` (a writable, 16-byte aligned buffer) large enough, the parts are
+    written at its start instead, and the number of bytes written is returned."""
+@overload
+def assemble(parts: list[Any], num_threads: _Int, into: Any) -> bytes | int:
+    """As above, into ``into`` when it is large enough (returns the bytes written)."""

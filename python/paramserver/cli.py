@@ -109,7 +109,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
                           apply_threads=args.apply_threads, timeout=args.timeout,
                           security=_security(args), max_memory=args.max_memory,
                           replace=args.replace,
-                          fault_drop_reply_every=args.fault_drop_reply_every)
+                          fault_drop_reply_every=args.fault_drop_reply_every,
+                          transport=args.transport)
     server = Server(config).start()
     print(f"server-{server.rank} serving on {server.address} ({config.security})", flush=True)
     _write_ready(args.ready_file, address=server.address, rank=server.rank)
@@ -134,8 +135,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           startup_timeout=args.startup_timeout, token=security.token,
                           tls_cert=tls_path("tls_cert"), tls_key=tls_path("tls_key"),
                           tls_ca=tls_path("tls_ca"), tls_client_auth=args.tls_client_auth,
-                          max_restarts=args.max_restarts, **_checkpoint_config(args),
-                          **_sync_config(args))
+                          max_restarts=args.max_restarts, transport=args.transport,
+                          **_checkpoint_config(args), **_sync_config(args))
     return launch(config)
 
 
@@ -281,6 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", type=_size, default=0, metavar="SIZE",
                    help="memory budget for table values and optimizer state, e.g. 8G; requests "
                         "that would pass it are refused with RESOURCE_EXHAUSTED (default: none)")
+    p.add_argument("--transport", choices=("auto", "grpc"), default="auto",
+                   help="auto (default): accept shared memory from workers on this host; "
+                        "grpc: gRPC only")
     p.add_argument("--ready-file", help="write {address, rank, pid} as JSON here once serving")
     security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_server)
@@ -299,6 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="restart a scheduler, server or worker that dies, up to N times each "
                         "(servers restore from the newest checkpoint; default 0)")
+    p.add_argument("--transport", choices=("auto", "grpc"), default="auto",
+                   help="auto (default): workers send through shared memory to the servers on "
+                        "this machine; grpc: gRPC only")
     security_flags(p, serving=True)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command, after --")
     p.set_defaults(fn=_cmd_launch)

@@ -21,6 +21,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from paramserver import shm
 from paramserver.config import (
     MAX_BLOCK_SIZE,
     MAX_DIM,
@@ -49,7 +50,7 @@ from paramserver.wire import (
     SparseItem,
     decode_reply,
     initializer_to_json,
-    iter_requests,
+    iter_messages,
     optimizer_from_spec,
     optimizer_to_spec,
     plan_requests,
@@ -223,9 +224,11 @@ class Client:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
+        shm.sweep()  # segments a killed process left between creating and unlinking them
         self._membership = Membership(config.scheduler, pb.WORKER, requested_rank=config.rank,
                                       num_workers=config.num_workers, timeout=config.timeout,
-                                      replace=config.replace, security=config.security)
+                                      replace=config.replace, security=config.security,
+                                      transport=self.transport)
         try:
             view = self._membership.cluster(wait_for_servers=True, timeout=config.timeout)
         except Exception:
@@ -248,13 +251,27 @@ class Client:
         self._first_step = 0            # 0 until it joined the step group
         self._left = False              # left the step group (leave / close)
         self._step_lock = threading.Lock()
-        self._pool = ServerPool(self._membership, view, config.timeout, config.security)
+        self._pool = ServerPool(self._membership, view, config.timeout, config.security,
+                                client_id=self._client_id, transport=config.transport)
+        try:
+            self._pool.connect_links()
+        except Exception:
+            self._pool.close()
+            self._membership.close()
+            raise
         self._tables: dict[str, DenseRef | EmbeddingRef] = {}
         self._lock = threading.Lock()
         self._async = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-async")
         self._closing = self._closed = False
 
     # -- job ------------------------------------------------------------------------------------
+
+    def transport(self) -> str:
+        """How this worker's data travels to the servers: ``"shm"`` (shared memory),
+        ``"grpc"``, or per server (``"shm (server-0), grpc (server-1)"``); ``""`` until the
+        first data call (a shared-memory link is negotiated with each server on first use)."""
+        pool = getattr(self, "_pool", None)
+        return pool.transport() if pool is not None else ""
 
     @property
     def rank(self) -> int:
@@ -680,8 +697,8 @@ class Client:
         if self._consistency.synchronous and op in (pb.PUSH, pb.PUSH_PULL):
             with self._step_lock:
                 replies = self._step(op, items, label)
-        elif reads is not None and any(_messages(its, self.config.message_bytes) > 1
-                                       for its in items.values()):
+        elif reads is not None and any(_messages(its, self._cut(s)) > 1
+                                       for s, its in items.items()):
             # A server reads a message's read-only slices after that message's writes, not
             # after the other messages', which it may apply in parallel: a push too large for
             # one message per server writes first, then reads, in two rounds.
@@ -719,11 +736,15 @@ class Client:
         except ValueError as exc:
             raise ParamServerError(f"{label}: incomplete replies: {exc}") from None
 
+    def _cut(self, rank: int) -> int:
+        """The message size of requests to server ``rank`` (larger through shared memory)."""
+        return self._pool.message_bytes(rank, self.config.message_bytes)
+
     def _send(self, op: int, items: dict[int, list[DenseItem | SparseItem]], label: str,
               step: pb.StepTag | None = None) -> dict[int, list[bytes]]:
         """One round of requests: ``items`` cut into messages for each server, all sent at once;
         the replies by server. A read that waits for a step and gets *pending* asks again."""
-        planned = {s: plan_requests(its, self.config.message_bytes) for s, its in items.items()}
+        planned = {s: plan_requests(its, self._cut(s)) for s, its in items.items()}
         tag = None
         if op in _WRITES and planned:
             seq, done_below = self._op_seq.begin()
@@ -732,7 +753,7 @@ class Client:
                            parts=[len(planned[s]) for s in servers], done_below=done_below)
         try:
             replies = self._pool.on_servers(
-                {s: iter_requests(op, plan, 0, self.node_id, tag, step)
+                {s: iter_messages(op, plan, 0, self.node_id, tag, step)
                  for s, plan in planned.items()},
                 lambda rank, requests: self._pool.exchange(rank, requests, label))
         finally:
@@ -763,7 +784,7 @@ class Client:
             tag = pb.StepTag(worker=step.worker, read_step=step.read_step,
                              wait=min(_STEP_WAIT, left))
             replies = self._pool.exchange(
-                rank, iter_requests(op, plan_requests(items, self.config.message_bytes), 0,
+                rank, iter_messages(op, plan_requests(items, self._cut(rank)), 0,
                                     self.node_id, None, tag), label)
             waits_for = next((w for r in replies if (w := reply_pending(r))), None)
             if waits_for is None:
@@ -798,7 +819,7 @@ class Client:
                  or any(_read_only(item) for its in items.values() for item in its))
         if not waits:
             replies = self._send(op, items, label, pb.StepTag(worker=self.rank, step=step))
-        elif all(_messages(its, self.config.message_bytes) == 1 for its in items.values()):
+        elif all(_messages(its, self._cut(s)) == 1 for s, its in items.items()):
             # One message per server: it waits for the step and brings the values back.
             replies = self._send(op, items, label, pb.StepTag(
                 worker=self.rank, step=step, read_step=step, wait=_STEP_WAIT))
@@ -950,7 +971,8 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
             message_bytes: int | None = None, token: str | None = None,
             tls_ca: str | os.PathLike[str] | None = None,
             tls_cert: str | os.PathLike[str] | None = None,
-            tls_key: str | os.PathLike[str] | None = None, sync: str | None = None) -> Client:
+            tls_key: str | os.PathLike[str] | None = None, sync: str | None = None,
+            transport: str | None = None) -> Client:
     """Connect this process to a job as a worker and return its :class:`Client`.
 
     Args:
@@ -969,6 +991,9 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
         sync: the consistency model this worker is written for (``"async"``, ``"bsp"`` or
             ``"ssp:S"``); connecting to a job run with another one raises TableMismatchError.
             Default ``$PARAMSERVER_SYNC`` (set by ``paramserver launch --sync``) or the job's.
+        transport: ``"auto"`` (shared memory with the servers on this host, gRPC with the
+            others), ``"grpc"`` or ``"shm"`` (shared memory or an error). Default
+            ``$PARAMSERVER_TRANSPORT`` or ``"auto"``.
 
     Raises:
         ParamServerError: no scheduler given and ``PARAMSERVER_SCHEDULER`` unset.
@@ -995,10 +1020,12 @@ def connect(scheduler: str | None = None, *, rank: int | None = None,
     # holder is known dead, so take the rank over at once.
     replace = os.environ.get("PARAMSERVER_REPLACE") == "1"
     sync = os.environ.get("PARAMSERVER_SYNC", "") if sync is None else sync
+    if transport is None:
+        transport = os.environ.get("PARAMSERVER_TRANSPORT", "") or "auto"
     try:
         config = ClientConfig(scheduler=scheduler, rank=rank, num_workers=num_workers,
                               timeout=timeout, security=security, replace=replace, sync=sync,
-                              **extra)
+                              transport=transport, **extra)
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from None
     return Client(config)

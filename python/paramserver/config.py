@@ -267,6 +267,8 @@ class ServerConfig:
         max_memory: bytes of table values and optimizer state this server may hold (0: no
             limit). A table creation or a request creating embedding rows that would pass it is
             refused with RESOURCE_EXHAUSTED naming the table, and changes nothing.
+        transport: ``"auto"`` (default): workers on this host may send through shared memory;
+            ``"grpc"``: never (every worker uses gRPC).
     """
 
     scheduler: str
@@ -281,9 +283,11 @@ class ServerConfig:
     max_memory: int = 0
     replace: bool = False
     fault_drop_reply_every: int = 0
+    transport: str = "auto"
 
     def __post_init__(self) -> None:
         _check_address("scheduler", self.scheduler)
+        _check_transport(self.transport, ("auto", "grpc"))
         if self.advertise:
             _check_address("advertise", self.advertise)
         _check_port(self.port)
@@ -315,6 +319,9 @@ class ClientConfig:
         security: the job token (and TLS) attached to every call to the scheduler and servers.
         sync: the consistency model this worker expects (``"async"``, ``"bsp"``, ``"ssp:S"``);
             connecting to a job with another one fails. "" : take the job's.
+        transport: how data travels to the servers: ``"auto"`` (default) through shared memory
+            with servers on this host that accept it and gRPC with the others; ``"grpc"``
+            always gRPC; ``"shm"`` shared memory or an error naming why it is not possible.
     """
 
     scheduler: str
@@ -325,9 +332,11 @@ class ClientConfig:
     security: Security = Security()
     replace: bool = False
     sync: str = ""
+    transport: str = "auto"
 
     def __post_init__(self) -> None:
         _check_address("scheduler", self.scheduler)
+        _check_transport(self.transport, ("auto", "grpc", "shm"))
         if self.rank < -1:
             raise ValueError(f"rank must be >= 0, or -1 for any, got {self.rank}")
         if self.num_workers < 0:
@@ -338,6 +347,12 @@ class ClientConfig:
         if self.sync:
             from paramserver.sync import Consistency
             Consistency.parse(self.sync)  # ValueError naming the accepted forms
+
+
+def _check_transport(transport: str, allowed: tuple[str, ...]) -> None:
+    if transport not in allowed:
+        raise ValueError(f"transport must be one of {', '.join(map(repr, allowed))}, got "
+                         f"{transport!r}")
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from paramserver import shm
 from paramserver.config import TLS_ENV, TOKEN_ENV, Security, load_security
 from paramserver.rpc import MALLOC_ENV
 
@@ -76,6 +77,9 @@ class LaunchConfig:
         on_worker_failure: synchronous jobs: ``"fail"`` (a dead worker fails the job's steps,
             and the launcher stops the job) or ``"shrink"`` (the other workers go on without it,
             and the job's exit code is that of the workers that remain).
+        transport: ``"auto"``: workers send through shared memory to the servers (all on this
+            machine); ``"grpc"``: through gRPC only (servers refuse shared memory, workers get
+            ``PARAMSERVER_TRANSPORT=grpc``).
     """
 
     command: list[str]
@@ -102,6 +106,7 @@ class LaunchConfig:
     tls_client_auth: bool = False
     sync: str = "async"
     on_worker_failure: str = "fail"
+    transport: str = "auto"
 
     def __post_init__(self) -> None:
         from paramserver.sync import FAILURE_POLICIES, Consistency
@@ -110,6 +115,8 @@ class LaunchConfig:
         if self.on_worker_failure not in FAILURE_POLICIES:
             raise ValueError(f"--on-worker-failure must be one of {FAILURE_POLICIES}, got "
                              f"{self.on_worker_failure!r}")
+        if self.transport not in ("auto", "grpc"):
+            raise ValueError(f"--transport must be 'auto' or 'grpc', got {self.transport!r}")
         if not self.command:
             raise ValueError("launch needs a worker command after --")
         if self.num_servers < 1 or self.num_workers < 1:
@@ -340,6 +347,9 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
             var in base_env for var in MALLOC_ENV):
         base_env.update(MALLOC_ENV)
     base_env.update(config.env)
+    if config.transport == "grpc":
+        base_env["PARAMSERVER_TRANSPORT"] = "grpc"
+    shm.sweep()  # shared-memory segments a killed job left behind
     # The token travels by environment, never on a command line (visible to every user in ps).
     base_env[TOKEN_ENV] = config.token or secrets.token_urlsafe(32)
     for name, variable in TLS_ENV.items():
@@ -468,7 +478,8 @@ class _Job:
         ready = self._ready_file(f"server-{rank}")
         proc = _Proc(f"server {rank}", self._node + [
             "server", "--scheduler", self.scheduler, "--host", self.config.host, "--rank",
-            str(rank), "--threads", str(self.config.server_threads), "--ready-file", str(ready)]
+            str(rank), "--threads", str(self.config.server_threads), "--ready-file", str(ready),
+            "--transport", self.config.transport]
             + (["--replace"] if replace else []) + self._client_auth, self._env, self._out,
             self._lock, self._watchdog)
         self.servers[rank] = proc

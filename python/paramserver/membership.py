@@ -43,6 +43,8 @@ class Membership:
         timeout: seconds to keep trying to reach the scheduler, and the deadline of each call.
         stats: called before each heartbeat for a server's statistics (None for workers).
         security: the job token (and TLS) for the calls to the scheduler.
+        transport: workers: called before each heartbeat for how their data travels (shown by
+            ``paramserver status``).
 
     Raises (from the constructor):
         NodeUnavailableError: the scheduler stayed unreachable for ``timeout`` seconds.
@@ -54,8 +56,10 @@ class Membership:
                  num_workers: int = 0, timeout: float = 30.0,
                  stats: Callable[[], pb.ServerStats] | None = None, replace: bool = False,
                  on_superseded: Callable[[], None] | None = None,
-                 security: Security = Security()) -> None:
+                 security: Security = Security(),
+                 transport: Callable[[], str] | None = None) -> None:
         self.scheduler = scheduler
+        self._transport = transport
         self._timeout = timeout
         self._stats = stats
         self._on_superseded = on_superseded
@@ -112,6 +116,8 @@ class Membership:
             request = pb.HeartbeatRequest(node_id=self.node_id, incarnation=self.incarnation)
             if self._stats is not None:
                 request.stats.CopyFrom(self._stats())
+            if self._transport is not None:
+                request.transport = self._transport()
             try:
                 reply = self.stub.Heartbeat(request, timeout=max(interval, 1.0))
                 if reply.superseded:

@@ -16,6 +16,7 @@ After the timeout the error names the server, its address and what the scheduler
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -30,13 +31,22 @@ from paramserver import rpc
 from paramserver.config import Security
 from paramserver.errors import NodeUnavailableError, ParamServerError, PSTimeoutError
 from paramserver.membership import Membership
+from paramserver.shm import ShmLink, UnknownSegment
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
+from paramserver.wire import Message
 
 __all__ = ["ServerPool", "ServerRef"]
 
+log = logging.getLogger(__name__)
+
 #: Messages of one large request in flight at once per server.
 _IN_FLIGHT = 64
+#: The same through shared memory: each holds a segment of its size, and the server's handler
+#: threads bound how many proceed at once anyway.
+_SHM_IN_FLIGHT = 8
+#: Message size through shared memory, as a multiple of the gRPC message size.
+SHM_MESSAGE_FACTOR = 8
 #: Retry delays (seconds) of a write held for a checkpoint's cut: a cut holds writes for
 #: milliseconds, and the retry's wait adds to the worker's.
 _HELD_FIRST, _HELD_MAX = 0.002, 0.02
@@ -74,11 +84,18 @@ class ServerPool:
         view: the view to start from (every server registered).
         timeout: seconds a call may take, retries included.
         security: the job token and TLS settings of every channel.
+        client_id: the worker's client id (names its shared-memory segments at the servers).
+        transport: ``"auto"``, ``"grpc"`` or ``"shm"`` (see :class:`ClientConfig`).
     """
 
     def __init__(self, membership: Membership, view: pb.ClusterView, timeout: float,
-                 security: Security) -> None:
+                 security: Security, client_id: str = "", transport: str = "grpc") -> None:
         self._membership = membership
+        self._client_id = client_id
+        self._transport = transport
+        #: rank -> (the route it was negotiated on, its ShmLink or why gRPC is used)
+        self._links: dict[int, tuple[ServerRef, ShmLink | str]] = {}
+        self._negotiating: dict[int, threading.Lock] = {}
         self._timeout = timeout
         self._security = security
         self._lock = threading.Lock()
@@ -174,13 +191,15 @@ class ServerPool:
         return self._retrying(rank, lambda s, t: getattr(s.stub, method)(request, timeout=t),
                               label)
 
-    def exchange(self, rank: int, requests: tuple[int, Iterator[bytes]], label: str) -> list[bytes]:
-        """Send the serialized DataRequests ``requests`` (count, messages) to server ``rank``;
-        their replies, in order."""
+    def exchange(self, rank: int, requests: tuple[int, Iterator[Message]], label: str
+                 ) -> list[bytes]:
+        """Send the DataRequests ``requests`` (count, messages) to server ``rank``; their
+        serialized replies, in order. Each travels through shared memory when this worker has a
+        link to the server (paramserver.shm), else as a gRPC message."""
         count, messages = requests
         if count == 1:  # small requests: one unary call
             message = next(messages)
-            return [self._retrying(rank, lambda s, t: s.exchange(message, timeout=t), label)]
+            return [self._retrying(rank, lambda s, t: self._send_one(s, message, t), label)]
         # A large request: every message as its own unary call, all in flight at once, each sent
         # as soon as it is encoded. Measured faster than a stream, whose messages a sync gRPC
         # server hands one by one between threads, and it lets the server apply chunks in
@@ -188,14 +207,23 @@ class ServerPool:
         # rows and is validated whole. A message that fails in a retryable way is sent again on
         # its own; every call is awaited before returning or raising, so none outlives this one.
         server = self.get(rank)
-        calls, sent, replies = [], [], []
+        calls: list[Any] = []
+        sent: list[Message] = []
+        replies: list[bytes | None] = []
         error: ParamServerError | None = None
+        in_flight = _IN_FLIGHT
 
         def collect() -> None:
             nonlocal error
             i = len(replies)
             try:
                 replies.append(calls[i].result())
+                return
+            except UnknownSegment:
+                pass  # the server restarted: attach again and send once more (below)
+            except ParamServerError as exc:
+                replies.append(None)
+                error = error or exc
                 return
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE):
@@ -204,27 +232,127 @@ class ServerPool:
                     return
             try:
                 message = sent[i]
-                replies.append(self._retrying(rank, lambda s, t: s.exchange(message, timeout=t),
+                replies.append(self._retrying(rank, lambda s, t: self._send_one(s, message, t),
                                               label))
             except ParamServerError as retry_error:
                 replies.append(None)
                 error = error or retry_error
 
         try:
+            link = self._retrying(rank, lambda s, t: self._link(s, t), label)
+            if link is not None:
+                in_flight = _SHM_IN_FLIGHT
             for message in messages:
-                if len(calls) - len(replies) >= _IN_FLIGHT:
+                if len(calls) - len(replies) >= in_flight:
                     collect()
-                calls.append(server.exchange.future(message, timeout=self._timeout))
+                if link is not None:
+                    calls.append(link.start(message.parts, message.size, message.reply_bytes,
+                                            self._timeout))
+                else:
+                    calls.append(server.exchange.future(message.join(), timeout=self._timeout))
                 sent.append(message)
         except BaseException:
-            for call in calls:
+            for call in calls[len(replies):]:
                 call.cancel()
             raise
         while len(replies) < len(calls):
             collect()
         if error is not None:
             raise error
-        return replies
+        return replies  # type: ignore[return-value]
+
+    # -- shared memory ------------------------------------------------------------------------------
+
+    def _send_one(self, server: ServerRef, message: Message, timeout: float) -> bytes:
+        """One message to ``server``: through its shared-memory link if it has one, else gRPC."""
+        link = self._link(server, timeout)
+        if link is not None:
+            try:
+                return link.call(message.parts, message.size, message.reply_bytes, timeout)
+            except UnknownSegment:
+                # The server restarted at the same address: the message was not processed.
+                self._forget_link(server)
+                link = self._link(server, timeout)
+                if link is not None:
+                    return link.call(message.parts, message.size, message.reply_bytes, timeout)
+        return server.exchange(message.join(), timeout=timeout)
+
+    def _link(self, server: ServerRef, timeout: float) -> ShmLink | None:
+        """This worker's shared-memory link to ``server``, negotiated on first use; None when the
+        data travels by gRPC. Raises grpc.RpcError when the server is unreachable."""
+        if self._transport == "grpc":
+            return None
+        with self._lock:
+            route, state = self._links.get(server.rank, (None, None))
+            if route is server and state is not None:
+                return state if isinstance(state, ShmLink) else None
+            negotiating = self._negotiating.setdefault(server.rank, threading.Lock())
+        with negotiating:
+            with self._lock:
+                route, state = self._links.get(server.rank, (None, None))
+            if route is server and state is not None:
+                return state if isinstance(state, ShmLink) else None
+            try:
+                link, why = ShmLink.negotiate(server.stub, self._client_id, server.address,
+                                              timeout)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                link, why = None, f"server-{server.rank} does not offer shared memory"
+            if link is None and self._transport == "shm":
+                raise ParamServerError(f"shared memory with server-{server.rank} at "
+                                       f"{server.address} is not possible: {why} (connect with "
+                                       f"transport='auto' to fall back to gRPC)")
+            if link is None:
+                log.info("data to server-%d at %s travels by gRPC: %s", server.rank,
+                         server.address, why)
+            with self._lock:
+                old = self._links.get(server.rank, (None, None))[1]
+                self._links[server.rank] = (server, link if link is not None else why)
+        if isinstance(old, ShmLink):
+            old.close()
+        return link
+
+    def _forget_link(self, server: ServerRef) -> None:
+        with self._lock:
+            route, state = self._links.get(server.rank, (None, None))
+            if route is server:
+                del self._links[server.rank]
+        if isinstance(state, ShmLink):
+            state.close(timeout=0.5)
+
+    def message_bytes(self, rank: int, grpc_bytes: int) -> int:
+        """The message size to cut requests to ``rank`` into: ``grpc_bytes`` on gRPC, and
+        :data:`SHM_MESSAGE_FACTOR` times it through shared memory, where a message costs a call
+        but no copy (measured: 16 MB pulls 3.0 GB/s in 2 MiB messages, 4.3 in 8 MiB)."""
+        with self._lock:
+            route, state = self._links.get(rank, (None, None))
+            if isinstance(state, ShmLink) and self._servers.get(rank) is route:
+                return grpc_bytes * SHM_MESSAGE_FACTOR
+        return grpc_bytes
+
+    def connect_links(self) -> None:
+        """Negotiate shared memory with every server now (errors: left for the first call)."""
+        if self._transport == "grpc":
+            return
+        for server in self.all():
+            try:
+                self._link(server, min(self._timeout, 10.0))
+            except grpc.RpcError:
+                pass  # unreachable now: negotiated on the first call that reaches it
+
+    def transport(self) -> str:
+        """How data travels to each server: ``"shm"``, ``"grpc"``, or per server
+        (``"shm (server-0), grpc (server-1)"``); ``""`` before any data was sent."""
+        with self._lock:
+            kinds = {rank: "shm" if isinstance(state, ShmLink) else "grpc"
+                     for rank, (route, state) in sorted(self._links.items())
+                     if state is not None and self._servers.get(rank) is route}
+        if not kinds:
+            return "grpc" if self._transport == "grpc" else ""
+        if len(set(kinds.values())) == 1 and len(kinds) == len(self):
+            return next(iter(kinds.values()))
+        return ", ".join(f"{kind} (server-{rank})" for rank, kind in kinds.items())
 
     def _retrying(self, rank: int, fn: Callable[[ServerRef, float], Any], label: str) -> Any:
         deadline = time.monotonic() + self._timeout
@@ -281,6 +409,11 @@ class ServerPool:
             self._executors = weakref.WeakSet()
         for executor in executors:
             executor.shutdown(wait=True)
+        with self._lock:
+            links = [state for _, state in self._links.values() if isinstance(state, ShmLink)]
+            self._links.clear()
+        for link in links:
+            link.close()
         with self._lock:
             for server in self._servers.values():
                 server.channel.close()

@@ -78,6 +78,7 @@ class _Node:
     restarts: int = 0
     rolled_back: int = 0
     restore_state: str = ""
+    transport: str = ""
 
 
 @dataclass
@@ -538,6 +539,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             node.last_heartbeat = time.monotonic()
             if request.HasField("stats"):
                 node.stats = request.stats
+            if request.transport:
+                node.transport = request.transport
             return pb.HeartbeatReply(known=True)
 
     def _cluster(self, now: float) -> pb.ClusterView:
@@ -549,7 +552,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                 alive=self._alive(node, now), last_heartbeat_age=now - node.last_heartbeat,
                 pid=node.pid, hostname=node.hostname, left=node.left,
                 incarnation=node.incarnation, restarts=node.restarts,
-                rolled_back=node.rolled_back, restore_state=node.restore_state))
+                rolled_back=node.rolled_back, restore_state=node.restore_state,
+                transport=node.transport))
         return view
 
     def GetCluster(self, request: pb.ClusterRequest, context: grpc.ServicerContext) -> pb.ClusterView:

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from paramserver import _core, rpc
+from paramserver import _core, rpc, shm
 from paramserver.checkpoint import CheckpointError
 from paramserver.config import (
     MAX_BLOCK_SIZE,
@@ -43,6 +43,7 @@ from paramserver.errors import (
 )
 from paramserver.membership import Membership
 from paramserver.partition import server_of_ids
+from paramserver.shm import ShmRegistry, UnknownSegment
 from paramserver.snapshot import Snapshot, restore_dense, restore_embedding
 from paramserver.steps import Contribution, StepEngine
 from paramserver.sync import Consistency
@@ -195,6 +196,8 @@ class _Shards:
         #: Test-only fault hook: lose the reply of every N-th applied write (0: never).
         self.drop_reply_every = 0
         self._writes = 0
+        #: Workers' shared-memory segments mapped here (paramserver.shm).
+        self.shm = ShmRegistry(node)
 
     def _held_bytes(self) -> int:
         return sum(s.table.bytes() for s in self._dense.values()) + sum(
@@ -410,30 +413,35 @@ class _Shards:
                              f"{bad} of the slice)")
         return data
 
-    def handle_bytes(self, message: bytes) -> bytes:
+    def handle_bytes(self, message: bytes | memoryview, into: memoryview | None = None
+                     ) -> bytes | int:
         """Serve one serialized DataRequest; return the serialized DataReply.
 
         Payloads are viewed in the received bytes and the reply is encoded with one copy of the
         values (see paramserver.wire), instead of protobuf's three or four copies. A write
         message seen before (same client, operation and part) gets its first reply and is not
         applied again (paramserver.dedup).
+
+        With ``into`` (a shared-memory segment's reply room) the reply's values are written
+        there when they fit, and the number of bytes written is returned instead of the bytes.
         """
         if self.restoring is not None:
             raise NodeUnavailableError(f"{self.node} is {self.restoring}")
         request = decode_request(message)
         tag = request.op_tag
         if request.op not in (pb.PUSH, pb.PUSH_PULL, pb.ASSIGN) or tag is None or not tag.client:
-            return self.handle(request)
+            return self.handle(request, into)
         key = (tag.client, tag.seq, request.part)
         cached = self.replies.begin(key, tag.done_below)
         if cached is not None:
             return cached
         try:
-            reply = self.handle(request)
+            reply = self.handle(request, into)
         except BaseException:
             self.replies.fail(key)
             raise
-        self.replies.finish(key, reply)
+        self.replies.finish(key, bytes(into[:reply]) if isinstance(reply, int) and into is not None
+                            else reply)
         if self.drop_reply_every:
             with self._lock:
                 self._writes += 1
@@ -443,7 +451,8 @@ class _Shards:
                                 f"dropped after applying it (fault injection)")
         return reply
 
-    def handle(self, request: pb.DataRequest | RequestView) -> bytes:
+    def handle(self, request: pb.DataRequest | RequestView, into: memoryview | None = None
+               ) -> bytes | int:
         """Validate every slice of a request, then apply it. Returns the serialized reply: the
         values read (none for a plain write), or, in a synchronous job whose step the request
         waits for is not reached in time, a *pending* reply saying what the step waits for."""
@@ -455,18 +464,18 @@ class _Shards:
             raise ValueError(f"{self.node} serves an asynchronous job; the request carries a "
                              f"step (is the worker connected to another job?)")
         if op in (pb.PULL, pb.LOOKUP):
-            return self._serve(request, step)
+            return self._serve(request, step, into=into)
         # A write: admitted by the gate (or refused while a checkpoint's cut holds writes).
         tag = request.op_tag if isinstance(request, RequestView) or request.HasField("op_tag") \
             else None
         handle = self.gate.enter(tag)
         try:
-            return self._serve(request, step, tag)
+            return self._serve(request, step, tag, into)
         finally:
             self.gate.leave(handle)
 
     def _serve(self, request: pb.DataRequest | RequestView, step: pb.StepTag | None,
-               tag: pb.OpTag | None = None) -> bytes:
+               tag: pb.OpTag | None = None, into: memoryview | None = None) -> bytes | int:
         op = request.op
         dense, sparse = self._validate(request)
         # Everything is valid: from here on nothing raises on the request's content.
@@ -485,7 +494,7 @@ class _Shards:
         reads = bool(read_only[0] or read_only[1]) or op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
         waits = steps is not None and (reads or (step is not None and step.read_step))
         if not waits:
-            reply, sent = self._read(op, dense, sparse) if reads else (b"", 0)
+            reply, sent = self._read(op, dense, sparse, into) if reads else (b"", 0)
             self._count(request, op, dense, sparse, sent)
             return reply
         assert steps is not None
@@ -494,7 +503,8 @@ class _Shards:
         wait = step.wait if step is not None else _BSP_READ_WAIT
         with steps.read(worker, read_step, wait) as pending:
             # Read inside: a BSP step is not applied meanwhile.
-            reply, sent = self._read(op, dense, sparse) if reads and not pending else (b"", 0)
+            reply, sent = self._read(op, dense, sparse, into) if reads and not pending \
+                else (b"", 0)
         self._count(request, op, dense, sparse, sent)
         return encode_pending(pending) if pending else reply
 
@@ -566,9 +576,11 @@ class _Shards:
             return [d for d in dense if d[2] is None], [s for s in sparse if s[2] is None]
         return [], []
 
-    def _read(self, op: int, dense: list, sparse: list) -> tuple[bytes, int]:
+    def _read(self, op: int, dense: list, sparse: list, into: memoryview | None = None
+              ) -> tuple[bytes | int, int]:
         """The serialized reply with the values the message reads, and its payload bytes. The
-        core reads dense blocks straight into the reply (one copy of the values)."""
+        core reads dense blocks straight into the reply (one copy of the values): a new bytes
+        object, or ``into`` when given and large enough (then its length is returned)."""
         dense, sparse = self._reads(op, dense, sparse)
         rows = []
         for shard, ids, _ in sparse:
@@ -578,7 +590,7 @@ class _Shards:
                              for shard, blocks, _, length in dense], rows)
         sent = sum(4 * length for _, _, _, length in dense) + sum(
             ids.nbytes + values.nbytes for _, ids, values in rows)
-        return _core.assemble(parts, self._apply_threads), sent
+        return _core.assemble(parts, self._apply_threads, into), sent
 
     def _count(self, request: pb.DataRequest | RequestView, op: int, dense: list, sparse: list,
                sent: int) -> None:
@@ -621,6 +633,7 @@ class _Shards:
                                                 bytes=shard.table.bytes(), updates=shard.updates))
         if self.steps is not None:
             out.sync.CopyFrom(self.steps.stats())
+        out.shm_clients, out.shm_bytes = self.shm.stats()
         return out
 
     def change_members(self, request: pb.SyncMembersRequest) -> pb.SyncMembersReply:
@@ -648,18 +661,50 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
     def __init__(self, shards: _Shards) -> None:
         self._shards = shards
 
+    def _data(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+        try:
+            return rpc.abort_on(context, fn)
+        except WritesHeld as exc:  # the client retries it once the checkpoint's cut is taken
+            context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except ReplyLost as exc:  # test-only fault: the client retries, the repeat is cached
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
     def CreateTable(self, request: pb.CreateTableRequest, context: grpc.ServicerContext) -> pb.CreateTableReply:
         return pb.CreateTableReply(created=rpc.abort_on(context, lambda: self._shards.create(request)))
 
     # Exchange is registered on raw bytes (see _add_service): the request is decoded inside
     # abort_on, so a malformed message is INVALID_ARGUMENT naming the problem.
     def Exchange(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._data(context, lambda: self._shards.handle_bytes(request))
+
+    # The shared-memory data path (paramserver.shm): the same messages, in a worker's segment.
+    def ShmAttach(self, request: pb.ShmAttachRequest, context: grpc.ServicerContext) -> pb.ShmAttachReply:
+        return self._shards.shm.attach(request)
+
+    def ShmExchange(self, request: pb.ShmExchangeRequest, context: grpc.ServicerContext) -> pb.ShmExchangeReply:
+        shards = self._shards
         try:
-            return rpc.abort_on(context, lambda: self._shards.handle_bytes(request))
-        except WritesHeld as exc:  # the client retries it once the checkpoint's cut is taken
-            context.abort(grpc.StatusCode.ABORTED, str(exc))
-        except ReplyLost as exc:  # test-only fault: the client retries, the repeat is cached
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            message, room = shards.shm.segment(request)
+        except UnknownSegment as exc:
+            context.set_trailing_metadata(shm.unknown_metadata())
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if shards.steps is not None and shards.steps.consistency.mode == "bsp":
+            # A BSP step keeps a contribution's views until all its messages are here, past
+            # this call, while the worker reuses the segment: keep a copy instead.
+            message = bytes(message)
+        reply = self._data(context, lambda: shards.handle_bytes(message, room))
+        if isinstance(reply, int):
+            return pb.ShmExchangeReply(reply_size=reply)
+        if len(reply) <= len(room):
+            room[:len(reply)] = reply
+            return pb.ShmExchangeReply(reply_size=len(reply))
+        return pb.ShmExchangeReply(reply_size=-1, inline=reply)
+
+    def ShmDetach(self, request: pb.ShmDetachRequest, context: grpc.ServicerContext) -> pb.ShmDetachReply:
+        self._shards.shm.detach(request.client, list(request.segments))
+        return pb.ShmDetachReply()
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
         return self._shards.stats()
@@ -705,6 +750,9 @@ def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
             ("Restore", pb.RestoreRequest, pb.RestoreReply),
             ("DropTable", pb.DropTableRequest, pb.DropTableReply),
             ("SyncMembers", pb.SyncMembersRequest, pb.SyncMembersReply),
+            ("ShmAttach", pb.ShmAttachRequest, pb.ShmAttachReply),
+            ("ShmExchange", pb.ShmExchangeRequest, pb.ShmExchangeReply),
+            ("ShmDetach", pb.ShmDetachRequest, pb.ShmDetachReply),
         ]
     }
     handlers["Exchange"] = grpc.unary_unary_rpc_method_handler(service.Exchange)
@@ -727,6 +775,8 @@ class Server:
         self.address = config.advertise or f"{config.host}:{self._port}"
         self._shards = _Shards(f"server at {self.address}", config.apply_threads,
                                config.max_memory)
+        self._shards.shm.willing = config.transport != "grpc"
+        self._janitor_stop = threading.Event()
         _add_service(_ParameterServerService(self._shards), self._server)
         self._health = rpc.serve_health(self._server)
         self._membership: Membership | None = None
@@ -735,7 +785,9 @@ class Server:
     def start(self) -> Server:
         """Serve, register with the scheduler and start heartbeats. Raises NodeUnavailableError
         if the scheduler cannot be reached within ``config.timeout`` seconds."""
+        shm.sweep()  # segments a killed process left between creating and unlinking them
         self._server.start()
+        shm.janitor(self._shards.shm, self._janitor_stop)
         self._shards.drop_reply_every = self.config.fault_drop_reply_every
         if self.config.rank >= 0:  # known before registering: no window with the default rank
             self._shards.rank = self._shards.gate.rank = self.config.rank
@@ -753,6 +805,7 @@ class Server:
             self._shards.begin_restore()
         self.rank = self._membership.rank
         self._shards.node = f"server-{self.rank} at {self.address}"
+        self._shards.shm.node = self._shards.node
         self._shards.gate.node = self._shards.node
         self._shards.gate.rank = self.rank
         self._shards.rank = self.rank
@@ -809,6 +862,8 @@ class Server:
             self._membership.close()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self._janitor_stop.set()
+        self._shards.shm.close()
 
     def __enter__(self) -> Server:
         return self.start()

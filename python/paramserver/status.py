@@ -47,7 +47,7 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
         "address": n.address, "alive": n.alive, "left": n.left, "pid": n.pid,
         "hostname": n.hostname, "last_heartbeat_age_s": round(n.last_heartbeat_age, 3),
         "incarnation": n.incarnation, "restarts": n.restarts, "rolled_back": n.rolled_back,
-        "restore_state": n.restore_state,
+        "restore_state": n.restore_state, "transport": n.transport,
     } for n in reply.cluster.nodes]
     tables = []
     for t in reply.tables:
@@ -61,6 +61,7 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
     servers = [{
         "rank": rank, "push_requests": s.push_requests, "pull_requests": s.pull_requests,
         "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+        "shm_clients": s.shm_clients, "shm_bytes": s.shm_bytes,
     } for rank, s in enumerate(reply.server_stats)]
     if reply.sync and reply.sync != "async":
         for entry, s in zip(servers, reply.server_stats):
@@ -107,6 +108,8 @@ def format_status(status: dict[str, Any]) -> str:
             extra += f"  {n['restore_state']}"
         if n.get("rolled_back"):
             extra += f", {n['rolled_back']} updates rolled back"
+        if n.get("transport"):
+            extra += f"  transport: {n['transport']}"
         lines.append(f"  {n['node_id']:<12} {n['address'] or n['hostname']:<22} {n['pid']:>7} "
                      f"{state:<6} {n['last_heartbeat_age_s']:>8.1f} s {n.get('restarts', 0):>8}"
                      f"{extra}")
@@ -150,7 +153,9 @@ def format_status(status: dict[str, Any]) -> str:
     for s in status["servers"]:
         lines.append(f"  server-{s['rank']:<5} pushes {s['push_requests']:>8}  pulls "
                      f"{s['pull_requests']:>8}  in {_bytes(s['bytes_in']):>10}  out "
-                     f"{_bytes(s['bytes_out']):>10}")
+                     f"{_bytes(s['bytes_out']):>10}" + (
+                         f"  shared memory: {s['shm_clients']} workers, "
+                         f"{_bytes(s['shm_bytes'])} mapped" if s.get("shm_clients") else ""))
         st = s.get("sync")
         if st:
             what = "step" if sync["model"] == "bsp" else "slowest clock"

@@ -20,7 +20,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["FLOAT", "floats", "ids_view", "first_non_finite", "optimizer_to_spec", "optimizer_from_spec",
            "initializer_to_json", "initializer_from_json", "describe_spec", "specs_match", "spec_to_dict",
-           "DenseItem", "SparseItem", "plan_requests", "iter_requests", "encode_reply", "encode_pending", "reply_parts", "decode_request",
+           "DenseItem", "SparseItem", "plan_requests", "iter_requests", "iter_messages", "Message", "encode_reply", "encode_pending", "reply_parts", "decode_request",
            "decode_reply", "reply_pending", "RequestView", "SliceView", "SparseView"]
 
 #: The wire dtype of tensors: float32, little-endian.
@@ -322,15 +322,30 @@ def plan_requests(items: list[DenseItem | SparseItem], message_bytes: int) -> li
     return _plan_messages(items, message_bytes)
 
 
-def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]],
+@dataclass
+class Message:
+    """One serialized DataRequest, as the pieces to write one after the other (headers, and the
+    caller's arrays uncopied): ``size`` bytes in all. ``reply_bytes`` bounds its reply's size
+    (the values it reads, their headers, and room for a *pending* reply)."""
+
+    parts: list[Any]
+    size: int
+    reply_bytes: int
+
+    def join(self) -> bytes:
+        """The message as one bytes object (one copy of every payload)."""
+        return b"".join(self.parts)
+
+
+#: Reply headroom of a message: a pending reply, and per slice its header (name, block ids).
+_REPLY_ROOM, _REPLY_PER_SLICE = 4200, 64
+
+
+def iter_messages(op: int, items: list[DenseItem | SparseItem] | list[list[Run]],
                   message_bytes: int, node_id: str, op_tag: pb.OpTag | None = None,
-                  step: pb.StepTag | None = None) -> tuple[int, Iterator[bytes]]:
-    """Serialized DataRequests carrying ``items`` (or a :func:`plan_requests` plan of them),
-    lazily: the number of messages, and an iterator that encodes each when asked, so the first
-    message can be on the wire while the next is being built. Block data is copied once, straight
-    from the caller's arrays into the message, and each dense payload is 16-byte aligned in its
-    message. ``op_tag`` (writes) names the logical operation every message belongs to; ``step``
-    (synchronous jobs) where it sits in the worker's steps."""
+                  step: pb.StepTag | None = None) -> tuple[int, Iterator[Message]]:
+    """As :func:`iter_requests`, the messages as :class:`Message` pieces (not yet joined), so a
+    transport can write them where they travel (a shared-memory segment) with one copy."""
     plan = items if items and isinstance(items[0], list) else _plan_messages(items, message_bytes)
     prefix = (b"\x08" + _uvarint(op)) if op else b""
     name = node_id.encode()
@@ -341,16 +356,20 @@ def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]]
     if step is not None:
         encoded = step.SerializeToString()
         suffix += b"\x3a" + _uvarint(len(encoded)) + encoded
+    reads_all = op in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP)
 
-    def encode(runs: list[Run], part: int) -> bytes:
+    def encode(runs: list[Run], part: int) -> Message:
         parts: list[Any] = [prefix]
         pos = len(prefix)
+        back = _REPLY_ROOM
         for item, i, j in runs:
             if isinstance(item, SparseItem):
-                field = _sparse_field(b"\x1a", item.table, item.ids[i:j],
-                                      None if item.rows is None else item.rows[i:j])
+                rows = None if item.rows is None else item.rows[i:j]
+                field = _sparse_field(b"\x1a", item.table, item.ids[i:j], rows)
                 parts += field
                 pos += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in field)
+                if reads_all or rows is None:
+                    back += (j - i) * (8 + 4 * item.dim) + _REPLY_PER_SLICE + len(item.table)
                 continue
             views = item.views[i:j]
             nbytes = sum(v.nbytes for v in views)
@@ -358,12 +377,30 @@ def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]]
             parts.append(head)
             parts += views
             pos += len(head) + nbytes
+            if reads_all or not views:
+                back += 4 * sum(item.lengths[i:j]) + len(head) + _REPLY_PER_SLICE
         parts.append(suffix)
+        pos += len(suffix)
         if op_tag is not None and part:
-            parts.append(b"\x30" + _uvarint(part))
-        return b"".join(parts)
+            tail = b"\x30" + _uvarint(part)
+            parts.append(tail)
+            pos += len(tail)
+        return Message(parts, pos, back)
 
     return len(plan), (encode(runs, i) for i, runs in enumerate(plan))
+
+
+def iter_requests(op: int, items: list[DenseItem | SparseItem] | list[list[Run]],
+                  message_bytes: int, node_id: str, op_tag: pb.OpTag | None = None,
+                  step: pb.StepTag | None = None) -> tuple[int, Iterator[bytes]]:
+    """Serialized DataRequests carrying ``items`` (or a :func:`plan_requests` plan of them),
+    lazily: the number of messages, and an iterator that encodes each when asked, so the first
+    message can be on the wire while the next is being built. Block data is copied once, straight
+    from the caller's arrays into the message, and each dense payload is 16-byte aligned in its
+    message. ``op_tag`` (writes) names the logical operation every message belongs to; ``step``
+    (synchronous jobs) where it sits in the worker's steps."""
+    count, messages = iter_messages(op, items, message_bytes, node_id, op_tag, step)
+    return count, (message.join() for message in messages)
 
 
 def reply_parts(dense: list[tuple[str, list[int], int, Any]],
