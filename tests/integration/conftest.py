@@ -24,6 +24,20 @@ HEARTBEAT_TIMEOUT = 1.5
 PS = [sys.executable, "-m", "paramserver"]
 
 
+@pytest.fixture(autouse=True, params=["shm", "grpc"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every integration test runs twice: its workers' data through shared memory (required:
+    PARAMSERVER_TRANSPORT=shm, so a silent fallback fails the test) and through gRPC. Afterwards
+    nothing may be left in /dev/shm but the segments of a process killed between creating and
+    unlinking one (the next start sweeps those)."""
+    monkeypatch.setenv("PARAMSERVER_TRANSPORT", request.param)
+    yield request.param
+    from paramserver import shm
+    left = [n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)]
+    swept = shm.sweep()
+    assert sorted(left) == sorted(swept), f"segments left in {shm.SHM_DIR}: {left}"
+
+
 def start_node(args: list[str], ready_file: Path, log: Path,
                file_size_limit: int | None = None,
                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
