@@ -18,6 +18,9 @@ is created before timing (torch's table has them all too). Four ways to run the 
 * ``torch``: torch in-process, no servers: ``nn.Embedding(1M, 64, sparse=True)`` and
   ``torch.optim.Adagrad(lr=0.1)``: forward, the same loss, backward, ``step()``, ``zero_grad()``.
 
+The section runs twice on the same server: the worker's data through shared memory
+(``embedding``) and through gRPC (``embedding_grpc``).
+
 torch runs with 1 thread in this process by default (``--torch-threads``): the server process
 needs the other core of a 2-core machine, and 2 torch threads on a busy 2-core machine were
 several times slower than 1 here.
@@ -124,7 +127,7 @@ def _populate(client: ps.Client, name: str, universe: int) -> None:
         client.pull({name: np.arange(first, min(first + chunk, universe), dtype=np.int64)})
 
 
-def embedding(settings: Settings, address: str) -> dict[str, Any]:
+def embedding(settings: Settings, address: str, transport: str = "auto") -> dict[str, Any]:
     import torch
     from torch import nn
 
@@ -140,7 +143,8 @@ def embedding(settings: Settings, address: str) -> dict[str, Any]:
 
     optimizer = ps.Adagrad(lr=EMB_LR)
     init = ps.init.normal(0.0, 0.01)
-    with ps.connect(address, timeout=120) as client:
+    with ps.connect(address, timeout=120, transport=transport) as client:
+        used = client.transport()
         client.embedding("emb", DIM, optimizer, init)
         start = time.perf_counter()
         _populate(client, "emb", settings.universe)
@@ -224,7 +228,7 @@ def embedding(settings: Settings, address: str) -> dict[str, Any]:
         results[name] = {"rows_per_s": rows / med, "ms_per_step": 1e3 * med / settings.steps,
                          "rows_per_s_passes": [rows / s for s in secs]}
     return {
-        "config": {"servers": 1, "workers": 1, "batch_ids": BATCH, "dim": DIM,
+        "config": {"servers": 1, "workers": 1, "transport": used, "batch_ids": BATCH, "dim": DIM,
                    "ids": f"uniform over [0, {settings.universe}) with replacement",
                    "mean_duplicate_ids_per_batch": duplicates, "optimizer": optimizer.to_dict(),
                    "init": "normal(0, 0.01)", "steps_per_pass": settings.steps,
@@ -345,16 +349,20 @@ def optimizer_overhead(settings: Settings, address: str, servers: int) -> dict[s
 def _targets(report: dict[str, Any]) -> dict[str, Any]:
     emb = report["embedding"]["results"]
     rate = emb["push_with_pull"]["rows_per_s"]
+    grpc_emb = report["embedding_grpc"]["results"]
     opt = report["optimizer"]
     fraction = opt["wrapper_fraction_of_bare_push_pull"]
     return {
         "embedding_step_rows_per_s": {
             "what": f"rows/s per worker of one client.push(grads, pull=next batch) per step, "
-                    f"{BATCH} ids x dim {DIM}, Adagrad, 1 server, 1 worker",
+                    f"{BATCH} ids x dim {DIM}, Adagrad, 1 server, 1 worker, shared memory "
+                    f"(the gRPC figures beside it)",
             "value": rate,
             "figures": {
                 "push_with_pull_rows_per_s": rate,
+                "push_with_pull_rows_per_s_grpc": grpc_emb["push_with_pull"]["rows_per_s"],
                 "pull_then_push_rows_per_s": emb["pull_then_push"]["rows_per_s"],
+                "pull_then_push_rows_per_s_grpc": grpc_emb["pull_then_push"]["rows_per_s"],
                 "module_rows_per_s": emb["module"]["rows_per_s"],
                 "torch_sparse_adagrad_rows_per_s": emb["torch"]["rows_per_s"],
                 "torch_sparse_adagrad_issue": TORCH_QUOTED,
@@ -385,9 +393,12 @@ def _print_table(report: dict[str, Any]) -> None:
     cfg = emb["config"]
     _log(f"\nembedding step: {BATCH} ids ({cfg['ids']}) x dim {DIM}, Adagrad, 1 server, "
          f"1 worker; median of {cfg['passes']} passes of {cfg['steps_per_pass']} steps")
-    _log(f"  {'variant':<18}{'M rows/s':>10}{'ms/step':>10}")
+    _log(f"  {'variant':<18}{'M rows/s':>10}{'ms/step':>10}   {'gRPC M rows/s':>14}"
+         f"{'ms/step':>10}")
     for name, r in emb["results"].items():
-        _log(f"  {name:<18}{r['rows_per_s'] / 1e6:>10.3f}{r['ms_per_step']:>10.2f}")
+        g = report["embedding_grpc"]["results"][name]
+        _log(f"  {name:<18}{r['rows_per_s'] / 1e6:>10.3f}{r['ms_per_step']:>10.2f}   "
+             f"{g['rows_per_s'] / 1e6:>14.3f}{g['ms_per_step']:>10.2f}")
     _log(f"  {'torch (issue)':<18}{TORCH_QUOTED['rows_per_s'] / 1e6:>10.3f}{'':>10}  (quoted)")
     _log(f"  module - push_with_pull: {emb['module_minus_push_with_pull_ms']:.2f} ms/step; "
          f"the module's own work (client.push stubbed): "
@@ -423,7 +434,8 @@ def run(settings: Settings, quick: bool, servers: int, torch_threads: int) -> di
                     "torch_threads": torch_threads, "loadavg_1min_start": os.getloadavg()[0]},
     }
     with LocalCluster(1) as cluster:
-        report["embedding"] = embedding(settings, cluster.address)
+        report["embedding"] = embedding(settings, cluster.address, "shm")
+        report["embedding_grpc"] = embedding(settings, cluster.address, "grpc")
     with LocalCluster(servers) as cluster:
         report["optimizer"] = optimizer_overhead(settings, cluster.address, servers)
     report["machine"]["loadavg_1min_end"] = os.getloadavg()[0]

@@ -8,12 +8,18 @@ What is measured, for tensors of 4 KB .. 64 MB:
 
 * paramserver: ``push``, ``pull`` and ``push_pull`` of one dense float32 table (SGD, lr=1) from 1 and
   2 worker processes (each on its own table) against 1 and 2 server processes (a fresh job for each
-  combination; the scheduler runs in this process, tensors never pass through it).
+  combination; the scheduler runs in this process, tensors never pass through it), on each
+  transport: shared memory (``shm``) and gRPC (``grpc``).
 * raw TCP (Python sockets, TCP_NODELAY, ``sendall``/``recv_into``): push = send N bytes, get a
   1-byte ack; pull = send a header, get N bytes; push_pull = send N, get N back.
 * bare gRPC (grpcio, a generic unary handler on raw bytes, no protobuf, no tensor logic): push =
   N bytes in, empty reply; pull = 8 bytes in, N bytes out; push_pull = echo of N bytes. One unary
   message whatever N: this is the cost of a single gRPC call of that size.
+* memcpy: one 16 MB (each size's) copy between two numpy arrays in the worker process, the floor
+  of any transport that moves the bytes once.
+* The parameter-server pattern (benchmarks/ps_pattern.py): 2 trainers, 16 MB gradient up and 16 MB
+  weights down per round trip on one shared tensor, beside torch.distributed.rpc (TensorPipe), at
+  steady state (a warm-up reported apart, then at least 10 s measured), on both transports.
 * "10M float32 parameters": push and pull of 10M values (40 MB), 1 worker, 2 servers, next to
   dmlc/ps-lite's ``kv_app_benchmark`` figures. These are *quoted*, not run: constants measured
   on the same machine type during development (ps-lite could not be built where this benchmark
@@ -54,6 +60,7 @@ import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ps_pattern  # noqa: E402
 from local_cluster import LocalCluster, run_processes, stop_processes  # noqa: E402
 
 KB, MB = 1024, 1024 * 1024
@@ -74,8 +81,12 @@ PSLITE = {"quoted": True,
 TEN_M = 10_000_000
 
 #: The targets (checked here, never in tests).
-TARGET_GBPS_16MB = 1.0
-TARGET_SMALL_RATIO = 1.2
+TARGET_GBPS_16MB = 1.0          # gRPC, any 16 MB push or pull
+TARGET_SHM_GBPS_16MB = 5.0      # shared memory, 16 MB push and pull
+TARGET_GRPC_VS_BARE = 0.85      # gRPC: 16 MB push and pull vs one bare 16 MB gRPC message
+TARGET_SMALL_RATIO = 1.2        # 4 KB push_pull vs a bare 4 KB gRPC echo
+TARGET_PATTERN_SHM = 1.5        # PS pattern round trips/s vs torch.distributed.rpc
+TARGET_PATTERN_GRPC = 0.4
 
 
 def _reps(size: int, quick: bool) -> int:
@@ -293,13 +304,17 @@ def _worker(args: dict[str, Any], rank: int, barrier: Any) -> dict[str, Any]:
     rpc.tune_malloc()  # as `paramserver launch` does for its workers (the library does not)
     quick = args["quick"]
     extra = {"message_bytes": args["message_bytes"]} if args["message_bytes"] else {}
-    out: dict[str, Any] = {"ps": {}, "raw_tcp": {}, "bare_grpc": {}, "ten_m": None}
+    out: dict[str, Any] = {"ps": {}, "raw_tcp": {}, "bare_grpc": {}, "memcpy": {},
+                           "ten_m": None}
     peers = {}
     if args.get("peers"):
         peers = {"raw_tcp": _TcpPeer(args["peers"]["tcp"]),
                  "bare_grpc": _GrpcPeer(args["peers"]["grpc"])}
     with ps.connect(args["scheduler"], rank=rank, num_workers=args["workers"],
-                    timeout=120.0, **extra) as client:
+                    timeout=120.0, transport=args["transport"], **extra) as client:
+        if client.transport() != args["transport"]:
+            raise AssertionError(f"asked for {args['transport']}, the worker uses "
+                                 f"{client.transport()}")
         for size in args["sizes"]:
             n = size // 4
             reps, warm = _reps(size, quick), _warmup(size, quick)
@@ -343,6 +358,10 @@ def _worker(args: dict[str, Any], rank: int, barrier: Any) -> dict[str, Any]:
                     chk = (lambda _r, p=peer: p.check_echo(payload)) if op == "push_pull" else None
                     times = _time_ops(lambda p=peer, o=op: p.op(o, payload), reps, warm, chk)
                     out[name][size][op] = {"times": times, "bytes": size}
+            if peers:
+                target = np.empty_like(grad)
+                out["memcpy"][size] = _time_ops(lambda: np.copyto(target, grad), reps, warm)
+                del target
             del grad
         if args.get("ten_m") and rank == 0:
             grad = _gradient(TEN_M)
@@ -413,94 +432,133 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"sizes": sizes, "quick": quick, "message_bytes": args.message_bytes or "default",
                    "servers": args.servers, "workers": args.workers, "cpus": os.cpu_count(),
                    "server_args": server_args},
-        "paramserver": {}, "raw_tcp": {}, "bare_grpc": {}, "ten_m_float32": None, "targets": {},
+        "paramserver": {t: {} for t in args.transports}, "raw_tcp": {}, "bare_grpc": {},
+        "memcpy": {}, "ten_m_float32": None, "ps_pattern": None, "targets": {},
     }
     try:
         for p in peer_procs:
             p.start()
         peers = dict(peer_queue.get(timeout=60) for _ in peer_procs)
-        for num_servers in args.servers:
-            for num_workers in args.workers:
-                key = f"{num_servers}s{num_workers}w"
-                base = {"sizes": sizes, "quick": quick, "message_bytes": args.message_bytes,
-                        "peers": peers if num_workers == 1 else None,
-                        "ten_m": num_servers == 2 and num_workers == 1 and not args.no_ten_m}
-                job = LocalCluster(num_servers, num_workers, tuple(server_args))
-                try:
-                    outs = _run_workers(ctx, job, num_workers, base, timeout=900)
-                finally:
-                    job.stop()
-                entry: dict[str, Any] = {}
-                for size in sizes:
-                    entry[str(size)] = {}
-                    for op in OPS:
-                        ws = [dict(o["ps"][size][op], warmup=_warmup(size, quick)) for o in outs]
-                        if num_workers == 1:
-                            entry[str(size)][op] = _summary(ws[0]["times"], size)
-                        else:
-                            entry[str(size)][op] = _aggregate(ws, size)
-                report["paramserver"][key] = entry
-                if num_workers == 1:
-                    for peer in ("raw_tcp", "bare_grpc"):
-                        report[peer][key] = {
-                            str(size): {op: _summary(outs[0][peer][size][op]["times"], size)
-                                        for op in OPS} for size in sizes}
-                if outs[0]["ten_m"]:
-                    t = outs[0]["ten_m"]
-                    report["ten_m_float32"] = {
-                        "setup": "10M float32 (40 MB), 1 worker, 2 servers, SGD",
-                        "push": _summary(t["push"], 4 * TEN_M),
-                        "pull": _summary(t["pull"], 4 * TEN_M),
-                        "ps_lite": PSLITE}
+        for transport, num_servers, num_workers in [
+                (t, s, w) for t in args.transports for s in args.servers for w in args.workers]:
+            key = f"{num_servers}s{num_workers}w"
+            # Peers once per job shape, in the first transport's jobs.
+            first = transport == args.transports[0]
+            base = {"sizes": sizes, "quick": quick, "message_bytes": args.message_bytes,
+                    "transport": transport,
+                    "peers": peers if num_workers == 1 and first else None,
+                    "ten_m": num_servers == 2 and num_workers == 1 and not args.no_ten_m}
+            job = LocalCluster(num_servers, num_workers, tuple(server_args))
+            try:
+                outs = _run_workers(ctx, job, num_workers, base, timeout=900)
+            finally:
+                job.stop()
+            entry: dict[str, Any] = {}
+            for size in sizes:
+                entry[str(size)] = {}
+                for op in OPS:
+                    ws = [dict(o["ps"][size][op], warmup=_warmup(size, quick)) for o in outs]
+                    if num_workers == 1:
+                        entry[str(size)][op] = _summary(ws[0]["times"], size)
+                    else:
+                        entry[str(size)][op] = _aggregate(ws, size)
+            report["paramserver"][transport][key] = entry
+            if num_workers == 1 and first:
+                for peer in ("raw_tcp", "bare_grpc"):
+                    report[peer][key] = {
+                        str(size): {op: _summary(outs[0][peer][size][op]["times"], size)
+                                    for op in OPS} for size in sizes}
+                report["memcpy"][key] = {str(size): _summary(outs[0]["memcpy"][size], size)
+                                         for size in sizes}
+            if outs[0]["ten_m"]:
+                t = outs[0]["ten_m"]
+                ten = report["ten_m_float32"] = report["ten_m_float32"] or {
+                    "setup": "10M float32 (40 MB), 1 worker, 2 servers, SGD", "ps_lite": PSLITE}
+                ten[transport] = {"push": _summary(t["push"], 4 * TEN_M),
+                                  "pull": _summary(t["pull"], 4 * TEN_M)}
     finally:
         stop_processes(peer_procs)
+    if args.pattern_seconds > 0:
+        report["ps_pattern"] = ps_pattern.run(args.transports, args.pattern_warmup,
+                                              args.pattern_seconds)
     report["targets"] = _targets(report)
     return report
 
 
 def _targets(report: dict[str, Any]) -> dict[str, Any]:
     targets: dict[str, Any] = {}
-    ps_ = report["paramserver"]
-    big = str(16 * MB)
-    for op, peer_op in (("push", "push"), ("pull", "pull")):
-        # One worker, one server: the single-connection case the raw TCP peer is measured in.
+    big, small = str(16 * MB), str(4 * KB)
+    for transport, jobs in report["paramserver"].items():
         for key in ("1s1w", "2s1w"):
-            if key in ps_ and big in ps_[key]:
-                measured = ps_[key][big][op]["gbps"]
-                targets[f"{op}_16MB_1worker_{key[0]}server"] = {
-                    "what": f"16 MB {op} from one worker, {key[0]} server(s), GB/s >= "
-                            f"{TARGET_GBPS_16MB}",
-                    "measured_gbps": measured, "threshold_gbps": TARGET_GBPS_16MB,
-                    "peer": "raw TCP one way, same run",
-                    "peer_gbps": report["raw_tcp"][key][big][peer_op]["gbps"],
-                    "bare_grpc_one_message_gbps": report["bare_grpc"][key][big][peer_op]["gbps"],
-                    "met": measured >= TARGET_GBPS_16MB}
+            if key not in jobs or key not in report["bare_grpc"]:
+                continue
+            servers = key[0]
+            if big in jobs[key]:
+                for op in ("push", "pull"):
+                    measured = jobs[key][big][op]["gbps"]
+                    bare = report["bare_grpc"][key][big][op]["gbps"]
+                    entry = {"measured_gbps": measured,
+                             "peer_raw_tcp_gbps": report["raw_tcp"][key][big][op]["gbps"],
+                             "peer_bare_grpc_gbps": bare,
+                             "peer_memcpy_gbps": report["memcpy"][key][big]["gbps"]}
+                    if transport == "shm":
+                        targets[f"{op}_16MB_shm_{servers}server"] = dict(
+                            what=f"16 MB {op} through shared memory, 1 worker, {servers} "
+                                 f"server(s), GB/s >= {TARGET_SHM_GBPS_16MB}",
+                            threshold_gbps=TARGET_SHM_GBPS_16MB, **entry,
+                            met=measured >= TARGET_SHM_GBPS_16MB)
+                    else:
+                        targets[f"{op}_16MB_grpc_{servers}server"] = dict(
+                            what=f"16 MB {op} on gRPC, 1 worker, {servers} server(s), GB/s >= "
+                                 f"{TARGET_GBPS_16MB}", threshold_gbps=TARGET_GBPS_16MB, **entry,
+                            met=measured >= TARGET_GBPS_16MB)
+                        targets[f"{op}_16MB_grpc_vs_bare_grpc_{servers}server"] = dict(
+                            what=f"16 MB {op} on gRPC >= {TARGET_GRPC_VS_BARE}x one bare 16 MB "
+                                 f"gRPC message, {servers} server(s)",
+                            ratio=round(measured / bare, 3), limit_ratio=TARGET_GRPC_VS_BARE,
+                            **entry, met=measured >= TARGET_GRPC_VS_BARE * bare)
+            if small in jobs[key]:
+                measured = jobs[key][small]["push_pull"]["ms"]
+                peer = report["bare_grpc"][key][small]["push_pull"]["ms"]
+                targets[f"push_pull_4KB_{transport}_vs_bare_grpc_{servers}server"] = {
+                    "what": f"4 KB push_pull ({transport}) <= {TARGET_SMALL_RATIO}x a bare gRPC "
+                            f"echo of 4 KB, {servers} server(s)",
+                    "measured_ms": measured, "peer": "bare gRPC unary echo, same run",
+                    "peer_ms": peer, "ratio": round(measured / peer, 3),
+                    "limit_ratio": TARGET_SMALL_RATIO,
+                    "met": measured <= TARGET_SMALL_RATIO * peer}
     ten = report.get("ten_m_float32")
     if ten:
-        for op in ("push", "pull"):
-            measured = ten[op]["ms"]
-            targets[f"{op}_10M_float32_vs_ps_lite"] = {
-                "what": f"{op} of 10M float32 (1 worker, 2 servers) faster than ps-lite",
-                "measured_ms": measured, "peer": "dmlc/ps-lite (quoted constant)",
-                "peer_ms": PSLITE[f"{op}_ms"], "met": measured < PSLITE[f"{op}_ms"]}
-    small = str(4 * KB)
-    for key in ("1s1w", "2s1w"):
-        if key in ps_ and small in ps_[key]:
-            measured = ps_[key][small]["push_pull"]["ms"]
-            peer = report["bare_grpc"][key][small]["push_pull"]["ms"]
-            targets[f"push_pull_4KB_vs_bare_grpc_{key[0]}server"] = {
-                "what": f"4 KB push_pull <= {TARGET_SMALL_RATIO}x a bare gRPC echo of 4 KB, "
-                        f"{key[0]} server(s)",
-                "measured_ms": measured, "peer": "bare gRPC unary echo, same run",
-                "peer_ms": peer, "ratio": round(measured / peer, 3),
-                "limit_ratio": TARGET_SMALL_RATIO,
-                "met": measured <= TARGET_SMALL_RATIO * peer}
+        for transport in report["paramserver"]:
+            for op in ("push", "pull"):
+                if transport not in ten:
+                    continue
+                measured = ten[transport][op]["ms"]
+                targets[f"{op}_10M_float32_{transport}_vs_ps_lite"] = {
+                    "what": f"{op} of 10M float32 (1 worker, 2 servers, {transport}) faster than "
+                            f"ps-lite", "measured_ms": measured,
+                    "peer": "dmlc/ps-lite kv_app_benchmark: QUOTED constant, not run here",
+                    "peer_ms": PSLITE[f"{op}_ms"], "met": measured < PSLITE[f"{op}_ms"]}
+    pattern = report.get("ps_pattern")
+    if pattern and "round_trips_per_s" in pattern.get("torch_rpc", {}):
+        peer = pattern["torch_rpc"]["round_trips_per_s"]
+        for transport, goal in (("shm", TARGET_PATTERN_SHM), ("grpc", TARGET_PATTERN_GRPC)):
+            if transport not in pattern["paramserver"]:
+                continue
+            measured = pattern["paramserver"][transport]["round_trips_per_s"]
+            targets[f"ps_pattern_{transport}_vs_torch_rpc"] = {
+                "what": f"2 trainers x 16 MB push_pull round trips/s ({transport}) >= {goal}x "
+                        f"torch.distributed.rpc, steady state",
+                "measured_round_trips_per_s": measured, "peer": "torch.distributed.rpc, same run",
+                "peer_round_trips_per_s": peer, "ratio": round(measured / peer, 3),
+                "goal_ratio": goal, "met": measured >= goal * peer}
     return targets
 
 
 def _print_table(report: dict[str, Any]) -> None:
-    for key, entry in report["paramserver"].items():
-        print(f"\n== paramserver {key} (servers s, workers w) ==")
+    for transport, key, entry in [(t, k, e) for t, jobs in report["paramserver"].items()
+                                  for k, e in jobs.items()]:
+        print(f"\n== paramserver {key} (servers s, workers w), {transport} ==")
         print(f"{'size':>8} {'op':>10} {'ms':>10} {'GB/s':>8}   "
               f"{'tcp ms':>9} {'tcp GB/s':>8}   {'grpc ms':>9} {'grpc GB/s':>9}")
         for size, ops in entry.items():
@@ -515,10 +573,13 @@ def _print_table(report: dict[str, Any]) -> None:
                             f"{grpc_['gbps']:>9.3f}"
                 print(line + ("   (aggregate GB/s, per-worker median ms)" if "ms" not in r
                               else ""))
-    if report["ten_m_float32"]:
-        t = report["ten_m_float32"]
-        print(f"\n10M float32: push {t['push']['ms']:.1f} ms, pull {t['pull']['ms']:.1f} ms "
-              f"(ps-lite, quoted: push {PSLITE['push_ms']:.0f} ms, pull {PSLITE['pull_ms']:.0f} ms)")
+    for transport, t in (report["ten_m_float32"] or {}).items():
+        if transport in report["paramserver"]:
+            print(f"\n10M float32 ({transport}): push {t['push']['ms']:.1f} ms, pull "
+                  f"{t['pull']['ms']:.1f} ms (ps-lite, quoted: push {PSLITE['push_ms']:.0f} ms, "
+                  f"pull {PSLITE['pull_ms']:.0f} ms)")
+    if report["ps_pattern"]:
+        print(f"\nPS pattern: {json.dumps(report['ps_pattern'])}")
     print("\ntargets:")
     for name, t in report["targets"].items():
         shown = {k: v for k, v in t.items() if k not in ("what",)}
@@ -544,9 +605,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-threads", type=int, default=0)
     parser.add_argument("--apply-threads", type=int, default=0)
     parser.add_argument("--no-ten-m", action="store_true", help="skip the 10M float32 scenario")
+    parser.add_argument("--transports", type=lambda s: s.split(","), default=["shm", "grpc"],
+                        help="transports to measure (default shm,grpc)")
+    parser.add_argument("--pattern-seconds", type=float, default=None,
+                        help="measured seconds of the PS pattern vs torch.distributed.rpc "
+                             "(default 10; 0 skips it; --quick: 0)")
+    parser.add_argument("--pattern-warmup", type=float, default=6.0,
+                        help="warm-up seconds of the PS pattern, reported apart (default 6)")
     args = parser.parse_args(argv)
     if args.sizes and any(s <= 0 or s % 4 for s in args.sizes):
         parser.error("sizes must be positive multiples of 4")
+    if any(t not in ("shm", "grpc") for t in args.transports):
+        parser.error("transports are shm and grpc")
+    if args.pattern_seconds is None:
+        args.pattern_seconds = 0.0 if args.quick else 10.0
 
     # SIGTERM / SIGHUP: unwind through the finally blocks so every child is stopped.
     def _raise(signum: int, _frame: Any) -> None:

@@ -673,6 +673,16 @@ class Client:
         job's model says.
         """
         self._check_open(f"{what} of {sorted(refs)}")
+        leases: list = []
+        try:
+            return self._exchange_leased(op, entries, refs, what, reads, out, leases)
+        finally:
+            shm.release(leases)
+
+    def _exchange_leased(self, op: int, entries: dict[str, Any], refs: dict[str, Any],
+                         what: str, reads: tuple[dict[str, Any], dict[str, Any]] | None,
+                         out: Mapping[str, np.ndarray] | None,
+                         leases: list) -> dict[str, np.ndarray]:
         out = out or {}
 
         def plan_of(name: str, ref: Any, kind: int, value: Any) -> DensePlan | SparsePlan:
@@ -711,7 +721,9 @@ class Client:
             step = None
             if self._consistency.synchronous and op in (pb.PULL, pb.LOOKUP):
                 step = self._read_tag(self._clock)
-            replies = self._send(op, items, label, step)
+            # Replies through shared memory are read in their segments, no copy: the segments
+            # are given back once the values are taken (below).
+            replies = self._send(op, items, label, step, leases)
         if op not in (pb.PULL, pb.PUSH_PULL, pb.LOOKUP) and reads is None:
             return {}
         # Every reply is checked: each requested block and row arrives exactly once, with the
@@ -741,7 +753,8 @@ class Client:
         return self._pool.message_bytes(rank, self.config.message_bytes)
 
     def _send(self, op: int, items: dict[int, list[DenseItem | SparseItem]], label: str,
-              step: pb.StepTag | None = None) -> dict[int, list[bytes]]:
+              step: pb.StepTag | None = None, leases: list | None = None
+              ) -> dict[int, list[bytes]]:
         """One round of requests: ``items`` cut into messages for each server, all sent at once;
         the replies by server. A read that waits for a step and gets *pending* asks again."""
         planned = {s: plan_requests(its, self._cut(s)) for s, its in items.items()}
@@ -755,7 +768,7 @@ class Client:
             replies = self._pool.on_servers(
                 {s: iter_messages(op, plan, 0, self.node_id, tag, step)
                  for s, plan in planned.items()},
-                lambda rank, requests: self._pool.exchange(rank, requests, label))
+                lambda rank, requests: self._pool.exchange(rank, requests, label, leases))
         finally:
             if tag is not None:
                 self._op_seq.end(tag.seq)

@@ -191,15 +191,18 @@ class ServerPool:
         return self._retrying(rank, lambda s, t: getattr(s.stub, method)(request, timeout=t),
                               label)
 
-    def exchange(self, rank: int, requests: tuple[int, Iterator[Message]], label: str
-                 ) -> list[bytes]:
+    def exchange(self, rank: int, requests: tuple[int, Iterator[Message]], label: str,
+                 leases: list | None = None) -> list[bytes]:
         """Send the DataRequests ``requests`` (count, messages) to server ``rank``; their
         serialized replies, in order. Each travels through shared memory when this worker has a
-        link to the server (paramserver.shm), else as a gRPC message."""
+        link to the server (paramserver.shm), else as a gRPC message. With ``leases``, replies
+        through shared memory are views into their segments, held until
+        ``paramserver.shm.release(leases)``."""
         count, messages = requests
         if count == 1:  # small requests: one unary call
             message = next(messages)
-            return [self._retrying(rank, lambda s, t: self._send_one(s, message, t), label)]
+            return [self._retrying(rank, lambda s, t: self._send_one(s, message, t, leases),
+                                   label)]
         # A large request: every message as its own unary call, all in flight at once, each sent
         # as soon as it is encoded. Measured faster than a stream, whose messages a sync gRPC
         # server hands one by one between threads, and it lets the server apply chunks in
@@ -217,7 +220,8 @@ class ServerPool:
             nonlocal error
             i = len(replies)
             try:
-                replies.append(calls[i].result())
+                replies.append(calls[i].result(leases) if link is not None
+                               else calls[i].result())
                 return
             except UnknownSegment:
                 pass  # the server restarted: attach again and send once more (below)
@@ -232,12 +236,13 @@ class ServerPool:
                     return
             try:
                 message = sent[i]
-                replies.append(self._retrying(rank, lambda s, t: self._send_one(s, message, t),
-                                              label))
+                replies.append(self._retrying(
+                    rank, lambda s, t: self._send_one(s, message, t, leases), label))
             except ParamServerError as retry_error:
                 replies.append(None)
                 error = error or retry_error
 
+        link = None
         try:
             link = self._retrying(rank, lambda s, t: self._link(s, t), label)
             if link is not None:
@@ -263,18 +268,21 @@ class ServerPool:
 
     # -- shared memory ------------------------------------------------------------------------------
 
-    def _send_one(self, server: ServerRef, message: Message, timeout: float) -> bytes:
+    def _send_one(self, server: ServerRef, message: Message, timeout: float,
+                  leases: list | None = None) -> Any:
         """One message to ``server``: through its shared-memory link if it has one, else gRPC."""
         link = self._link(server, timeout)
         if link is not None:
             try:
-                return link.call(message.parts, message.size, message.reply_bytes, timeout)
+                return link.call(message.parts, message.size, message.reply_bytes, timeout,
+                                 leases)
             except UnknownSegment:
                 # The server restarted at the same address: the message was not processed.
                 self._forget_link(server)
                 link = self._link(server, timeout)
                 if link is not None:
-                    return link.call(message.parts, message.size, message.reply_bytes, timeout)
+                    return link.call(message.parts, message.size, message.reply_bytes, timeout,
+                                     leases)
         return server.exchange(message.join(), timeout=timeout)
 
     def _link(self, server: ServerRef, timeout: float) -> ShmLink | None:

@@ -47,7 +47,7 @@ from paramserver.errors import ParamServerError
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["TRANSPORTS", "SHM_DIR", "PREFIX", "boot_id", "sweep", "Segment", "ShmLink",
-           "ShmRegistry", "ShmCall", "UnknownSegment", "write_parts", "janitor",
+           "ShmRegistry", "ShmCall", "UnknownSegment", "release", "write_parts", "janitor",
            "unknown_metadata"]
 
 #: Transport choices: ``auto`` uses shared memory with servers on the same host and gRPC with the
@@ -221,6 +221,8 @@ class ShmLink:
         self.address = address
         self._lock = threading.Lock()
         self._free: list[_Slot] = []
+        self._handles: set[int] = set()  # every segment of this link the server maps
+        self._detaching: list[Any] = []  # detach calls in flight (kept until done)
         self._closed = False
         self.mapped = 0
 
@@ -256,6 +258,7 @@ class ShmLink:
             raise _Refused(reply.reason)
         with self._lock:
             self.mapped += segment.size
+            self._handles.add(reply.segment)
         return _Slot(segment, reply.segment)
 
     def start(self, parts: list[Any], size: int, reply_room: int, timeout: float,
@@ -282,9 +285,10 @@ class ShmLink:
             answer = error
         return ShmCall(self, slot, reply_offset, _Done(answer))
 
-    def call(self, parts: list[Any], size: int, reply_room: int, timeout: float) -> bytes:
-        """:meth:`start` with ``wait``, then the reply."""
-        return self.start(parts, size, reply_room, timeout, wait=True).result()
+    def call(self, parts: list[Any], size: int, reply_room: int, timeout: float,
+             leases: list | None = None) -> bytes | memoryview:
+        """:meth:`start` with ``wait``, then the reply (see :meth:`ShmCall.result`)."""
+        return self.start(parts, size, reply_room, timeout, wait=True).result(leases)
 
     def _take(self, need: int, timeout: float) -> _Slot:
         with self._lock:
@@ -299,12 +303,16 @@ class ShmLink:
                 self._free.append(slot)
                 return
             self.mapped -= slot.segment.size
+            self._handles.discard(slot.handle)
             closed = self._closed
+            self._detaching = [f for f in self._detaching if not f.done()]
         slot.segment.close()
-        if not ok and not closed:
-            # The server may still be using it: it keeps its mapping until that call ends.
-            self._stub.ShmDetach.future(pb.ShmDetachRequest(client=self._client,
-                                                            segments=[slot.handle]), timeout=5.0)
+        if not closed:
+            # The server unmaps it too (if a call still uses it, once that call ends).
+            call = self._stub.ShmDetach.future(pb.ShmDetachRequest(
+                client=self._client, segments=[slot.handle]), timeout=5.0)
+            with self._lock:
+                self._detaching.append(call)
 
     def close(self, timeout: float = 2.0) -> None:
         """Tell the server to unmap every segment of this link (best effort), and unmap them
@@ -312,12 +320,23 @@ class ShmLink:
         with self._lock:
             self._closed = True
             slots, self._free = self._free, []
+            handles, self._handles = sorted(self._handles), set()
         for slot in slots:
             slot.segment.close()
+        if not handles:
+            return
         try:
-            self._stub.ShmDetach(pb.ShmDetachRequest(client=self._client), timeout=timeout)
+            self._stub.ShmDetach(pb.ShmDetachRequest(client=self._client, segments=handles),
+                                 timeout=timeout)
         except grpc.RpcError:
             pass  # the server is gone, or reaps the segments when this process ends
+
+
+def release(leases: list) -> None:
+    """Give back the segments of replies read without a copy (:meth:`ShmCall.result`)."""
+    while leases:
+        link, slot = leases.pop()
+        link._give_back(slot, True)
 
 
 class ShmCall:
@@ -329,13 +348,17 @@ class ShmCall:
         self._offset = reply_offset
         self._future = future
 
-    def result(self) -> bytes:
+    def result(self, leases: list | None = None) -> bytes | memoryview:
         """The serialized DataReply. Raises grpc.RpcError as an Exchange would, and
-        UnknownSegment when the server no longer knows the segment (nothing was processed)."""
+        UnknownSegment when the server no longer knows the segment (nothing was processed).
+
+        With ``leases`` the reply is not copied: a view into the segment is returned and the
+        segment is appended to ``leases``; it is reused only after :func:`release` of it."""
         slot = self._slot
         assert slot is not None, "result() called twice"
         self._slot = None
         ok = False
+        leased = False
         try:
             try:
                 answer = self._future.result()
@@ -353,9 +376,15 @@ class ShmCall:
                 raise ParamServerError(
                     f"{self._link.address}: the server wrote a reply of {answer.reply_size} "
                     f"bytes in a room of {slot.segment.size - self._offset}")
-            return bytes(slot.segment.view[self._offset:self._offset + answer.reply_size])
+            reply = slot.segment.view[self._offset:self._offset + answer.reply_size]
+            if leases is None:
+                return bytes(reply)
+            leases.append((self._link, slot))
+            leased = True
+            return reply
         finally:
-            self._link._give_back(slot, ok)
+            if not leased:
+                self._link._give_back(slot, ok)
 
     def cancel(self) -> None:
         """Cancel the call; its segment is not reused (the server may be reading it)."""

@@ -22,8 +22,8 @@ def test_bench_transport_quick_json() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)  # exactly one JSON object on stdout
     sizes = [str(s) for s in report["config"]["sizes"]]
-    assert set(report["paramserver"]) == {"1s1w", "1s2w", "2s1w", "2s2w"}
-    for key, entry in report["paramserver"].items():
+    assert set(report["paramserver"]) == {"shm", "grpc"}
+    for key, entry in [(k, e) for jobs in report["paramserver"].values() for k, e in jobs.items()]:
         assert set(entry) == set(sizes)
         for size in sizes:
             assert set(entry[size]) == {"push", "pull", "push_pull"}
@@ -34,15 +34,17 @@ def test_bench_transport_quick_json() -> None:
                     assert result["gbps"] > 0 and len(result["per_worker"]) == 2
                     for worker in result["per_worker"]:
                         _positive_summary(worker)
-    for peer in ("raw_tcp", "bare_grpc"):
+    for peer in ("raw_tcp", "bare_grpc", "memcpy"):
         assert set(report[peer]) == {"1s1w", "2s1w"}
         for entry in report[peer].values():
             for size in sizes:
-                for result in entry[size].values():
+                for result in (entry[size].values() if peer != "memcpy" else [entry[size]]):
                     _positive_summary(result)
     ten = report["ten_m_float32"]
-    _positive_summary(ten["push"])
-    _positive_summary(ten["pull"])
+    for transport in ("shm", "grpc"):
+        _positive_summary(ten[transport]["push"])
+        _positive_summary(ten[transport]["pull"])
+    assert report["ps_pattern"] is None  # not in --quick
     assert ten["ps_lite"]["push_ms"] > 0 and ten["ps_lite"]["pull_ms"] > 0
     targets = report["targets"]
     assert targets, "no targets reported"
