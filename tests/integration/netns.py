@@ -1,0 +1,121 @@
+"""Hosts as Linux network namespaces: each "host" is a namespace with one interface (``eth0``) on
+a private subnet, plugged into a bridge that lives in a namespace of its own, so nothing of the
+test touches the machine's own network. Loopback stays down in every host: a node that dialled
+127.0.0.1, or its own address through loopback, would fail.
+
+Needs root (or CAP_SYS_ADMIN + CAP_NET_ADMIN) and iproute2; :func:`make_hosts` raises
+:class:`Unavailable` with the reason when namespaces cannot be created.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+
+#: The subnet of the test's hosts (namespaces are isolated: it collides with nothing).
+SUBNET = "10.213.0"
+
+
+class Unavailable(RuntimeError):
+    """Network namespaces cannot be created here (not root, no iproute2, no kernel support)."""
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+def _must(*args: str) -> None:
+    done = _ip(*args)
+    if done.returncode:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+@dataclass
+class Hosts:
+    """Namespaces by host name, each with its address; processes started in them are stopped by
+    :meth:`remove`."""
+
+    tag: str
+    addresses: dict[str, str] = field(default_factory=dict)
+    namespaces: list[str] = field(default_factory=list)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def ns(self, host: str) -> str:
+        """The namespace name of ``host``."""
+        return f"ps{self.tag}-{host}"
+
+    def popen(self, host: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        """Start ``argv`` inside ``host`` (its own process group, stopped by :meth:`remove`)."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns(host), *argv],
+                                start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, host: str, argv: list[str], timeout: float,
+            **kwargs) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside ``host`` to completion (bounded by ``timeout``)."""
+        return subprocess.run(["ip", "netns", "exec", self.ns(host), *argv], timeout=timeout,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, **kwargs)
+
+    def leftovers(self) -> list[str]:
+        """Namespaces of this test still present (empty after :meth:`remove`)."""
+        listed = _ip("netns", "list").stdout.split()
+        return [name for name in listed if name.startswith(f"ps{self.tag}-")]
+
+    def remove(self) -> None:
+        """Stop every process started here (SIGKILL to its group), then delete the namespaces
+        (which deletes their veth ends and unmounts their handles)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for name in reversed(self.namespaces):
+            _ip("netns", "del", name)
+        self.namespaces.clear()
+
+
+def make_hosts(names: list[str]) -> Hosts:
+    """Create one namespace per name, addressed ``SUBNET.1``, ``.2``, ... in order, all on one
+    bridge. On any failure everything created so far is removed before raising."""
+    if shutil.which("ip") is None:
+        raise Unavailable("iproute2's `ip` command is not installed")
+    if os.geteuid() != 0:
+        raise Unavailable("creating network namespaces needs root")
+    hosts = Hosts(secrets.token_hex(3))
+    switch = hosts.ns("switch")
+    probe = _ip("netns", "add", switch)
+    if probe.returncode:
+        raise Unavailable(f"`ip netns add` failed: {probe.stderr.strip()}")
+    hosts.namespaces.append(switch)
+    try:
+        _must("-n", switch, "link", "add", "br0", "type", "bridge")
+        _must("-n", switch, "link", "set", "br0", "up")
+        for i, name in enumerate(names):
+            ns = hosts.ns(name)
+            _must("netns", "add", ns)
+            hosts.namespaces.append(ns)
+            # The pair is made inside the switch with its other end inside the host: it never
+            # appears in the machine's own namespace.
+            _must("-n", switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0",
+                  "netns", ns)
+            _must("-n", switch, "link", "set", f"p{i}", "master", "br0", "up")
+            address = f"{SUBNET}.{i + 1}"
+            _must("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            _must("-n", ns, "link", "set", "eth0", "up")
+            hosts.addresses[name] = address
+    except BaseException as exc:
+        hosts.remove()
+        if isinstance(exc, RuntimeError):
+            raise Unavailable(f"cannot set up the namespaces' network: {exc}") from None
+        raise
+    return hosts
