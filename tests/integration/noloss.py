@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -19,10 +21,12 @@ STEPS = 25
 INIT_A = 1000.0
 
 
-def train(client, steps: int = STEPS) -> dict | None:
+def train(client, steps: int = STEPS, pause_at: int = -1,
+          pause: Callable[[Any], None] | None = None) -> dict | None:
     """Run the pushes of ``client``'s rank (integer gradients in [-8, 8], seeded by the rank);
     after every worker's last push, rank 0 pulls both tables and returns :func:`digest` of
-    them; other ranks return None."""
+    them; other ranks return None. ``pause(client)`` is called before step ``pause_at``, once
+    every worker has made the steps before it (after a barrier)."""
     import paramserver as ps
 
     opt = ps.SGD(lr=1.0)
@@ -32,6 +36,9 @@ def train(client, steps: int = STEPS) -> dict | None:
     client.barrier("noloss-start")
     rng = np.random.default_rng(client.rank)
     for step in range(steps):
+        if step == pause_at and pause is not None:
+            client.barrier("noloss-pause")
+            pause(client)
         ga = rng.integers(-8, 9, size=SHAPE_A).astype(np.float32)
         gb = rng.integers(-8, 9, size=SHAPE_B).astype(np.float32)
         if step % 2:
