@@ -95,7 +95,17 @@ def _sync_config(args: argparse.Namespace) -> dict:
 
 
 def _cmd_scheduler_config(args: argparse.Namespace) -> dict:
-    return dict(_checkpoint_config(args), recover=args.recover, **_sync_config(args))
+    from paramserver.scheduler import has_recoverable_state
+
+    recover = args.recover
+    if args.recover_if_present:
+        if not args.checkpoint_dir:
+            raise ValueError("--recover-if-present needs --checkpoint-dir")
+        recover = has_recoverable_state(args.checkpoint_dir)
+        if recover:
+            print(f"scheduler: {args.checkpoint_dir} holds a running job's state; recovering it "
+                  f"(--recover-if-present)", flush=True)
+    return dict(_checkpoint_config(args), recover=recover, **_sync_config(args))
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -291,6 +301,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recover", action="store_true",
                    help="continue a running job whose scheduler died, from the state kept in "
                         "--checkpoint-dir (servers and workers register again)")
+    p.add_argument("--recover-if-present", action="store_true",
+                   help="--recover when --checkpoint-dir holds a scheduler's state, else start "
+                        "the job: for a supervisor that restarts the scheduler with the same "
+                        "command (a Kubernetes Deployment)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_scheduler)
