@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 #: The subnet of the test's hosts (namespaces are isolated: it collides with nothing).
 SUBNET = "10.213.0"
@@ -43,6 +44,7 @@ class Hosts:
     addresses: dict[str, str] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    etc: list[Path] = field(default_factory=list)
 
     def ns(self, host: str) -> str:
         """The namespace name of ``host``."""
@@ -61,10 +63,25 @@ class Hosts:
         return subprocess.run(["ip", "netns", "exec", self.ns(host), *argv], timeout=timeout,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, **kwargs)
 
+    def name_hosts(self, names: dict[str, str]) -> None:
+        """Make each name resolve to its address in every host: ``ip netns exec`` mounts
+        ``/etc/netns/NS/hosts`` over ``/etc/hosts`` (removed by :meth:`remove`)."""
+        lines = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in names.items())
+        for ns in self.namespaces:
+            directory = Path("/etc/netns") / ns
+            if not directory.parent.exists():
+                directory.parent.mkdir()
+                self.etc.append(directory.parent)
+            directory.mkdir()
+            self.etc.append(directory)
+            (directory / "hosts").write_text(lines)
+
     def leftovers(self) -> list[str]:
-        """Namespaces of this test still present (empty after :meth:`remove`)."""
+        """Namespaces and /etc/netns entries of this test still present (none after
+        :meth:`remove`)."""
         listed = _ip("netns", "list").stdout.split()
-        return [name for name in listed if name.startswith(f"ps{self.tag}-")]
+        etc = [str(p) for p in Path("/etc/netns").glob(f"ps{self.tag}-*")]
+        return [name for name in listed if name.startswith(f"ps{self.tag}-")] + etc
 
     def remove(self) -> None:
         """Stop every process started here (SIGKILL to its group), then delete the namespaces
@@ -82,6 +99,9 @@ class Hosts:
         for name in reversed(self.namespaces):
             _ip("netns", "del", name)
         self.namespaces.clear()
+        for directory in reversed(self.etc):  # our /etc/netns entries, then the folder if ours
+            shutil.rmtree(directory, ignore_errors=True)
+        self.etc.clear()
 
 
 def make_hosts(names: list[str]) -> Hosts:
