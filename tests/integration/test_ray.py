@@ -38,7 +38,8 @@ PS = [sys.executable, "-m", "paramserver"]
 OBJECT_STORE = 80 * 1024 * 1024
 #: Servers ask for "ps_server" (only on the two non-head nodes), workers for "trainer" (head).
 SERVERS_APART = psray.RayOptions(server_resources={"ps_server": 1}, server_cpus=0.5,
-                                 worker_cpus=0.5, worker_resources={"trainer": 1},
+                                 server_memory=256 << 20, worker_cpus=0.5,
+                                 worker_memory=128 << 20, worker_resources={"trainer": 1},
                                  placement_strategy="STRICT_SPREAD")
 FAST = {"heartbeat_interval": 0.2, "heartbeat_timeout": 2.0, "grace": 3.0}
 
@@ -107,6 +108,19 @@ def _placements(output: str) -> dict[str, str]:
 
 def _node_ids(cluster: Cluster) -> dict[str, object]:
     return {node.node_id: node for node in cluster.list_all_nodes()}
+
+
+def test_an_unreachable_ray_address_is_named():
+    """Runs without the cluster: a port nothing listens on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    done = subprocess.run(PS + ["launch", "--ray", address, "--", "true"], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    assert f"cannot reach the Ray cluster at {address}" in done.stderr, done.stderr
 
 
 def _train_noloss() -> dict | None:
