@@ -352,7 +352,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "\"paramserver[ray]\"); see docs/operations.md")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="run the scheduler, servers and workers as actors on the Ray cluster "
-                          "at ADDRESS (HOST:PORT of its head, auto, ray://HOST:PORT; none: "
+                          "at ADDRESS (HOST:PORT of its head, or auto; none: "
                           "$RAY_ADDRESS or a new local Ray)")
     ray.add_argument("--ray-scheduler-cpus", type=float, default=0.0, metavar="N",
                      help="CPUs the scheduler asks for (default 0; it runs on this node)")
