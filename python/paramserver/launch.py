@@ -416,7 +416,8 @@ def _wait_ready(job: _Job, proc, deadline: float) -> dict:
         if code is not None:
             raise LaunchError(f"{proc.name} exited with code {code} before it was ready")
         if time.monotonic() > deadline:
-            raise LaunchError(f"{proc.name} was not ready within the startup timeout")
+            raise LaunchError(f"{proc.name} was not ready within the startup timeout"
+                              f"{getattr(proc, 'waiting_for', '')}")
         time.sleep(0.02)
 
 

@@ -277,6 +277,7 @@ class _RayProc:
         self.result: bytes | None = None
         self.pending = None  # the poll call in flight
         self.stopped = False
+        self.spawned_at = time.monotonic()
 
     def exit_code(self) -> int | None:
         """The process's exit code (137 if its actor died), or None while it runs."""
@@ -422,6 +423,11 @@ class _RaySpawner:
             try:
                 if h.where is None:
                     if not _done(ray, h.start_ref):
+                        if now - h.spawned_at > self._startup_timeout:
+                            # A worker has no ready check of its own: never placed is a failure.
+                            h.code = 1
+                            self._say(f"{h.name} could not start within the startup timeout"
+                                      f"{h.waiting_for}")
                         continue
                     h.where = ray.get(h.start_ref)
                     self._say(f"{h.name} runs on Ray node {h.where['node_id'][:12]} "

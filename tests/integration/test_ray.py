@@ -242,6 +242,17 @@ def test_ctrl_c_stops_every_actor(cluster):
     _assert_nothing_left("ctrl-c")
 
 
+def test_servers_that_cannot_be_placed_fail_the_job_naming_what_they_need(cluster):
+    """3 servers, one per node (STRICT_SPREAD), but only 2 nodes have "ps_server"."""
+    with pytest.raises(psray.RayJobError,
+                       match=r"exit code 1: error: Ray could not place the 3 servers' bundles "
+                             r"\(\{'CPU': 0\.5, 'memory': .*'ps_server': 1\.0\} each, "
+                             r"STRICT_SPREAD\) within 4 s"):
+        psray.launch(_train_noloss, 3, 1, options=SERVERS_APART, out=io.StringIO(),
+                     startup_timeout=4, env={"PARAMSERVER_TEST_JOB": "unplaced"}, **FAST)
+    _assert_nothing_left("unplaced")
+
+
 def _fail_node(cluster: Cluster, node) -> None:
     """The node dies as a machine does: every process on it at once (its Ray processes, the
     actors' worker processes and what they started), then the cluster forgets it."""
