@@ -80,22 +80,23 @@ def _processes(match) -> list[psutil.Process]:
     return found
 
 
-def _job_processes(tag: str) -> list[psutil.Process]:
-    """Processes of a job tagged ``tag`` (its environment), and any actor's watchdog or temporary
-    directory user (``paramserver-ray-``)."""
+def _job_processes(token: str) -> list[psutil.Process]:
+    """Processes of the job whose token is ``token`` (every process of a job has it in its
+    environment), and any actor's watchdog (its temporary directory is ``paramserver-ray-*``)."""
     return _processes(lambda cmd, env: "paramserver-ray-" in cmd if env is None
-                      else env.get("PARAMSERVER_TEST_JOB") == tag)
+                      else env.get("PARAMSERVER_TOKEN") == token)
 
 
-def _assert_nothing_left(tag: str) -> None:
-    """No actor or placement group of a paramserver job, and no process of job ``tag``."""
+def _assert_nothing_left(token: str) -> None:
+    """No actor or placement group of a paramserver job, and no process of the job with
+    ``token``."""
     actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
               if a["name"].startswith("paramserver-")]
     assert not actors, f"actors left behind: {actors}"
     groups = [g for g in ray.util.placement_group_table().values()
               if g["name"].startswith("paramserver-") and g["state"] != "REMOVED"]
     assert not groups, f"placement groups left behind: {groups}"
-    wait_for(lambda: not _job_processes(tag), 30, f"the processes of job {tag} to exit",
+    wait_for(lambda: not _job_processes(token), 30, f"the processes of job {token} to exit",
              interval=0.2)
 
 
@@ -134,7 +135,7 @@ def _train_noloss() -> dict | None:
 def test_a_training_job_across_ray_nodes_loses_nothing(cluster):
     out = io.StringIO()
     results = psray.launch(_train_noloss, 2, 2, options=SERVERS_APART, out=out,
-                           env={"PARAMSERVER_TEST_JOB": "noloss"}, **FAST)
+                           token="job-noloss", **FAST)
     output = out.getvalue()
     placed = _placements(output)
     nodes = _node_ids(cluster)
@@ -156,7 +157,7 @@ def test_a_training_job_across_ray_nodes_loses_nothing(cluster):
     assert "[launch] all 2 workers finished" in output
     assert results[1] is None
     noloss.check(results[0], 2, "Ray, 3 nodes (servers on 2 nodes, STRICT_SPREAD)")
-    _assert_nothing_left("noloss")
+    _assert_nothing_left("job-noloss")
 
 
 FAILING_WORKER = r"""
@@ -178,12 +179,12 @@ def test_a_failing_workers_exit_code_ends_the_job_from_the_command_line(cluster)
               "--heartbeat-interval", "0.2", "--",
               "python", "-c", FAILING_WORKER],
         capture_output=True, text=True, timeout=150, cwd=ROOT, stdin=subprocess.DEVNULL,
-        env=dict(os.environ, PARAMSERVER_TEST_JOB="cli-fail"))
+        env=dict(os.environ, PARAMSERVER_TOKEN="job-cli-fail"))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 3, output
     assert "[launch] worker 1 failed with exit code 3; stopping the job" in output
     assert "[worker 0] rank 0 up" in output and "[worker 1] rank 1 up" in output
-    _assert_nothing_left("cli-fail")
+    _assert_nothing_left("job-cli-fail")
 
 
 def _exit_on_rank_1() -> None:
@@ -200,9 +201,9 @@ def test_a_failing_worker_raises_from_python_naming_it(cluster):
     with pytest.raises(psray.RayJobError,
                        match=r"exit code 4: worker 1 failed with exit code 4") as info:
         psray.launch(_exit_on_rank_1, 1, 2, options=SERVERS_APART, out=io.StringIO(),
-                     env={"PARAMSERVER_TEST_JOB": "py-fail"}, **FAST)
+                     token="job-py-fail", **FAST)
     assert info.value.exit_code == 4
-    _assert_nothing_left("py-fail")
+    _assert_nothing_left("job-py-fail")
 
 
 SLOW_WORKER = r"""
@@ -221,7 +222,7 @@ def test_ctrl_c_stops_every_actor(cluster):
               "python", "-c", SLOW_WORKER],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         stdin=subprocess.DEVNULL, start_new_session=True,
-        env=dict(os.environ, PARAMSERVER_TEST_JOB="ctrl-c"))
+        env=dict(os.environ, PARAMSERVER_TOKEN="job-ctrl-c"))
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -239,7 +240,7 @@ def test_ctrl_c_stops_every_actor(cluster):
     output = "".join(lines)
     assert proc.returncode == 130, output
     assert "[launch] interrupted; stopping every process" in output
-    _assert_nothing_left("ctrl-c")
+    _assert_nothing_left("job-ctrl-c")
 
 
 def test_servers_that_cannot_be_placed_fail_the_job_naming_what_they_need(cluster):
@@ -249,8 +250,8 @@ def test_servers_that_cannot_be_placed_fail_the_job_naming_what_they_need(cluste
                              r"\(\{'CPU': 0\.5, 'memory': .*'ps_server': 1\.0\} each, "
                              r"STRICT_SPREAD\) within 4 s"):
         psray.launch(_train_noloss, 3, 1, options=SERVERS_APART, out=io.StringIO(),
-                     startup_timeout=4, env={"PARAMSERVER_TEST_JOB": "unplaced"}, **FAST)
-    _assert_nothing_left("unplaced")
+                     startup_timeout=4, token="job-unplaced", **FAST)
+    _assert_nothing_left("job-unplaced")
 
 
 def _fail_node(cluster: Cluster, node) -> None:
@@ -315,7 +316,7 @@ def test_a_server_whose_node_is_removed_restarts_elsewhere_and_the_job_finishes(
             outcome["results"] = psray.launch(
                 _train_through_node_loss, 2, 2, args=(str(flags),), options=options, out=out,
                 checkpoint_dir=str(tmp_path / "ckpt"), max_restarts=2,
-                env={"PARAMSERVER_TEST_JOB": "node-loss"}, **FAST)
+                token="job-node-loss", **FAST)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the test
             outcome["error"] = exc
 
@@ -324,6 +325,9 @@ def test_a_server_whose_node_is_removed_restarts_elsewhere_and_the_job_finishes(
     wait_for(lambda: (flags / "ready").exists() or "error" in outcome, 120,
              "the first half and its checkpoint")
     assert "error" not in outcome, f"{outcome['error']}\n{out.getvalue()}"
+    # What _assert_nothing_left looks for is there while the job runs: its 5 processes (at
+    # least: a worker's command may have children) and the actors' 5 watchdogs.
+    assert len(_job_processes("job-node-loss")) >= 10
     before = _placements(out.getvalue())
     nodes = _node_ids(cluster)
     lost = next(n for n in nodes if n.startswith(before["server 1"]))
@@ -342,5 +346,5 @@ def test_a_server_whose_node_is_removed_restarts_elsewhere_and_the_job_finishes(
     assert result["restarts"] == 1 and result["restore_state"].startswith("restored"), (
         json.dumps(result) + output)
     noloss.check(result, 2, "Ray, server node removed after a checkpoint at step 12, restored")
-    _assert_nothing_left("node-loss")
+    _assert_nothing_left("job-node-loss")
     print("NODE-LOSS " + json.dumps({"restore_state": result["restore_state"]}))
