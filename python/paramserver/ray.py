@@ -292,7 +292,7 @@ class _RayProc:
         """Why it is not ready yet, for the startup-timeout error."""
         if self.where is None:
             return (f" (its Ray actor was not placed: it needs {self.needs or 'no resources'}; "
-                    f"free on the cluster now: {_free_resources()})")
+                    f"free on the cluster now: {_free_resources(self.needs)})")
         return ""
 
     def signal(self, sig: int) -> None:
@@ -301,14 +301,50 @@ class _RayProc:
             self.actor.signal.remote(int(sig))
 
 
-def _free_resources() -> dict[str, float]:
+def _free_resources(needs: Mapping[str, float] | None = None) -> dict[str, float]:
+    """What the cluster has free now (for messages): the resources in ``needs`` (0 when none
+    is free), or every resource but Ray's internal ones."""
     ray = _require_ray()
     try:
         free = ray.available_resources()
     except Exception:  # noqa: BLE001 - only for an error message
         return {}
+    if needs:
+        return {k: round(free.get(k, 0.0), 2) for k in needs}
     return {k: round(v, 2) for k, v in free.items()
             if not k.startswith(("node:", "bundle_group")) and "_group_" not in k}
+
+
+def _job_demand(config: LaunchConfig, options: RayOptions) -> dict[str, float]:
+    """What the whole job asks Ray for at once (resource name -> amount)."""
+    demand: dict[str, float] = {}
+
+    def add(needs: Mapping[str, float], times: int) -> None:
+        for key, value in needs.items():
+            if value:
+                demand[key] = demand.get(key, 0.0) + float(value) * times
+
+    add({"CPU": options.scheduler_cpus, "memory": options.scheduler_memory}, 1)
+    add(options._bundle(), config.num_servers)
+    add({"CPU": options.worker_cpus, "memory": options.worker_memory,
+         **options.worker_resources}, config.num_workers)
+    return demand
+
+
+def _check_capacity(ray, config: LaunchConfig, options: RayOptions,
+                    say: Callable[[str], None]) -> None:
+    """Say so up front when the job asks for more than the whole cluster has (its processes
+    would wait for resources; an autoscaling cluster may still grow to fit)."""
+    total = ray.cluster_resources()
+    short = {key: (amount, total.get(key, 0.0))
+             for key, amount in _job_demand(config, options).items()
+             if amount > total.get(key, 0.0) + 1e-9}
+    if short:
+        parts = ", ".join(f"{key} {need:g} (the cluster has {have:g})"
+                          for key, (need, have) in short.items())
+        say(f"warning: the job asks for more than the Ray cluster has: {parts}; its processes "
+            f"wait for resources unless the cluster grows (lower --ray-server-cpus / "
+            f"--ray-worker-cpus, RayOptions.server_cpus / worker_cpus)")
 
 
 class _RaySpawner:
@@ -354,7 +390,7 @@ class _RaySpawner:
                     f"Ray could not place the {self._num_servers} servers' bundles "
                     f"({bundle} each, {self._options.placement_strategy}) within "
                     f"{self._startup_timeout:.0f} s; free on the cluster: "
-                    f"{_free_resources()}") from None
+                    f"{_free_resources(bundle)}") from None
         return self._pg
 
     def spawn_node(self, name: str, role: str, rank: int, args: list[str],
@@ -545,6 +581,7 @@ def _run(config: LaunchConfig, options: RayOptions, worker: tuple[str, Any],
     owns = _connect(ray, options.address)
     spawner = None
     try:
+        _check_capacity(ray, config, options, say)
         spawner = _RaySpawner(options, worker, out, lock, say, config.grace,
                               config.startup_timeout)
         return run_job(config, spawner, say), spawner, said
