@@ -15,6 +15,10 @@ SIGKILL when the launcher dies (``PR_SET_PDEATHSIG``), and a small watchdog proc
 the launcher, then stops the children's whole process groups (their own children included) and
 removes the launcher's temporary directory. Should the watchdog die too, the next launch removes
 the temporary directories of launchers that are gone.
+
+The supervision (:func:`run_job`: start order, readiness, restarts, exit codes, the final
+checkpoint, interrupts) does not know where processes run: a spawner starts them. Here it is
+``_LocalSpawner`` (this machine); :mod:`paramserver.ray` gives one that starts them as Ray actors.
 """
 
 from __future__ import annotations

@@ -60,3 +60,13 @@ def test_bad_ray_resources_are_refused():
                 "'--', 'true']))")
     assert done.returncode == 1
     assert "Ray resources must be a JSON object" in done.stderr
+
+
+def test_the_jobs_demand_adds_every_role():
+    from paramserver.launch import LaunchConfig
+    from paramserver.ray import _job_demand
+
+    options = RayOptions(scheduler_cpus=0.5, server_cpus=2, server_memory=1 << 30,
+                         worker_cpus=1, worker_resources={"GPU": 1})
+    demand = _job_demand(LaunchConfig(command=["train"], num_servers=2, num_workers=3), options)
+    assert demand == {"CPU": 0.5 + 2 * 2 + 3 * 1, "memory": 2.0 * (1 << 30), "GPU": 3.0}
