@@ -351,11 +351,12 @@ class _RaySpawner:
     """Starts the job's processes as Ray actors (the spawner interface of
     :class:`paramserver.launch._Job`)."""
 
-    def __init__(self, options: RayOptions, worker: tuple[str, Any], out: IO[str],
-                 lock: threading.Lock, say: Callable[[str], None], grace: float,
+    def __init__(self, options: RayOptions, worker: tuple[str, Any], num_servers: int,
+                 out: IO[str], lock: threading.Lock, say: Callable[[str], None], grace: float,
                  startup_timeout: float) -> None:
         self._ray = _require_ray()
         self._options = options
+        self._num_servers = num_servers
         self._worker = worker
         self._out = out
         self._lock = lock
@@ -404,7 +405,6 @@ class _RaySpawner:
 
         o = self._options
         if role == "scheduler":
-            self._num_servers = int(args[args.index("--num-servers") + 1])
             needs = {"CPU": o.scheduler_cpus, "memory": o.scheduler_memory}
             strategy = NodeAffinitySchedulingStrategy(self._driver_node, soft=False)
         else:
@@ -582,7 +582,7 @@ def _run(config: LaunchConfig, options: RayOptions, worker: tuple[str, Any],
     spawner = None
     try:
         _check_capacity(ray, config, options, say)
-        spawner = _RaySpawner(options, worker, out, lock, say, config.grace,
+        spawner = _RaySpawner(options, worker, config.num_servers, out, lock, say, config.grace,
                               config.startup_timeout)
         return run_job(config, spawner, say), spawner, said
     finally:
