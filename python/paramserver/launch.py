@@ -292,6 +292,15 @@ class _Proc:
         self._thread = threading.Thread(target=self._pump, args=(out, lock), daemon=True,
                                         name=f"launch-{name}")
         self._thread.start()
+        #: When the process exited (time.time()), noted by a thread blocked in waitpid: the
+        #: launcher polls, and two workers that exit within one poll are told apart by it.
+        self.exited_at: float | None = None
+        threading.Thread(target=self._note_exit, daemon=True, name=f"launch-wait-{name}").start()
+
+    def _note_exit(self) -> None:
+        self.popen.wait()
+        if self.exited_at is None:
+            self.exited_at = time.time()
 
     def _pump(self, out: IO[str], lock: threading.Lock) -> None:
         assert self.popen.stdout is not None
@@ -303,6 +312,8 @@ class _Proc:
     def exit_code(self) -> int | None:
         """The exit code once the process has exited (128+S if killed by signal S), else None."""
         code = self.popen.poll()
+        if code is not None and self.exited_at is None:
+            self.exited_at = time.time()  # reaped here before the waiting thread woke
         if code is not None and code < 0:
             return 128 - code  # killed by a signal: the shell's convention
         return code
@@ -629,6 +640,8 @@ class _Job:
                     self.start_worker(rank, restart=True)
                     codes[rank] = None
             failed = [(self.workers[r], c) for r, c in codes.items() if c not in (None, 0)]
+            # The first to fail is the likely cause (the others may have failed because of it).
+            failed.sort(key=lambda item: getattr(item[0], "exited_at", None) or float("inf"))
             if failed and self._shrink and len(failed) < len(codes):
                 for worker, code in failed:
                     if worker not in self._shrunk:

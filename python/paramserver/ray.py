@@ -227,20 +227,22 @@ class _NodeProcess:
                            ready_file=ready, cwd=cwd if os.path.isdir(cwd) else None)
         return where
 
-    def poll(self) -> tuple[list[str], int | None, dict | None, bytes | None]:
+    def poll(self) -> tuple[list[str], int | None, dict | None, bytes | None, float | None]:
         """(new output lines, exit code or None, the ready file's JSON or None, the function's
-        pickled return value once it exited 0, else None)."""
+        pickled return value once it exited 0 else None, when it exited (time.time() on this
+        node) or None)."""
         with self._lock:
             lines, self._sink.lines = self._sink.lines, []
         if self._proc is None:
-            return lines, None, None, None
+            return lines, None, None, None, None
         code = self._proc.exit_code()
         if code is not None:
             self._proc.join_output(2.0)
             with self._lock:
                 lines, self._sink.lines = lines + self._sink.lines, []
         result = self._result.read_bytes() if code == 0 and self._result.exists() else None
-        return lines, code, self._proc.ready_info(), result
+        exited_at = self._proc.exited_at if code is not None else None
+        return lines, code, self._proc.ready_info(), result, exited_at
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process's group."""
@@ -278,6 +280,7 @@ class _RayProc:
         self.pending = None  # the poll call in flight
         self.stopped = False
         self.spawned_at = time.monotonic()
+        self.exited_at: float | None = None
 
     def exit_code(self) -> int | None:
         """The process's exit code (137 if its actor died), or None while it runs."""
@@ -471,7 +474,7 @@ class _RaySpawner:
                     continue
                 if h.pending is None or not _done(ray, h.pending):
                     continue
-                lines, code, ready, result = ray.get(h.pending)
+                lines, code, ready, result, exited_at = ray.get(h.pending)
                 h.pending = None
             except ray.exceptions.ActorUnavailableError:
                 h.pending = None  # transient: ask again next time
@@ -485,6 +488,7 @@ class _RaySpawner:
             self._write(lines)
             h.ready = ready or h.ready
             h.result = result if result is not None else h.result
+            h.exited_at = exited_at
             h.code = code
 
     def _write(self, lines: list[str]) -> None:
