@@ -30,6 +30,14 @@ from tests.integration import netns
 pytest.importorskip("yaml", reason="PyYAML is part of the test extra")
 
 TOKEN = "kubernetes-test-token-1c9e"
+#: A gRPC readiness probe, as the kubelet makes it: Health/Check of service "" at argv[1].
+PROBE = r"""
+import sys, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+"""
 PODS = ["scheduler", "server-0", "server-1", "worker-0", "worker-1"]
 
 
@@ -112,6 +120,15 @@ def test_the_manifests_run_a_job_across_pods(hosts, tmp_path):
     assert len(results) == 1 and results[0]["test_accuracy"] >= 0.9, pods.log("worker-0")
     checkpoints = tmp_path / "claim" / "job"
     assert (checkpoints / "scheduler-state.json").is_file()
+
+    # The readiness probes: the kubelet asks the gRPC health service on each probe's port,
+    # without the token.
+    probes = {"scheduler": pods.scheduler, "server-0": pods.server, "server-1": pods.server}
+    for pod, container in probes.items():
+        target = f"{hosts.addresses[pod]}:{container['readinessProbe']['grpc']['port']}"
+        done = hosts.run("worker-0", [sys.executable, "-c", PROBE, target], timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "PARAMSERVER_TOKEN"})
+        assert done.stdout.strip() == "SERVING", (pod, done.stdout, done.stderr)
 
     # The scheduler pod is replaced: the same command continues the job from the claim.
     os.killpg(scheduler.pid, signal.SIGKILL)
