@@ -19,6 +19,18 @@ from pathlib import Path
 
 #: The subnet of the test's hosts (namespaces are isolated: it collides with nothing).
 SUBNET = "10.213.0"
+#: Where iproute2 keeps a handle (a bind mount) of each named namespace.
+RUN_DIR = os.path.realpath("/var/run/netns")
+
+
+def _is_mount(path: str) -> bool:
+    """True if ``path`` is a mount point (bind mounts of a folder onto itself included, which
+    os.path.ismount does not see)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == path for line in f)
+    except OSError:
+        return os.path.ismount(path)
 
 
 class Unavailable(RuntimeError):
@@ -45,6 +57,10 @@ class Hosts:
     namespaces: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
     etc: list[Path] = field(default_factory=list)
+    #: Whether iproute2's namespace folder existed / was a mount point before (it makes it one
+    #: at the first `ip netns add`); if not, :meth:`remove` undoes that once it is empty.
+    run_dir_existed: bool = True
+    run_dir_mounted: bool = True
 
     def ns(self, host: str) -> str:
         """The namespace name of ``host``."""
@@ -77,11 +93,15 @@ class Hosts:
             (directory / "hosts").write_text(lines)
 
     def leftovers(self) -> list[str]:
-        """Namespaces and /etc/netns entries of this test still present (none after
-        :meth:`remove`)."""
+        """Namespaces, /etc/netns entries and the namespace folder's mount made by this test
+        that are still present (none after :meth:`remove`)."""
         listed = _ip("netns", "list").stdout.split()
         etc = [str(p) for p in Path("/etc/netns").glob(f"ps{self.tag}-*")]
-        return [name for name in listed if name.startswith(f"ps{self.tag}-")] + etc
+        left = [name for name in listed if name.startswith(f"ps{self.tag}-")] + etc
+        if (not self.run_dir_mounted and _is_mount(RUN_DIR)
+                and not os.listdir(RUN_DIR)):
+            left.append(f"the mount {RUN_DIR}")
+        return left
 
     def remove(self) -> None:
         """Stop every process started here (SIGKILL to its group), then delete the namespaces
@@ -102,6 +122,11 @@ class Hosts:
         for directory in reversed(self.etc):  # our /etc/netns entries, then the folder if ours
             shutil.rmtree(directory, ignore_errors=True)
         self.etc.clear()
+        if os.path.isdir(RUN_DIR) and not os.listdir(RUN_DIR):
+            if not self.run_dir_mounted and _is_mount(RUN_DIR):
+                subprocess.run(["umount", RUN_DIR], capture_output=True, timeout=30)
+            if not self.run_dir_existed and not _is_mount(RUN_DIR):
+                os.rmdir(RUN_DIR)
 
 
 def make_hosts(names: list[str]) -> Hosts:
@@ -111,7 +136,8 @@ def make_hosts(names: list[str]) -> Hosts:
         raise Unavailable("iproute2's `ip` command is not installed")
     if os.geteuid() != 0:
         raise Unavailable("creating network namespaces needs root")
-    hosts = Hosts(secrets.token_hex(3))
+    hosts = Hosts(secrets.token_hex(3), run_dir_existed=os.path.isdir(RUN_DIR),
+                  run_dir_mounted=_is_mount(RUN_DIR))
     switch = hosts.ns("switch")
     probe = _ip("netns", "add", switch)
     if probe.returncode:
