@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def cluster() -> Iterator[Cluster]:
         # Nothing of the cluster is left: no raylet, GCS or worker of this session.
         wait_for(lambda: not _processes(lambda cmd, env: session in cmd), 30,
                  "the Ray cluster's processes to exit", interval=0.2)
+        shutil.rmtree(session, ignore_errors=True)  # the session's sockets and logs
 
 
 def _processes(match) -> list[psutil.Process]:
@@ -266,12 +268,26 @@ def _fail_node(cluster: Cluster, node) -> None:
     for pid in raylets:
         root = psutil.Process(pid)
         doomed += [root] + root.children(recursive=True)
+    # The actors' folders (named on their watchdogs' command lines) would go with the machine;
+    # on this one they are removed by hand.
+    folders = {arg for proc in doomed for arg in _cmdline(proc)
+               if Path(arg).name.startswith("paramserver-ray-")}
     for proc in doomed:
         try:
             proc.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
     cluster.remove_node(node, allow_graceful=False)
+    assert folders, "no actor of the job ran on the node"
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
 
 
 def _train_through_node_loss(flags: str) -> dict | None:
