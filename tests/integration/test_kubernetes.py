@@ -6,9 +6,10 @@ container: the manifest's command line with ``$(VAR)`` expanded from the contain
 mapped to one directory shared by the pods. No cluster is needed; what Kubernetes itself does
 (scheduling, probes, restarts) is not exercised.
 
-The workers' command (the MLP example) must reach its target accuracy, and a scheduler pod
-restarted with the same command continues the job (``--recover-if-present``): both servers
-register again at their pod IPs.
+The workers' command (the MLP example) must reach its target accuracy; the probes' ports answer
+the gRPC health check without a token; a scheduler pod restarted with the same command continues
+the job (``--recover-if-present``) and both servers register again at their pod IPs; and a server
+pod replaced after a checkpoint takes its rank over and restores from the claim.
 """
 
 from __future__ import annotations
@@ -106,8 +107,7 @@ def test_the_manifests_run_a_job_across_pods(hosts, tmp_path):
     pods = _Pods(hosts, tmp_path)
     # Kubernetes starts the pods in no particular order: the workers and servers first here.
     workers = [pods.start(f"worker-{i}", pods.worker, i) for i in range(2)]
-    for i in range(2):
-        pods.start(f"server-{i}", pods.server, i)
+    servers = [pods.start(f"server-{i}", pods.server, i) for i in range(2)]
     scheduler = pods.start("scheduler", pods.scheduler)
     for i, proc in enumerate(workers):
         try:
@@ -150,3 +150,28 @@ def test_the_manifests_run_a_job_across_pods(hosts, tmp_path):
 
     alive = wait_for(servers_back, 60, "both servers to register with the new scheduler")
     assert alive == {f"server-{i}": f"{hosts.addresses[f'server-{i}']}:7000" for i in range(2)}
+
+    # A checkpoint onto the claim, then server-1's pod is replaced (same ordinal, same command):
+    # it takes its rank over at once and restores its tables from the claim.
+    ps = [sys.executable, "-m", "paramserver"]
+    env = dict(os.environ, PARAMSERVER_TOKEN=TOKEN)
+    done = hosts.run("worker-0", ps + ["checkpoint", "--scheduler", "paramserver-scheduler:9090",
+                                       "--json"], timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    version = json.loads(done.stdout)["version"]
+    os.killpg(servers[1].pid, signal.SIGKILL)
+    servers[1].wait(10)
+    pods.start("server-1", pods.server, 1)
+
+    def restored() -> dict | None:
+        status = hosts.run("worker-0", ps + ["status", "--scheduler",
+                                             "paramserver-scheduler:9090", "--json"],
+                           timeout=60, env=env)
+        if status.returncode:
+            return None
+        node = next(n for n in json.loads(status.stdout)["nodes"] if n["node_id"] == "server-1")
+        return node if node["restore_state"].startswith("restored") else None
+
+    node = wait_for(restored, 60, "the replaced server-1 to restore from the claim")
+    assert node["restore_state"] == f"restored from checkpoint {version}", node
+    assert node["restarts"] >= 1 and node["alive"]
