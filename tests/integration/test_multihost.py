@@ -53,29 +53,58 @@ def _node(hosts: netns.Hosts, host: str, args: list[str], tmp: Path, env: dict) 
     return wait_for(up, 60, f"{args[0]} in namespace {host} to be ready")
 
 
-def test_a_job_across_network_namespaces_loses_nothing(hosts, tmp_path):
-    env = dict(os.environ, PARAMSERVER_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
+def _environments(hosts: netns.Hosts, tmp: Path, tls: bool) -> dict[str, dict[str, str]]:
+    """Each host's environment: the token, and with ``tls`` its own certificate (naming only
+    its address), key and the CA, as docs/operations.md sets up two machines."""
+    base = dict(os.environ, PARAMSERVER_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
+    if not tls:
+        return {host: base for host in HOSTS}
+    from tests.integration import tls_certs
+
+    ca, ca_cert, ca_key = tls_certs.make_ca(tmp)
+    envs = {}
+    for host in HOSTS:
+        pair = tls_certs.issue(tmp, host, ca_cert, ca_key, ips=(hosts.addresses[host],))
+        envs[host] = dict(base, PARAMSERVER_TLS_CERT=str(pair.cert),
+                          PARAMSERVER_TLS_KEY=str(pair.key), PARAMSERVER_TLS_CA=str(ca.cert))
+    return envs
+
+
+@pytest.mark.parametrize("security", ["token", "mutual TLS and token"])
+def test_a_job_across_network_namespaces_loses_nothing(hosts, tmp_path, security):
+    tls = security != "token"
+    envs = _environments(hosts, tmp_path, tls)
+    mutual = ["--tls-client-auth"] if tls else []
+    env = envs["w0"]
     ip = hosts.addresses
     sched = _node(hosts, "sched", ["scheduler", "--host", ip["sched"], "--port", "9090",
                                    "--num-servers", "2", "--num-workers", "2",
-                                   "--heartbeat-interval", "0.2"], tmp_path, env)
+                                   "--heartbeat-interval", "0.2", *mutual], tmp_path,
+                  envs["sched"])
     assert sched["address"] == f"{ip['sched']}:9090"
     s0 = _node(hosts, "s0", ["server", "--scheduler", sched["address"], "--rank", "0",
                              "--host", "0.0.0.0", "--port", "7000",
-                             "--advertise", f"{ip['s0']}:7000"], tmp_path, env)
+                             "--advertise", f"{ip['s0']}:7000", *mutual], tmp_path, envs["s0"])
     s1 = _node(hosts, "s1", ["server", "--scheduler", sched["address"], "--rank", "1",
-                             "--host", ip["s1"], "--port", "0"], tmp_path, env)
+                             "--host", ip["s1"], "--port", "0", *mutual], tmp_path, envs["s1"])
     assert s0["address"] == f"{ip['s0']}:7000"
     assert s1["address"].startswith(f"{ip['s1']}:") and not s1["address"].endswith(":0")
 
     # A caller without the job's token is refused, across hosts too.
     refused = hosts.run("w1", PS + ["status", "--scheduler", sched["address"]], timeout=60,
-                        env={k: v for k, v in env.items() if k != "PARAMSERVER_TOKEN"}, cwd=ROOT)
+                        env={k: v for k, v in envs["w1"].items() if k != "PARAMSERVER_TOKEN"},
+                        cwd=ROOT)
     assert refused.returncode == 1 and "authentication failed" in refused.stderr, refused
+    if tls:  # and so is one with the token but without a certificate (mutual TLS)
+        anonymous = {k: v for k, v in envs["w1"].items()
+                     if k not in ("PARAMSERVER_TLS_CERT", "PARAMSERVER_TLS_KEY")}
+        refused = hosts.run("w1", PS + ["status", "--scheduler", sched["address"],
+                                        "--timeout", "3"], timeout=60, env=anonymous, cwd=ROOT)
+        assert refused.returncode == 1 and "is unreachable" in refused.stderr, refused
 
     workers = [hosts.popen(host, [sys.executable, "-c", noloss.WORKER], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                           env=dict(env, PARAMSERVER_SCHEDULER=sched["address"],
+                           env=dict(envs[host], PARAMSERVER_SCHEDULER=sched["address"],
                                     PARAMSERVER_RANK=str(rank), PARAMSERVER_NUM_WORKERS="2"))
                for rank, host in enumerate(["w0", "w1"])]
     outputs = []
@@ -88,7 +117,8 @@ def test_a_job_across_network_namespaces_loses_nothing(hosts, tmp_path):
     result = json.loads(lines[0].split(" ", 1)[1])
     # The workers reached the servers at their private addresses, as advertised.
     assert result["servers"] == sorted([s0["address"], s1["address"]])
-    noloss.check(result, 2, "network namespaces (scheduler, 2 servers, 2 workers on 5 hosts)")
+    noloss.check(result, 2, f"network namespaces (scheduler, 2 servers, 2 workers on 5 hosts), "
+                            f"{security}")
 
     status = hosts.run("w0", PS + ["status", "--scheduler", sched["address"], "--json"],
                        timeout=60, env=env, cwd=ROOT)
