@@ -118,6 +118,8 @@ def test_the_manifests_run_a_job_across_pods(hosts, tmp_path):
     results = [json.loads(line.split("RESULT ", 1)[1])
                for line in pods.log("worker-0").splitlines() if "RESULT {" in line]
     assert len(results) == 1 and results[0]["test_accuracy"] >= 0.9, pods.log("worker-0")
+    print("KUBERNETES " + json.dumps({k: results[0][k] for k in ("dataset", "test_accuracy",
+                                                                 "num_workers", "num_servers")}))
     checkpoints = tmp_path / "claim" / "job"
     assert (checkpoints / "scheduler-state.json").is_file()
 
