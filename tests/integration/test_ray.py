@@ -165,6 +165,23 @@ def test_a_training_job_across_ray_nodes_loses_nothing(cluster):
 #: Rank 1 fails with 3; rank 0 fails with 1 a tenth of a second later (as a worker failing
 #: because another did would). The launcher polls Ray every 0.2 s, so it often sees both at
 #: once: it must still name the first, by when each exited.
+def test_a_job_with_mutual_tls_on_ray_loses_nothing(cluster, tmp_path):
+    """The TLS files travel by path to every node (here one file system); the certificate names
+    the address the nodes bind, the IP Ray knows their node by."""
+    from tests.integration import tls_certs
+
+    ca, ca_cert, ca_key = tls_certs.make_ca(tmp_path)
+    pair = tls_certs.issue(tmp_path, "node", ca_cert, ca_key,
+                           ips=(cluster.head_node.node_ip_address,))
+    out = io.StringIO()
+    results = psray.launch(_train_noloss, 2, 2, options=SERVERS_APART, out=out,
+                           tls_cert=str(pair.cert), tls_key=str(pair.key), tls_ca=str(ca.cert),
+                           tls_client_auth=True, token="job-tls", **FAST)
+    assert "mutual TLS" in out.getvalue()  # how each node says it serves
+    noloss.check(results[0], 2, "Ray, 3 nodes, mutual TLS and token")
+    _assert_nothing_left("job-tls")
+
+
 FAILING_WORKER = r"""
 import sys, time, paramserver as ps
 with ps.connect(timeout=60) as client:
