@@ -68,6 +68,9 @@ def cluster() -> Iterator[Cluster]:
         wait_for(lambda: not _processes(lambda cmd, env: session in cmd), 30,
                  "the Ray cluster's processes to exit", interval=0.2)
         shutil.rmtree(session, ignore_errors=True)  # the session's sockets and logs
+        latest = Path(session).parent / "session_latest"
+        if latest.is_symlink() and os.readlink(latest) == session:
+            latest.unlink()
 
 
 def _processes(match) -> list[psutil.Process]:
