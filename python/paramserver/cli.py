@@ -95,7 +95,17 @@ def _sync_config(args: argparse.Namespace) -> dict:
 
 
 def _cmd_scheduler_config(args: argparse.Namespace) -> dict:
-    return dict(_checkpoint_config(args), recover=args.recover, **_sync_config(args))
+    from paramserver.scheduler import has_recoverable_state
+
+    recover = args.recover
+    if args.recover_if_present:
+        if not args.checkpoint_dir:
+            raise ValueError("--recover-if-present needs --checkpoint-dir")
+        recover = has_recoverable_state(args.checkpoint_dir)
+        if recover:
+            print(f"scheduler: {args.checkpoint_dir} holds a running job's state; recovering it "
+                  f"(--recover-if-present)", flush=True)
+    return dict(_checkpoint_config(args), recover=recover, **_sync_config(args))
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -128,8 +138,12 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         path = getattr(args, name) or os.environ.get(TLS_ENV[name], "")
         return os.path.abspath(path) if path else ""
 
+    if args.ray is not None and args.host is not None:
+        raise ValueError("--host cannot be used with --ray: every node binds the address its "
+                         "Ray node is known by")
     config = LaunchConfig(command=command, num_servers=args.num_servers,
-                          num_workers=args.num_workers, host=args.host, port=args.port,
+                          num_workers=args.num_workers, host=args.host or "127.0.0.1",
+                          port=args.port,
                           heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
                           startup_timeout=args.startup_timeout, token=security.token,
@@ -137,7 +151,36 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           tls_ca=tls_path("tls_ca"), tls_client_auth=args.tls_client_auth,
                           max_restarts=args.max_restarts, transport=args.transport,
                           **_checkpoint_config(args), **_sync_config(args))
-    return launch(config)
+    if args.ray is None:
+        return launch(config)
+    try:
+        from paramserver.ray import RayOptions, run_command
+        options = RayOptions(address=args.ray, scheduler_cpus=args.ray_scheduler_cpus,
+                             scheduler_memory=args.ray_scheduler_memory,
+                             server_cpus=args.ray_server_cpus,
+                             server_memory=args.ray_server_memory,
+                             server_resources=_resources(args.ray_server_resources),
+                             worker_cpus=args.ray_worker_cpus,
+                             worker_memory=args.ray_worker_memory,
+                             worker_resources=_resources(args.ray_worker_resources),
+                             placement_strategy=args.ray_placement_strategy)
+        return run_command(config, options)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _resources(text: str | None) -> dict:
+    """A JSON object of Ray custom resources (``--ray-worker-resources '{"GPU": 1}'``)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise ValueError(f"Ray resources must be a JSON object such as '{{\"GPU\": 1}}', got "
+                         f"{text!r}: {exc}") from None
+    return value
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -259,6 +302,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recover", action="store_true",
                    help="continue a running job whose scheduler died, from the state kept in "
                         "--checkpoint-dir (servers and workers register again)")
+    p.add_argument("--recover-if-present", action="store_true",
+                   help="--recover when --checkpoint-dir holds a scheduler's state, else start "
+                        "the job: for a supervisor that restarts the scheduler with the same "
+                        "command (a Kubernetes Deployment)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_scheduler)
@@ -289,11 +336,12 @@ def _parser() -> argparse.ArgumentParser:
     security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_server)
 
-    p = sub.add_parser("launch", help="run a whole job on this machine",
-                       usage="paramserver launch [options] -- CMD [ARGS...]")
+    p = sub.add_parser("launch", help="run a whole job on this machine or a Ray cluster",
+                       usage="paramserver launch [options] [--ray [ADDRESS]] -- CMD [ARGS...]")
     p.add_argument("--num-servers", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default=None,
+                   help="interface every node binds (default 127.0.0.1; not with --ray)")
     p.add_argument("--port", type=int, default=0, help="scheduler port (default: any free)")
     heartbeat_flags(p)
     p.add_argument("--startup-timeout", type=float, default=60.0,
@@ -307,6 +355,31 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto (default): workers send through shared memory to the servers on "
                         "this machine; grpc: gRPC only")
     security_flags(p, serving=True)
+    ray = p.add_argument_group("Ray", "run the job on a Ray cluster (pip install "
+                                      "\"paramserver[ray]\"); see docs/operations.md")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run the scheduler, servers and workers as actors on the Ray cluster "
+                          "at ADDRESS (HOST:PORT of its head, or auto; none: "
+                          "$RAY_ADDRESS or a new local Ray)")
+    ray.add_argument("--ray-scheduler-cpus", type=float, default=0.0, metavar="N",
+                     help="CPUs the scheduler asks for (default 0; it runs on this node)")
+    ray.add_argument("--ray-scheduler-memory", type=_size, default=0, metavar="SIZE",
+                     help="memory the scheduler asks for (default: none)")
+    ray.add_argument("--ray-server-cpus", type=float, default=1.0, metavar="N",
+                     help="CPUs of each server's placement-group bundle (default 1)")
+    ray.add_argument("--ray-server-memory", type=_size, default=0, metavar="SIZE",
+                     help="memory of each server's bundle, e.g. 8G (default: none)")
+    ray.add_argument("--ray-server-resources", metavar="JSON",
+                     help="custom resources of each server's bundle, e.g. '{\"ps\": 1}'")
+    ray.add_argument("--ray-worker-cpus", type=float, default=1.0, metavar="N",
+                     help="CPUs each worker asks for (default 1)")
+    ray.add_argument("--ray-worker-memory", type=_size, default=0, metavar="SIZE",
+                     help="memory each worker asks for (default: none)")
+    ray.add_argument("--ray-worker-resources", metavar="JSON",
+                     help="custom resources each worker asks for, e.g. '{\"GPU\": 1}'")
+    ray.add_argument("--ray-placement-strategy", default="SPREAD",
+                     choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                     help="how the servers' bundles are spread over nodes (default SPREAD)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command, after --")
     p.set_defaults(fn=_cmd_launch)
 

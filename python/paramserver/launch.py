@@ -15,6 +15,10 @@ SIGKILL when the launcher dies (``PR_SET_PDEATHSIG``), and a small watchdog proc
 the launcher, then stops the children's whole process groups (their own children included) and
 removes the launcher's temporary directory. Should the watchdog die too, the next launch removes
 the temporary directories of launchers that are gone.
+
+The supervision (:func:`run_job`: start order, readiness, restarts, exit codes, the final
+checkpoint, interrupts) does not know where processes run: a spawner starts them. Here it is
+``_LocalSpawner`` (this machine); :mod:`paramserver.ray` gives one that starts them as Ray actors.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from paramserver import shm
 from paramserver.config import TLS_ENV, TOKEN_ENV, Security, load_security
 from paramserver.rpc import MALLOC_ENV
 
-__all__ = ["LaunchConfig", "launch"]
+__all__ = ["LaunchConfig", "LaunchError", "launch", "run_job", "job_environment",
+           "process_environment", "node_command", "line_writer"]
 
 
 @dataclass(frozen=True)
@@ -275,20 +280,34 @@ class _Watchdog:
 
 
 class _Proc:
-    """One child process whose output is copied line by line behind a prefix."""
+    """One child process whose output is copied line by line behind a prefix.
+
+    ``ready_file``: where the node writes its JSON once serving (None for workers).
+    """
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], out: IO[str],
-                 lock: threading.Lock, watchdog: _Watchdog | None = None) -> None:
+                 lock: threading.Lock, watchdog: _Watchdog | None = None,
+                 ready_file: Path | None = None, cwd: str | None = None) -> None:
         self.name = name
+        self.ready_file = ready_file
         self.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=True, text=True, errors="replace",
-                                      bufsize=1, preexec_fn=_die_with_launcher())
+                                      bufsize=1, preexec_fn=_die_with_launcher(), cwd=cwd)
         if watchdog is not None:
             watchdog.watch(self.popen.pid)  # its own session: the group id is its pid
         self._thread = threading.Thread(target=self._pump, args=(out, lock), daemon=True,
                                         name=f"launch-{name}")
         self._thread.start()
+        #: When the process exited (time.time()), noted by a thread blocked in waitpid: the
+        #: launcher polls, and two workers that exit within one poll are told apart by it.
+        self.exited_at: float | None = None
+        threading.Thread(target=self._note_exit, daemon=True, name=f"launch-wait-{name}").start()
+
+    def _note_exit(self) -> None:
+        self.popen.wait()
+        if self.exited_at is None:
+            self.exited_at = time.time()
 
     def _pump(self, out: IO[str], lock: threading.Lock) -> None:
         assert self.popen.stdout is not None
@@ -298,98 +317,199 @@ class _Proc:
                 out.flush()
 
     def exit_code(self) -> int | None:
+        """The exit code once the process has exited (128+S if killed by signal S), else None."""
         code = self.popen.poll()
+        if code is not None and self.exited_at is None:
+            self.exited_at = time.time()  # reaped here before the waiting thread woke
         if code is not None and code < 0:
             return 128 - code  # killed by a signal: the shell's convention
         return code
 
+    def ready_info(self) -> dict | None:
+        """The JSON the node wrote once serving, or None while it has not."""
+        if self.ready_file is not None and self.ready_file.exists():
+            return json.loads(self.ready_file.read_text())
+        return None
+
     def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process's whole group (its children too)."""
         try:
             os.killpg(self.popen.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to exit; True if it has."""
+        try:
+            self.popen.wait(max(0.0, timeout))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def join_output(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the last of the output to be copied."""
         self._thread.join(timeout)
 
 
-def _wait_ready(proc: _Proc, ready_file: Path, deadline: float) -> dict:
+def job_environment(config: LaunchConfig) -> dict[str, str]:
+    """The variables every process of the job gets on top of its machine's environment:
+    ``config.env``, the job token (the one given, or a random one made here) and the TLS paths."""
+    env = dict(config.env)
+    if config.transport == "grpc":
+        env["PARAMSERVER_TRANSPORT"] = "grpc"
+    # The token travels by environment, never on a command line (visible to every user in ps).
+    env[TOKEN_ENV] = config.token or secrets.token_urlsafe(32)
+    for name, variable in TLS_ENV.items():
+        env[variable] = getattr(config, name)
+    return env
+
+
+def process_environment(job_env: dict[str, str]) -> dict[str, str]:
+    """The whole environment of a job's process started on this machine: this process's
+    environment, this interpreter first on ``PATH``, one BLAS/OpenMP thread and the malloc
+    settings unless set, then ``job_env``. Used by the local launcher and, on each node, by the
+    Ray launcher's actors."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Workers run with this interpreter's environment first on PATH, so `python` in the worker
+    # command is the Python (and the paramserver) that runs the launcher.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # N processes each starting one BLAS/OpenMP thread per core oversubscribe the machine (seen:
+    # 2.7x slower training on 2 cores); like torchrun, default to one thread per process.
+    for var in _THREAD_VARIABLES:
+        env.setdefault(var, "1")
+    # Megabyte messages without a page fault per 4 KiB (rpc.tune_malloc): the launcher's decision
+    # for the processes it starts, made through glibc's own variables, never from the library.
+    merged = dict(env, **job_env)
+    if merged.get("PARAMSERVER_TUNE_MALLOC", "1") != "0" and not any(
+            var in merged for var in MALLOC_ENV):
+        env.update(MALLOC_ENV)
+    env.update(job_env)
+    return env
+
+
+def node_command() -> list[str]:
+    """The command of a scheduler or server on this machine: ``python -m paramserver``."""
+    return [sys.executable, "-m", "paramserver"]
+
+
+class _LocalSpawner:
+    """Starts the job's processes on this machine (see :class:`_Job` for the interface)."""
+
+    def __init__(self, command: list[str], tmp: Path, out: IO[str], lock: threading.Lock,
+                 watchdog: _Watchdog | None) -> None:
+        self._command = command
+        self._tmp = tmp
+        self._out = out
+        self._lock = lock
+        self._watchdog = watchdog
+        self._starts = 0
+
+    def spawn_node(self, name: str, role: str, rank: int, args: list[str],
+                   job_env: dict[str, str]) -> _Proc:
+        """Start ``paramserver ARGS --ready-file F`` as ``name``."""
+        self._starts += 1
+        ready = self._tmp / f"{name.replace(' ', '-')}.{self._starts}.json"
+        return _Proc(name, node_command() + args + ["--ready-file", str(ready)],
+                     process_environment(job_env), self._out, self._lock, self._watchdog,
+                     ready_file=ready)
+
+    def spawn_worker(self, name: str, rank: int, job_env: dict[str, str]) -> _Proc:
+        """Start the worker command as ``name``."""
+        return _Proc(name, list(self._command), process_environment(job_env), self._out,
+                     self._lock, self._watchdog)
+
+    def poll(self) -> None:
+        """Nothing to refresh: a local process is asked directly."""
+
+    def host(self, configured: str) -> str:
+        """The ``--host`` of the scheduler and servers: the configured one."""
+        return configured
+
+    def stop(self, procs: list[_Proc], grace: float) -> None:
+        """Stop ``procs``: SIGTERM to each group (last first), SIGKILL after ``grace``."""
+        _stop_all(procs, grace)
+
+
+def _wait_ready(job: _Job, proc, deadline: float) -> dict:
     while True:
-        if ready_file.exists():
-            return json.loads(ready_file.read_text())
+        job.spawner.poll()
+        info = proc.ready_info()
+        if info is not None:
+            return info
         code = proc.exit_code()
         if code is not None:
             raise LaunchError(f"{proc.name} exited with code {code} before it was ready")
         if time.monotonic() > deadline:
-            raise LaunchError(f"{proc.name} was not ready within the startup timeout")
+            raise LaunchError(f"{proc.name} was not ready within the startup timeout"
+                              f"{getattr(proc, 'waiting_for', '')}")
         time.sleep(0.02)
 
 
 def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
-    """Run a job to completion and return the launcher's exit code (see module doc).
+    """Run a job on this machine to completion and return the launcher's exit code (see module
+    doc).
 
     Blocks until every worker has exited, a worker fails, a server or the scheduler dies, or the
     process is interrupted; always stops every child before returning.
     """
     out = out or sys.stdout
     lock = threading.Lock()
-    base_env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # Workers run with this interpreter's environment first on PATH, so `python` in the worker
-    # command is the Python (and the paramserver) that runs the launcher.
-    base_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + base_env.get("PATH", "")
-    # N processes each starting one BLAS/OpenMP thread per core oversubscribe the machine (seen:
-    # 2.7x slower training on 2 cores); like torchrun, default to one thread per process.
-    for var in _THREAD_VARIABLES:
-        base_env.setdefault(var, "1")
-    # Megabyte messages without a page fault per 4 KiB (rpc.tune_malloc): the launcher's decision
-    # for the processes it starts, made through glibc's own variables, never from the library.
-    if base_env.get("PARAMSERVER_TUNE_MALLOC", "1") != "0" and not any(
-            var in base_env for var in MALLOC_ENV):
-        base_env.update(MALLOC_ENV)
-    base_env.update(config.env)
-    if config.transport == "grpc":
-        base_env["PARAMSERVER_TRANSPORT"] = "grpc"
-    shm.sweep()  # shared-memory segments a killed job left behind
-    # The token travels by environment, never on a command line (visible to every user in ps).
-    base_env[TOKEN_ENV] = config.token or secrets.token_urlsafe(32)
-    for name, variable in TLS_ENV.items():
-        base_env[variable] = getattr(config, name)
-    client_auth = ["--tls-client-auth"] if config.tls_client_auth else []
-    # The launcher's own calls (the final checkpoint) carry the job's token and TLS settings.
-    security = load_security(token=base_env[TOKEN_ENV], tls_cert=config.tls_cert or None,
-                             tls_key=config.tls_key or None, tls_ca=config.tls_ca or None,
-                             environ={})
+    say = line_writer(out, lock)
+    shm.sweep()  # shared-memory segments a killed job left in /dev/shm
+    for path in _clean_stale_dirs(tempfile.gettempdir()):
+        say(f"removed {path}, left by a launcher that was killed")
+    with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX) as tmp:
+        Path(tmp, _OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}")
+        watchdog = _Watchdog(tmp, config.grace)
+        try:
+            spawner = _LocalSpawner(config.command, Path(tmp), out, lock, watchdog)
+            return run_job(config, spawner, say)
+        finally:
+            watchdog.release()
 
+
+def line_writer(out: IO[str], lock: threading.Lock) -> Callable[[str], None]:
+    """``say(message)``: write ``[launch] message`` to ``out`` as one line, under ``lock``."""
     def say(message: str) -> None:
         with lock:
             out.write(f"[launch] {message}\n")
             out.flush()
+    return say
 
+
+def run_job(config: LaunchConfig, spawner, say: Callable[[str], None]) -> int:
+    """Run a job whose processes ``spawner`` starts (on this machine, or as Ray actors) and
+    return its exit code: 0 when every worker exits 0, the first failing worker's code, the
+    code of a scheduler or server that dies (or 1), 127 for a command that cannot run, 1 when
+    the job cannot start, 128+S on signal S (SIGINT, SIGTERM: handled when called from the main
+    thread). Takes the final checkpoint (see :class:`LaunchConfig`), and always stops every
+    process with ``spawner.stop`` before returning."""
+    client_auth = ["--tls-client-auth"] if config.tls_client_auth else []
+    job_env = job_environment(config)
+    # The launcher's own calls (the final checkpoint) carry the job's token and TLS settings.
+    security = load_security(token=job_env[TOKEN_ENV], tls_cert=config.tls_cert or None,
+                             tls_key=config.tls_key or None, tls_ca=config.tls_ca or None,
+                             environ={})
     received: list[int] = []
 
     def interrupt(signum: int, frame: object) -> None:
         received.append(signum)
         raise KeyboardInterrupt
 
-    for path in _clean_stale_dirs(tempfile.gettempdir()):
-        say(f"removed {path}, left by a launcher that was killed")
-    watchdog: _Watchdog | None = None
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = ({sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
     job: _Job | None = None
     try:
-        with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX) as tmp:
-            Path(tmp, _OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}")
-            watchdog = _Watchdog(tmp, config.grace)
-            job = _Job(config, Path(tmp), base_env, out, lock, say, watchdog, client_auth)
-            job.start()
-            say(f"scheduler at {job.scheduler}, {config.num_servers} servers ready; starting "
-                f"{config.num_workers} workers: {' '.join(config.command)}")
-            for rank in range(config.num_workers):
-                job.start_worker(rank)
-            code = job.supervise()
-            if code == 0 and config.checkpoint_dir:
-                _final_checkpoint(job.scheduler, security, config, say, "the job finished")
-            return code
+        job = _Job(config, spawner, job_env, say, client_auth)
+        job.start()
+        say(f"scheduler at {job.scheduler}, {config.num_servers} servers ready; starting "
+            f"{config.num_workers} workers: {' '.join(config.command)}")
+        for rank in range(config.num_workers):
+            job.start_worker(rank)
+        code = job.supervise()
+        if code == 0 and config.checkpoint_dir:
+            _final_checkpoint(job.scheduler, security, config, say, "the job finished")
+        return code
     except LaunchError as exc:
         say(f"error: {exc}")
         return 1
@@ -406,84 +526,76 @@ def launch(config: LaunchConfig, out: IO[str] | None = None) -> int:
         return 128 + (received[0] if received else signal.SIGINT)
     finally:
         if job is not None:
-            _stop_all(job.all_procs(), config.grace)
-        if watchdog is not None:
-            watchdog.release()
+            spawner.stop(job.all_procs(), config.grace)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 class _Job:
-    """The processes of one launched job, by role and rank, and their supervision."""
+    """The processes of one launched job, by role and rank, and their supervision.
 
-    def __init__(self, config: LaunchConfig, tmp: Path, env: dict[str, str], out: IO[str],
-                 lock: threading.Lock, say, watchdog: _Watchdog | None,
+    ``spawner`` starts them where they run: ``spawn_node(name, role, rank, args, job_env)`` (a
+    scheduler or server: ``paramserver ARGS``, ready when its ready file is written),
+    ``spawn_worker(name, rank, job_env)``, ``poll()`` (refresh what the handles report),
+    ``host(configured)`` (the ``--host`` of nodes) and ``stop(procs, grace)``. A handle has
+    ``name``, ``exit_code()``, ``ready_info()`` and ``signal(sig)``.
+    """
+
+    def __init__(self, config: LaunchConfig, spawner, env: dict[str, str], say,
                  client_auth: list[str]) -> None:
         self.config = config
-        self._watchdog = watchdog
+        self.spawner = spawner
         self._client_auth = client_auth
-        self._tmp = tmp
         self._env = env
-        self._out = out
-        self._lock = lock
         self._say = say
-        self._node = [sys.executable, "-m", "paramserver"]
         self.scheduler = ""
-        self.scheduler_proc: _Proc | None = None
-        self.servers: dict[int, _Proc] = {}
-        self.workers: dict[int, _Proc] = {}
-        self._retired: list[_Proc] = []
+        self.scheduler_proc = None
+        self.servers: dict[int, object] = {}
+        self.workers: dict[int, object] = {}
+        self._retired: list = []
         self._restarts: dict[str, int] = {}
         # --on-worker-failure shrink (synchronous jobs): failed workers the job goes on without.
         self._shrink = config.sync != "async" and config.on_worker_failure == "shrink"
-        self._shrunk: list[_Proc] = []
-        self._starts = 0
+        self._shrunk: list = []
 
-    def nodes(self) -> list[_Proc]:
+    def nodes(self) -> list:
         """The scheduler and the servers."""
         return ([self.scheduler_proc] if self.scheduler_proc else []) + list(self.servers.values())
 
-    def all_procs(self) -> list[_Proc]:
+    def all_procs(self) -> list:
         """Every process started and not yet reaped, scheduler first, workers last."""
         return self._retired + self.nodes() + list(self.workers.values())
-
-    def _ready_file(self, name: str) -> Path:
-        self._starts += 1
-        return self._tmp / f"{name.replace(' ', '-')}.{self._starts}.json"
 
     def start(self) -> None:
         """Start the scheduler and every server; wait until all are serving."""
         deadline = time.monotonic() + self.config.startup_timeout
         self._start_scheduler(self.config.port, deadline)
         pending = [self._spawn_server(rank) for rank in range(self.config.num_servers)]
-        for proc, ready in pending:
-            _wait_ready(proc, ready, deadline)
+        for proc in pending:
+            _wait_ready(self, proc, deadline)
 
     def _start_scheduler(self, port: int, deadline: float, recover: bool = False) -> None:
         config = self.config
-        ready = self._ready_file("scheduler")
-        args = ["scheduler", "--host", config.host, "--port", str(port),
+        args = ["scheduler", "--host", self.spawner.host(config.host), "--port", str(port),
                 "--num-servers", str(config.num_servers), "--num-workers", str(config.num_workers),
                 "--heartbeat-interval", str(config.heartbeat_interval),
                 "--heartbeat-timeout", str(config.heartbeat_timeout),
-                "--ready-file", str(ready), "--sync", config.sync,
+                "--sync", config.sync,
                 "--on-worker-failure", config.on_worker_failure] + _checkpoint_args(config)
         if recover:
             args = [a for a in args if a != "--resume"] + ["--recover"]
-        self.scheduler_proc = _Proc("scheduler", self._node + args + self._client_auth,
-                                    self._env, self._out, self._lock, self._watchdog)
-        self.scheduler = _wait_ready(self.scheduler_proc, ready, deadline)["address"]
+        self.scheduler_proc = self.spawner.spawn_node("scheduler", "scheduler", 0,
+                                                      args + self._client_auth, self._env)
+        self.scheduler = _wait_ready(self, self.scheduler_proc, deadline)["address"]
 
-    def _spawn_server(self, rank: int, replace: bool = False) -> tuple[_Proc, Path]:
-        ready = self._ready_file(f"server-{rank}")
-        proc = _Proc(f"server {rank}", self._node + [
-            "server", "--scheduler", self.scheduler, "--host", self.config.host, "--rank",
-            str(rank), "--threads", str(self.config.server_threads), "--ready-file", str(ready),
+    def _spawn_server(self, rank: int, replace: bool = False):
+        proc = self.spawner.spawn_node(f"server {rank}", "server", rank, [
+            "server", "--scheduler", self.scheduler, "--host", self.spawner.host(self.config.host),
+            "--rank", str(rank), "--threads", str(self.config.server_threads),
             "--transport", self.config.transport]
-            + (["--replace"] if replace else []) + self._client_auth, self._env, self._out,
-            self._lock, self._watchdog)
+            + (["--replace"] if replace else []) + self._client_auth, self._env)
         self.servers[rank] = proc
-        return proc, ready
+        return proc
 
     def start_worker(self, rank: int, restart: bool = False) -> None:
         """Run the worker command as ``rank`` (again, after it died, with ``restart``)."""
@@ -491,8 +603,7 @@ class _Job:
                    PARAMSERVER_NUM_WORKERS=str(self.config.num_workers))
         if restart:
             env["PARAMSERVER_REPLACE"] = "1"
-        self.workers[rank] = _Proc(f"worker {rank}", list(self.config.command), env, self._out,
-                                   self._lock, self._watchdog)
+        self.workers[rank] = self.spawner.spawn_worker(f"worker {rank}", rank, env)
 
     def _may_restart(self, name: str, code: int) -> bool:
         used = self._restarts.get(name, 0)
@@ -508,6 +619,7 @@ class _Job:
     def supervise(self) -> int:
         """Wait for the workers; restart what dies while restarts remain. Returns the exit code."""
         while True:
+            self.spawner.poll()
             proc = self.scheduler_proc
             code = proc.exit_code() if proc else None
             if code is not None:
@@ -529,8 +641,8 @@ class _Job:
                               f"stopping the job")
                     return code or 1
                 self._retired.append(proc)
-                new, ready = self._spawn_server(rank, replace=True)
-                _wait_ready(new, ready, time.monotonic() + self.config.startup_timeout)
+                new = self._spawn_server(rank, replace=True)
+                _wait_ready(self, new, time.monotonic() + self.config.startup_timeout)
                 self._say(f"{new.name} restarted")
             codes = {rank: w.exit_code() for rank, w in self.workers.items()}
             for rank, code in codes.items():
@@ -539,6 +651,8 @@ class _Job:
                     self.start_worker(rank, restart=True)
                     codes[rank] = None
             failed = [(self.workers[r], c) for r, c in codes.items() if c not in (None, 0)]
+            # The first to fail is the likely cause (the others may have failed because of it).
+            failed.sort(key=lambda item: getattr(item[0], "exited_at", None) or float("inf"))
             if failed and self._shrink and len(failed) < len(codes):
                 for worker, code in failed:
                     if worker not in self._shrunk:
@@ -590,21 +704,14 @@ def _final_checkpoint(scheduler: str, security: Security, config: LaunchConfig, 
 
 
 def _stop_all(procs: list[_Proc], grace: float) -> None:
-    live = [p for p in procs if p.popen.poll() is None]
+    live = [p for p in procs if p.exit_code() is None]
     for proc in reversed(live):  # workers first, the scheduler last
         proc.signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
     for proc in live:
-        try:
-            proc.popen.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+        proc.wait(deadline - time.monotonic())
     for proc in procs:
         # The group may hold grandchildren even after the leader exited: kill it whole.
         proc.signal(signal.SIGKILL)
-        try:
-            proc.popen.wait(5.0)
-        except subprocess.TimeoutExpired:
-            pass
+        proc.wait(5.0)
         proc.join_output(2.0)
-

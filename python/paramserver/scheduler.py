@@ -40,7 +40,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import describe_spec, optimizer_from_spec, specs_match
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "has_recoverable_state"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,13 @@ def _few(names: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 _ROLE_NAMES = {pb.SERVER: "server", pb.WORKER: "worker"}
+
+
+def has_recoverable_state(checkpoint_dir: str | os.PathLike[str]) -> bool:
+    """True if ``checkpoint_dir`` holds a scheduler's state (``--recover`` can continue its
+    job): what a supervisor that restarts the scheduler with one command asks
+    (``paramserver scheduler --recover-if-present``)."""
+    return Path(checkpoint_dir, _STATE_FILE).is_file()
 
 
 @dataclass

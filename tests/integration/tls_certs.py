@@ -53,17 +53,18 @@ def make_ca(directory: Path, name: str = "paramserver test CA") -> tuple[Pair, x
 
 
 def issue(directory: Path, stem: str, ca_cert: x509.Certificate,
-          ca_key: ec.EllipticCurvePrivateKey) -> Pair:
-    """A certificate for ``localhost`` / 127.0.0.1, usable by a server and as a client's."""
+          ca_key: ec.EllipticCurvePrivateKey, ips: tuple[str, ...] = ("127.0.0.1",)) -> Pair:
+    """A certificate for ``localhost`` and ``ips`` (127.0.0.1 by default), usable by a server and
+    as a client's."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(_name(stem)).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost")]
+                + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
