@@ -340,8 +340,12 @@ def _train_through_node_loss(flags: str) -> dict | None:
 @pytest.mark.timeout(240)
 def test_a_server_whose_node_is_removed_restarts_elsewhere_and_the_job_finishes(cluster,
                                                                               tmp_path):
-    """Runs last: it removes a node. The servers are placed with SPREAD so that the bundle of
-    the lost node can move to the other server node."""
+    """Runs last: it removes a node (and runs once per transport: a node removed by the first
+    run is replaced first). The servers are placed with SPREAD so that the bundle of the lost
+    node can move to the other server node."""
+    while len(cluster.list_all_nodes()) < 3:
+        cluster.add_node(num_cpus=2, resources={"ps_server": 2}, object_store_memory=OBJECT_STORE)
+    cluster.wait_for_nodes()
     options = psray.RayOptions(server_resources={"ps_server": 1}, server_cpus=0.5,
                                worker_cpus=0.5, worker_resources={"trainer": 1},
                                placement_strategy="SPREAD")
