@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from paramserver.config import TLS_ENV, TOKEN_ENV, Security, load_security
+from paramserver.config import TLS_ENV, TOKEN_ENV, FederatedConfig, Security, load_security
 from paramserver.rpc import MALLOC_ENV
 
 __all__ = ["LaunchConfig", "launch"]
@@ -76,6 +76,8 @@ class LaunchConfig:
         on_worker_failure: synchronous jobs: ``"fail"`` (a dead worker fails the job's steps,
             and the launcher stops the job) or ``"shrink"`` (the other workers go on without it,
             and the job's exit code is that of the workers that remain).
+        federated: a federated job's rounds, passed to the scheduler (None: not federated);
+            each worker process hosts participants (see docs/federated.md).
     """
 
     command: list[str]
@@ -102,6 +104,7 @@ class LaunchConfig:
     tls_client_auth: bool = False
     sync: str = "async"
     on_worker_failure: str = "fail"
+    federated: FederatedConfig | None = None
 
     def __post_init__(self) -> None:
         from paramserver.sync import FAILURE_POLICIES, Consistency
@@ -457,7 +460,8 @@ class _Job:
                 "--heartbeat-interval", str(config.heartbeat_interval),
                 "--heartbeat-timeout", str(config.heartbeat_timeout),
                 "--ready-file", str(ready), "--sync", config.sync,
-                "--on-worker-failure", config.on_worker_failure] + _checkpoint_args(config)
+                "--on-worker-failure", config.on_worker_failure] + _checkpoint_args(config) \
+            + _federated_args(config.federated)
         if recover:
             args = [a for a in args if a != "--resume"] + ["--recover"]
         self.scheduler_proc = _Proc("scheduler", self._node + args + self._client_auth,
@@ -549,6 +553,19 @@ class _Job:
                     self._say(f"all {len(self.workers)} workers finished")
                 return 0
             time.sleep(0.05)
+
+
+def _federated_args(federated: FederatedConfig | None) -> list[str]:
+    """The scheduler flags of a federated job's rounds."""
+    if federated is None:
+        return []
+    args = ["--federated", "--clients-per-round", str(federated.clients_per_round),
+            "--min-updates", str(federated.min_updates),
+            "--round-timeout", repr(federated.round_timeout), "--rounds", str(federated.rounds),
+            "--selection-seed", str(federated.seed)]
+    if federated.dp_clip:
+        args += ["--dp-clip", repr(federated.dp_clip), "--dp-noise", repr(federated.dp_noise)]
+    return args
 
 
 def _checkpoint_args(config: LaunchConfig) -> list[str]:
