@@ -290,10 +290,12 @@ def selected(participants: Iterable[Participant], timeout: float | None = None
 
 
 def status(client: Client) -> dict[str, Any]:
-    """The job's rounds as the scheduler knows them (round, state, model version, selected and
-    received participants, participants seen and live, ...), as a dict."""
-    from google.protobuf import json_format
+    """The job's rounds as the scheduler knows them, as in ``paramserver status --json``: round,
+    state, model version, selected and received participants, participants seen and live,
+    rounds applied and abandoned, ... InvalidRequestError if the job is not federated."""
+    from paramserver.status import status_to_dict
 
     reply = client._membership.call("Status", pb.StatusRequest(), what="status")
-    return json_format.MessageToDict(reply.federated, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    if not reply.HasField("federated"):
+        raise InvalidRequestError("this job is not federated")
+    return status_to_dict(reply)["federated"]
