@@ -1,0 +1,263 @@
+"""Federated learning: paramserver's federated mode beside Flower (``flwr``), in the same run.
+
+Both run the task of ``examples/federated.py``: Fashion-MNIST split non-IID over 10 participants
+(2 classes each), the same MLP, initial model, local training (E epochs of SGD, the same seeds
+per participant and round), 5 participants per round and the same number of rounds, with FedAvg
+and FedAdam as the server optimizer. On both sides the participants are hosted by 2 processes
+(5 each; Flower: 5 ``start_client`` threads per process, paramserver: 5 participants per worker,
+trained one after the other), and the global model is evaluated on the test set after every round.
+
+- paramserver: ``paramserver launch --federated`` (scheduler, 2 servers, 2 workers) running
+  ``examples/federated.py --eval-every-round``; a round's time is between the appearances of
+  successive model versions.
+- Flower: ``flwr.server.start_server`` with ``FedAvg`` / ``FedAdam`` (``fraction_fit`` 0.5 of 10
+  clients, central evaluation through ``evaluate_fn``) in this process, and the client processes
+  with ``flwr.client.start_client``; a round's time is between successive ``evaluate_fn`` calls.
+
+Rounds per second are taken over rounds 2..R (round 1 includes connecting). Note the two FedAdam
+variants differ: paramserver's is the paper's (no bias correction), Flower's scales eta by Adam's
+bias correction.
+
+Prints a table on stderr and, with ``--json``, one JSON object on stdout ending in ``"targets"``:
+the last round's accuracy within 1 point of Flower's, and >= 1.5x Flower's rounds per second,
+for each server optimizer. ``--png`` draws accuracy against round for all four runs.
+
+    python benchmarks/bench_federated.py --json --png docs/federated_accuracy.png
+    python benchmarks/bench_federated.py --rounds 20 --json     # shorter
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one BLAS thread per process on both sides
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import federated as task  # noqa: E402
+
+HOSTS = 2
+PER_ROUND = 5
+ACCURACY_POINTS = 0.01
+SPEEDUP = 1.5
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _rate(per_round: list[dict]) -> dict[str, Any]:
+    """Rounds per second over rounds 2..R, and the median round time, from the times the rounds'
+    models appeared."""
+    times = [r["at"] for r in sorted(per_round, key=lambda r: r["round"])]
+    gaps = np.diff(times)
+    return {"rounds_per_s": round((len(times) - 1) / (times[-1] - times[0]), 3),
+            "round_s_median": round(float(np.median(gaps)), 4),
+            "round_s": [round(float(g), 4) for g in gaps]}
+
+
+# -- paramserver ----------------------------------------------------------------------------------
+
+def run_paramserver(opt: str, rounds: int, epochs: int) -> dict[str, Any]:
+    """The example under ``paramserver launch --federated``; accuracy and time of every round."""
+    cmd = [sys.executable, "-m", "paramserver", "launch", "--num-servers", "2",
+           "--num-workers", str(HOSTS), "--federated", "--clients-per-round", str(PER_ROUND),
+           "--min-updates", str(PER_ROUND), "--rounds", str(rounds), "--round-timeout", "300",
+           "--", sys.executable, str(EXAMPLES / "federated.py"), "--eval-every-round",
+           "--server-opt", opt, "--local-epochs", str(epochs), "--target-accuracy", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 30 * rounds * epochs,
+                          stdin=subprocess.DEVNULL)
+    lines = [line.split("RESULT ", 1)[1] for line in proc.stdout.splitlines() if "RESULT {" in line]
+    if proc.returncode != 0 or len(lines) != 1:
+        raise RuntimeError(f"paramserver run failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
+                           f"\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[0])
+    per_round = [{"round": r["round"], "accuracy": r["accuracy"], "at": r["applied_at"]}
+                 for r in result["per_round"]]
+    if [r["round"] for r in per_round] != list(range(1, rounds + 1)):
+        raise RuntimeError(f"paramserver: rounds seen {[r['round'] for r in per_round]}")
+    return {"accuracy": [r["accuracy"] for r in per_round], **_rate(per_round)}
+
+
+# -- Flower ---------------------------------------------------------------------------------------
+
+def _flower_host(address: str, ids: list[int], epochs: int) -> None:
+    """One client process: a Flower client per participant, each on its own thread."""
+    import flwr as fl
+
+    data = task.load("fashion-mnist")
+    shards = task.split_non_iid(data.y_train)
+    names = sorted(task.initial_model())
+
+    class Participant(fl.client.NumPyClient):
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def fit(self, parameters, config):  # noqa: ANN001 (Flower's signature)
+            params = {n: np.asarray(p, dtype=np.float32) for n, p in zip(names, parameters)}
+            idx = shards[self.i]
+            new = task.local_train(params, data.x_train[idx], data.y_train[idx], epochs,
+                                   500, 0.1, seed=1000 * int(config["round"]) + self.i)
+            return [new[n] for n in names], len(idx), {}
+
+    threads = [threading.Thread(target=fl.client.start_client, kwargs={
+        "server_address": address, "client": Participant(i).to_client(), "insecure": True,
+        "transport": "grpc-bidi"}) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def run_flower(opt: str, rounds: int, epochs: int) -> dict[str, Any]:
+    """Flower's server here and 2 client processes; accuracy and time of every round."""
+    import flwr as fl
+    from flwr.server.strategy import FedAdam, FedAvg
+
+    data = task.load("fashion-mnist")
+    names = sorted(task.initial_model())
+    init = task.initial_model(0)
+    per_round: list[dict] = []
+
+    def evaluate(server_round: int, parameters, config):  # noqa: ANN001
+        at = time.time()
+        if server_round == 0:
+            return None
+        params = {n: np.asarray(p, dtype=np.float32) for n, p in zip(names, parameters)}
+        acc, loss = task.evaluate(params, data.x_test, data.y_test)
+        per_round.append({"round": server_round, "accuracy": round(acc, 4), "at": at})
+        return loss, {"accuracy": acc}
+
+    common = {"fraction_fit": PER_ROUND / task.PARTICIPANTS, "min_fit_clients": PER_ROUND,
+              "min_available_clients": task.PARTICIPANTS, "fraction_evaluate": 0.0,
+              "min_evaluate_clients": 0, "evaluate_fn": evaluate,
+              "on_fit_config_fn": lambda rnd: {"round": rnd},
+              "initial_parameters": fl.common.ndarrays_to_parameters([init[n] for n in names])}
+    if opt == "fedavg":
+        strategy = FedAvg(**common)
+    else:
+        strategy = FedAdam(eta=0.01, eta_l=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3, **common)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    ctx = mp.get_context("spawn")
+    hosts = [ctx.Process(target=_flower_host, args=(address, list(range(h, task.PARTICIPANTS,
+                                                                         HOSTS)), epochs))
+             for h in range(HOSTS)]
+    for p in hosts:
+        p.start()
+    try:
+        fl.server.start_server(server_address=address,
+                               config=fl.server.ServerConfig(num_rounds=rounds),
+                               strategy=strategy)
+    finally:
+        for p in hosts:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    if [r["round"] for r in per_round] != list(range(1, rounds + 1)):
+        raise RuntimeError(f"flower: rounds seen {[r['round'] for r in per_round]}")
+    return {"accuracy": [r["accuracy"] for r in per_round], **_rate(per_round)}
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+def _targets(report: dict[str, Any]) -> dict[str, Any]:
+    targets: dict[str, Any] = {}
+    for opt in report["runs"]:
+        ours, peer = report["runs"][opt]["paramserver"], report["runs"][opt]["flower"]
+        diff = round(ours["accuracy"][-1] - peer["accuracy"][-1], 4)
+        targets[f"{opt}_accuracy_last_round"] = {
+            "what": f"{opt}: test accuracy at round {report['rounds']} within "
+                    f"{ACCURACY_POINTS * 100:g} point of Flower's",
+            "paramserver": ours["accuracy"][-1], "flower": peer["accuracy"][-1],
+            "difference": diff, "goal": f"|difference| <= {ACCURACY_POINTS}",
+            "met": abs(diff) <= ACCURACY_POINTS}
+        ratio = round(ours["rounds_per_s"] / peer["rounds_per_s"], 3)
+        targets[f"{opt}_rounds_per_s"] = {
+            "what": f"{opt}: rounds per second >= {SPEEDUP}x Flower's",
+            "paramserver": ours["rounds_per_s"], "flower": peer["rounds_per_s"],
+            "ratio": ratio, "goal": f">= {SPEEDUP}", "met": ratio >= SPEEDUP}
+    reached = [opt for opt in report["runs"]
+               if report["runs"][opt]["paramserver"]["accuracy"][-1] >= 0.80]
+    targets["example_reaches_80"] = {
+        "what": "paramserver's final test accuracy >= 0.80 (the example's target)",
+        "reached_by": reached, "goal": ">= 0.80 with at least one server optimizer",
+        "met": bool(reached)}
+    return targets
+
+
+def _plot(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=80)
+    styles = {"paramserver": "-", "flower": "--"}
+    for opt, runs in report["runs"].items():
+        for system, run in runs.items():
+            ax.plot(range(1, len(run["accuracy"]) + 1), run["accuracy"], styles[system],
+                    label=f"{system} {opt} ({run['rounds_per_s']:.2f} rounds/s)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"Fashion-MNIST, non-IID (2 classes/participant), {PER_ROUND} of "
+                 f"{task.PARTICIPANTS} per round, E={report['local_epochs']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--optimizers", default="fedavg,fedadam")
+    p.add_argument("--png", help="write the accuracy-per-round plot here")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        task.load("fashion-mnist")
+    except task.DatasetUnavailable as exc:
+        _log(str(exc))
+        return task.EXIT_NO_DATA
+    report: dict[str, Any] = {"rounds": args.rounds, "local_epochs": args.local_epochs,
+                              "participants": task.PARTICIPANTS, "per_round": PER_ROUND,
+                              "hosts": HOSTS, "runs": {}}
+    for opt in args.optimizers.split(","):
+        ours = run_paramserver(opt, args.rounds, args.local_epochs)
+        _log(f"paramserver {opt}: last accuracy {ours['accuracy'][-1]:.4f}, "
+             f"{ours['rounds_per_s']:.2f} rounds/s")
+        peer = run_flower(opt, args.rounds, args.local_epochs)
+        _log(f"flower      {opt}: last accuracy {peer['accuracy'][-1]:.4f}, "
+             f"{peer['rounds_per_s']:.2f} rounds/s")
+        report["runs"][opt] = {"paramserver": ours, "flower": peer}
+    if args.png:
+        _plot(report, args.png)
+        report["png"] = args.png
+    report["targets"] = _targets(report)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
