@@ -90,17 +90,16 @@ def _watch_rounds(client, data: Dataset, names: list[str], log: list[dict],
 
     seen = 0
     while not stop.is_set():
-        status = ps.federated.status(client)
-        if status["version"] > seen:
-            seen = status["version"]
+        version, finished = ps.federated.wait_version(client, seen, timeout=600)
+        if version > seen:
+            seen = version
             applied = time.time()
             params = client.pull(names)
             acc, _ = evaluate(params, data.x_test, data.y_test)
             log.append({"round": seen, "accuracy": round(acc, 4), "applied_at": applied})
             print(f"round {seen}: test accuracy {acc:.4f}", flush=True)
-        if status["state"] == "finished" and seen >= status["rounds_applied"]:
+        elif finished:
             return
-        time.sleep(0.01)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ from paramserver.errors import InvalidRequestError, PSTimeoutError
 from paramserver.plan import DenseRef
 from paramserver.v1 import paramserver_pb2 as pb
 
-__all__ = ["Participant", "GlobalModel", "selected", "status"]
+__all__ = ["Participant", "GlobalModel", "selected", "status", "wait_version"]
 
 #: Seconds one poll may wait on the scheduler (the client asks again until its own deadline).
 _POLL = 1.0
@@ -287,6 +287,26 @@ def selected(participants: Iterable[Participant], timeout: float | None = None
             raise PSTimeoutError(f"none of the participants {sorted(by_name)[:10]} was selected "
                                  f"within {timeout:.1f} s (the job is {reply.state}, model "
                                  f"version {reply.version})")
+
+
+def wait_version(client: Client, after: int, timeout: float | None = None) -> tuple[int, bool]:
+    """Wait (at most ``timeout`` seconds, default the client's) until the global model's version
+    passes ``after``, or the job finished; return ``(version, finished)``. For an evaluator
+    following the rounds; one scheduler call per second at most while nothing changes.
+
+    Raises PSTimeoutError if neither happens in time."""
+    timeout = client.config.timeout if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        reply = client._membership.call("FederatedPoll", pb.RoundPollRequest(
+            node_id=client.node_id, wait=min(left, _POLL), version_after=after),
+            what="wait for the next model version")
+        if reply.version > after or reply.finished:
+            return reply.version, reply.finished
+        if time.monotonic() >= deadline:
+            raise PSTimeoutError(f"the model stayed at version {reply.version} for "
+                                 f"{timeout:.1f} s (the job is {reply.state})")
 
 
 def status(client: Client) -> dict[str, Any]:

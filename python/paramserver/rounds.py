@@ -126,10 +126,11 @@ class RoundCoordinator:
         """Participants whose host is alive, by name (caller holds the lock)."""
         return [p for _, p in sorted(self._participants.items()) if self._host_alive(p.host)]
 
-    def poll(self, host: str, names: list[str], wait: float) -> pb.RoundPollReply:
+    def poll(self, host: str, names: list[str], wait: float,
+             version_after: int = 0) -> pb.RoundPollReply:
         """The open round, and which of ``names`` are selected for it and have not reported yet.
-        With ``wait`` > 0, waits (at most about a second here) until one is, or the job
-        finished."""
+        With ``wait`` > 0, waits (at most about a second here) until one of them is, or the job
+        finished; with no names, until the model's version passes ``version_after``."""
         deadline = time.monotonic() + min(max(wait, 0.0), _POLL_WAIT)
         with self._cond:
             for name in names:
@@ -140,7 +141,8 @@ class RoundCoordinator:
                             and n not in self._received]
                 finished = self.state == "finished"
                 left = deadline - time.monotonic()
-                if selected or finished or left <= 0:
+                newer = not names and self.version > version_after
+                if selected or finished or newer or left <= 0:
                     return pb.RoundPollReply(
                         round=self.round if is_open else 0, version=self.version,
                         selected=selected, finished=finished, state=self.state,

@@ -355,7 +355,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
 
     def FederatedPoll(self, request: pb.RoundPollRequest, context: grpc.ServicerContext) -> pb.RoundPollReply:
         return rpc.abort_on(context, lambda: self._federated(request.node_id).poll(
-            request.node_id, list(request.participants), request.wait))
+            request.node_id, list(request.participants), request.wait,
+            request.version_after))
 
     def FederatedReport(self, request: pb.RoundReportRequest, context: grpc.ServicerContext) -> pb.RoundReportReply:
         return rpc.abort_on(context, lambda: self._federated(request.node_id).report(
