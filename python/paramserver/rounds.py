@@ -6,9 +6,9 @@ round at a time:
 
 1. **Open** round ``r``: once ``clients_per_round`` (K) participants are live (or, after waiting a
    round timeout, at least ``min_updates``), select K of them: the live participants selected
-   least often so far, ties broken by a generator seeded with the job's seed (fair and
-   reproducible). Every server is told (``RoundControl OPEN``) and accepts updates for round
-   ``r`` from those participants only.
+   least often so far, spread over their hosts, ties broken by a generator seeded with the
+   job's seed (fair and reproducible). Every server is told (``RoundControl OPEN``) and accepts
+   updates for round ``r`` from those participants only.
 2. A selected participant fetches the global model, trains, sends its update to the servers and
    then *reports* it here with its ``num_examples``. Reports for closed rounds are refused with
    :class:`~paramserver.errors.RoundClosedError` naming both rounds.
@@ -311,12 +311,21 @@ class RoundCoordinator:
         self._cond.notify_all()
 
     def _select(self, live: list[_Participant]) -> list[str]:
-        """K of the live participants: the least often selected first, ties broken by the seeded
-        generator (caller holds the lock)."""
+        """K of the live participants: the least often selected first; among those selected
+        equally often, spread over the hosts (a host trains its participants one after the
+        other), then in the order of the seeded generator (caller holds the lock)."""
         order = list(live)
         self._rng.shuffle(order)
         order.sort(key=lambda p: p.selections)  # stable: the shuffle breaks ties
-        return sorted(p.name for p in order[:self.config.clients_per_round])
+        chosen: list[_Participant] = []
+        per_host: dict[str, int] = {}
+        while order and len(chosen) < self.config.clients_per_round:
+            tier = [p for p in order if p.selections == order[0].selections]
+            pick = min(tier, key=lambda p: per_host.get(p.host, 0))  # first of the least busy
+            chosen.append(pick)
+            per_host[pick.host] = per_host.get(pick.host, 0) + 1
+            order.remove(pick)
+        return sorted(p.name for p in chosen)
 
     # -- status ----------------------------------------------------------------------------------
 

@@ -69,3 +69,13 @@ def test_reports_before_any_round_and_for_closed_rounds_are_refused() -> None:
     assert rounds.report("worker-0", "a", 5, 10).received == 1
     with pytest.raises(ValueError, match="already reported"):
         rounds.report("worker-0", "a", 5, 10)
+
+
+def test_selection_spreads_a_round_over_the_hosts() -> None:
+    rounds = RoundCoordinator(FederatedConfig(clients_per_round=4, seed=3), _servers_unused,
+                              lambda host: True)
+    rounds.join("worker-0", [f"a{i}" for i in range(5)])
+    rounds.join("worker-1", [f"b{i}" for i in range(5)])
+    for chosen in _draws(rounds, 10):
+        hosts = Counter(name[0] for name in chosen)
+        assert hosts == {"a": 2, "b": 2}, chosen
