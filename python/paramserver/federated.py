@@ -104,6 +104,7 @@ class Participant:
         self.timeout = timeout if timeout is not None else client.config.timeout
         self._round = 0
         self._submitted = 0
+        self._offered: pb.RoundPollReply | None = None  # set by selected()
         self._call("FederatedJoin", pb.FederatedJoinRequest(
             node_id=client.node_id, participants=[self.name]), f"join as participant {self.name!r}")
 
@@ -125,8 +126,13 @@ class Participant:
         time."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        offered, self._offered = self._offered, None
         while True:
-            reply = self._poll(wait and timeout > 0, deadline)
+            if offered is not None and wait:
+                reply = offered  # selected() just said this participant is in the open round
+                offered = None
+            else:
+                reply = self._poll(wait and timeout > 0, deadline)
             if reply.finished and not reply.selected:
                 return None
             if not reply.selected and wait:
@@ -137,13 +143,15 @@ class Participant:
                         f"{reply.state}, model version {reply.version})")
                 continue
             values = self._client.pull(self.tables)
-            # The values are the round's model only if the round was still open after reading
-            # them (a round's update is applied only after it closes).
-            check = self._poll(False, deadline)
-            if reply.selected and check.round != reply.round:
-                continue  # the round closed meanwhile: try the next one
-            if not reply.selected and check.version != reply.version:
-                continue
+            if not reply.selected:
+                # An observer's copy: the values are version `version` only if no round was
+                # applied while they were read.
+                check = self._poll(False, deadline)
+                if check.version != reply.version:
+                    continue
+            # A selected participant needs no such check: a round's update is applied only after
+            # it closes, and an update for a closed round is refused, so values read too late
+            # can never be counted.
             self._round = reply.round if reply.selected else 0
             return GlobalModel(round=self._round, version=reply.version, values=values,
                                deadline_in=reply.deadline_in)
@@ -280,7 +288,12 @@ def selected(participants: Iterable[Participant], timeout: float | None = None
             node_id=client.node_id, participants=list(by_name), wait=min(left, _POLL)),
             what="poll of the federated round")
         if reply.selected:
-            return [by_name[n] for n in reply.selected]
+            chosen = [by_name[n] for n in reply.selected]
+            for p in chosen:  # their fetch() need not ask again
+                p._offered = pb.RoundPollReply(round=reply.round, version=reply.version,
+                                               selected=[p.name], state=reply.state,
+                                               deadline_in=reply.deadline_in)
+            return chosen
         if reply.finished:
             return None
         if time.monotonic() >= deadline:
