@@ -42,6 +42,8 @@ __all__ = ["Participant", "GlobalModel", "selected", "status", "wait_version"]
 
 #: Seconds one poll may wait on the scheduler (the client asks again until its own deadline).
 _POLL = 1.0
+#: Seconds before a round's deadline after which a fetched model is checked to be the round's.
+_MARGIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,8 @@ class Participant:
         self.timeout = timeout if timeout is not None else client.config.timeout
         self._round = 0
         self._submitted = 0
-        self._offered: pb.RoundPollReply | None = None  # set by selected()
+        # set by selected(): (the poll's reply, when the poll was sent)
+        self._offered: tuple[pb.RoundPollReply, float] | None = None
         self._call("FederatedJoin", pb.FederatedJoinRequest(
             node_id=client.node_id, participants=[self.name]), f"join as participant {self.name!r}")
 
@@ -129,9 +132,10 @@ class Participant:
         offered, self._offered = self._offered, None
         while True:
             if offered is not None and wait:
-                reply = offered  # selected() just said this participant is in the open round
+                reply, asked = offered  # selected() said this participant is in the open round
                 offered = None
             else:
+                asked = time.monotonic()
                 reply = self._poll(wait and timeout > 0, deadline)
             if reply.finished and not reply.selected:
                 return None
@@ -143,15 +147,15 @@ class Participant:
                         f"{reply.state}, model version {reply.version})")
                 continue
             values = self._client.pull(self.tables)
-            if not reply.selected:
-                # An observer's copy: the values are version `version` only if no round was
-                # applied while they were read.
+            # The values are the round's model if the round was open all along the read (a
+            # round's update is applied only after it closes). While a selected participant has
+            # not submitted and its host is alive, its round closes only at its deadline (the
+            # scheduler's, which is no earlier than `asked + deadline_in` here): within it, no
+            # need to ask. Otherwise, ask whether the round (or the version) is still the same.
+            if not (reply.selected and time.monotonic() < asked + reply.deadline_in - _MARGIN):
                 check = self._poll(False, deadline)
-                if check.version != reply.version:
+                if (check.round, check.version) != (reply.round, reply.version):
                     continue
-            # A selected participant needs no such check: a round's update is applied only after
-            # it closes, and an update for a closed round is refused, so values read too late
-            # can never be counted.
             self._round = reply.round if reply.selected else 0
             return GlobalModel(round=self._round, version=reply.version, values=values,
                                deadline_in=reply.deadline_in)
@@ -284,15 +288,16 @@ def selected(participants: Iterable[Participant], timeout: float | None = None
     by_name = {p.name: p for p in group}
     while True:
         left = max(0.0, deadline - time.monotonic())
+        asked = time.monotonic()
         reply = client._membership.call("FederatedPoll", pb.RoundPollRequest(
             node_id=client.node_id, participants=list(by_name), wait=min(left, _POLL)),
             what="poll of the federated round")
         if reply.selected:
             chosen = [by_name[n] for n in reply.selected]
             for p in chosen:  # their fetch() need not ask again
-                p._offered = pb.RoundPollReply(round=reply.round, version=reply.version,
-                                               selected=[p.name], state=reply.state,
-                                               deadline_in=reply.deadline_in)
+                p._offered = (pb.RoundPollReply(round=reply.round, version=reply.version,
+                                                selected=[p.name], state=reply.state,
+                                                deadline_in=reply.deadline_in), asked)
             return chosen
         if reply.finished:
             return None

@@ -245,6 +245,29 @@ time.sleep(600)
         assert _status(client)["version"] == 1
 
 
+def test_round_closes_at_its_timeout_with_the_minimum(cluster_factory) -> None:
+    """3 selected, 2 submit, the third stays alive and silent: at the round timeout the round is
+    applied with the 2 (min 2), the silent one is not counted, and round 2 opens."""
+    c = cluster_factory(2, scheduler_args=_fed("--clients-per-round", "3", "--min-updates", "2",
+                                                "--round-timeout", "2"))
+    with c.connect() as client:
+        init = _declare(client, ps.SGD(lr=1.0))
+        parts = [Participant(client, ["w", "b"], name=n) for n in ("x", "y", "z")]
+        assert len(selected(parts, timeout=20)) == 3
+        for p, n in zip(parts[:2], (2.0, 6.0)):
+            model = p.fetch(timeout=20)
+            p.submit({k: np.full_like(v, n) for k, v in model.values.items()}, num_examples=n,
+                     delta=True)
+        assert _status(client)["received"] == ["x", "y"]
+        wait_for(lambda: _status(client)["version"] >= 1, 20, "round 1 to close at its timeout")
+        status = _status(client)
+        assert (status["last_counted"], status["rounds_abandoned"]) == (2, 0)
+        got = client.pull(["w", "b"])
+        for k in ("w", "b"):  # (2 * 2 + 6 * 6) / 8 = 5
+            np.testing.assert_allclose(got[k], init[k] + np.float32(5.0), rtol=1e-6)
+        assert parts[2].fetch(timeout=20).round == 2
+
+
 def test_dp_fedavg_clips_by_the_norm_over_all_servers_and_adds_noise(cluster_factory) -> None:
     """--dp-clip 1: updates of norm 2 and 0.5 (over w and b, on both servers) are scaled to 1
     and kept, then averaged with equal weights. --dp-noise: the noise on a 2-update mean has
