@@ -7,12 +7,16 @@ and FedAdam as the server optimizer. On both sides the participants are hosted b
 (5 each; Flower: 5 ``start_client`` threads per process, paramserver: 5 participants per worker,
 trained one after the other), and the global model is evaluated on the test set after every round.
 
-- paramserver: ``paramserver launch --federated`` (scheduler, 2 servers, 2 workers) running
-  ``examples/federated.py --eval-every-round``; a round's time is between the appearances of
-  successive model versions.
+- paramserver: ``paramserver launch --federated`` (scheduler, 2 servers, 3 workers) running
+  ``examples/federated.py --eval-every-round``: 2 workers host the participants, the third
+  evaluates every model version as it appears (as Flower's server does); a round's time is
+  between the appearances of successive model versions.
 - Flower: ``flwr.server.start_server`` with ``FedAvg`` / ``FedAdam`` (``fraction_fit`` 0.5 of 10
   clients, central evaluation through ``evaluate_fn``) in this process, and the client processes
   with ``flwr.client.start_client``; a round's time is between successive ``evaluate_fn`` calls.
+  By default Flower selects with paramserver's rule (a ClientManager written here), so both train
+  the same participants every round and the accuracy curves compare the systems, not two
+  selection policies (``--flower-selection random``: Flower's uniform sampling).
 
 Rounds per second are taken over rounds 2..R (round 1 includes connecting). A second comparison
 runs both with no local training (0 epochs), to show what each system itself costs per round. Note the two FedAdam
@@ -76,8 +80,9 @@ def _rate(per_round: list[dict]) -> dict[str, Any]:
 def run_paramserver(opt: str, rounds: int, epochs: int) -> dict[str, Any]:
     """The example under ``paramserver launch --federated``; accuracy and time of every round."""
     cmd = [sys.executable, "-m", "paramserver", "launch", "--num-servers", "2",
-           "--num-workers", str(HOSTS), "--federated", "--clients-per-round", str(PER_ROUND),
-           "--min-updates", str(PER_ROUND), "--rounds", str(rounds), "--round-timeout", "300",
+           "--num-workers", str(HOSTS + 1), "--federated", "--clients-per-round", str(PER_ROUND),
+           "--min-updates", str(PER_ROUND), "--min-participants", str(task.PARTICIPANTS),
+           "--rounds", str(rounds), "--round-timeout", "300",
            "--", sys.executable, str(EXAMPLES / "federated.py"), "--eval-every-round",
            "--server-opt", opt, "--local-epochs", str(epochs), "--target-accuracy", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 30 * rounds * epochs,
@@ -108,6 +113,9 @@ def _flower_host(address: str, ids: list[int], epochs: int) -> None:
         def __init__(self, i: int) -> None:
             self.i = i
 
+        def get_properties(self, config):  # noqa: ANN001 (Flower's signature)
+            return {"participant": self.i}
+
         def fit(self, parameters, config):  # noqa: ANN001 (Flower's signature)
             params = {n: np.asarray(p, dtype=np.float32) for n, p in zip(names, parameters)}
             idx = shards[self.i]
@@ -124,7 +132,53 @@ def _flower_host(address: str, ids: list[int], epochs: int) -> None:
         t.join()
 
 
-def run_flower(opt: str, rounds: int, epochs: int) -> dict[str, Any]:
+def _fair_client_manager(seed: int):
+    """A Flower ClientManager that selects as paramserver's scheduler does (paramserver.rounds):
+    the least often selected first, spread over the host processes, ties broken by
+    ``random.Random(seed)`` over the participants in name order. With every participant
+    connected before round 1 (Flower's min_available_clients, paramserver's
+    --min-participants), both select the same participants every round."""
+    import random
+
+    from flwr.common import GetPropertiesIns
+    from flwr.server.client_manager import SimpleClientManager
+
+    class FairClientManager(SimpleClientManager):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rng = random.Random(seed)
+            self.index: dict[str, int] = {}
+            self.selections: dict[int, int] = {}
+
+        def sample(self, num_clients, min_num_clients=None, criterion=None):  # noqa: ANN001
+            self.wait_for(min_num_clients or num_clients)
+            clients = self.all()
+            for cid, proxy in clients.items():
+                if cid not in self.index:
+                    reply = proxy.get_properties(GetPropertiesIns(config={}), timeout=60,
+                                                 group_id=None)
+                    self.index[cid] = int(reply.properties["participant"])
+            by_name = sorted(clients, key=lambda cid: f"participant-{self.index[cid]}")
+            order = list(by_name)
+            self.rng.shuffle(order)
+            order.sort(key=lambda cid: self.selections.get(self.index[cid], 0))
+            chosen: list[str] = []
+            per_host: dict[int, int] = {}
+            while order and len(chosen) < num_clients:
+                level = self.selections.get(self.index[order[0]], 0)
+                tier = [c for c in order if self.selections.get(self.index[c], 0) == level]
+                pick = min(tier, key=lambda c: per_host.get(self.index[c] % HOSTS, 0))
+                chosen.append(pick)
+                per_host[self.index[pick] % HOSTS] = per_host.get(self.index[pick] % HOSTS, 0) + 1
+                order.remove(pick)
+            for cid in chosen:
+                self.selections[self.index[cid]] = self.selections.get(self.index[cid], 0) + 1
+            return [clients[cid] for cid in chosen]
+
+    return FairClientManager()
+
+
+def run_flower(opt: str, rounds: int, epochs: int, selection: str = "fair") -> dict[str, Any]:
     """Flower's server here and 2 client processes; accuracy and time of every round."""
     import flwr as fl
     from flwr.server.strategy import FedAdam, FedAvg
@@ -165,7 +219,9 @@ def run_flower(opt: str, rounds: int, epochs: int) -> dict[str, Any]:
     try:
         fl.server.start_server(server_address=address,
                                config=fl.server.ServerConfig(num_rounds=rounds),
-                               strategy=strategy)
+                               strategy=strategy,
+                               client_manager=_fair_client_manager(0) if selection == "fair"
+                               else None)
     finally:
         for p in hosts:
             p.join(30)
@@ -243,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizers", default="fedavg,fedadam")
     p.add_argument("--protocol-rounds", type=int, default=30,
                    help="rounds of the protocol-only comparison (no local training; 0: skip)")
+    p.add_argument("--flower-selection", choices=("fair", "random"), default="fair",
+                   help="Flower's participant selection: paramserver's rule (default, so both "
+                        "train the same participants every round) or Flower's own uniform "
+                        "sampling")
     p.add_argument("--png", help="write the accuracy-per-round plot here")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -252,20 +312,21 @@ def main(argv: list[str] | None = None) -> int:
         _log(str(exc))
         return task.EXIT_NO_DATA
     report: dict[str, Any] = {"rounds": args.rounds, "local_epochs": args.local_epochs,
+                              "flower_selection": args.flower_selection,
                               "participants": task.PARTICIPANTS, "per_round": PER_ROUND,
                               "hosts": HOSTS, "runs": {}}
     for opt in args.optimizers.split(","):
         ours = run_paramserver(opt, args.rounds, args.local_epochs)
         _log(f"paramserver {opt}: last accuracy {ours['accuracy'][-1]:.4f}, "
              f"{ours['rounds_per_s']:.2f} rounds/s")
-        peer = run_flower(opt, args.rounds, args.local_epochs)
+        peer = run_flower(opt, args.rounds, args.local_epochs, args.flower_selection)
         _log(f"flower      {opt}: last accuracy {peer['accuracy'][-1]:.4f}, "
              f"{peer['rounds_per_s']:.2f} rounds/s")
         report["runs"][opt] = {"paramserver": ours, "flower": peer}
     if args.protocol_rounds:
         # The same jobs with no local training (0 epochs): what each system itself costs a round.
         ours = run_paramserver("fedavg", args.protocol_rounds, 0)
-        peer = run_flower("fedavg", args.protocol_rounds, 0)
+        peer = run_flower("fedavg", args.protocol_rounds, 0, args.flower_selection)
         report["protocol_only"] = {
             "what": "fedavg, 0 local epochs (the round protocol, selection, transfer, "
                     "aggregation and the per-round evaluation only)",

@@ -9,11 +9,13 @@ tables' optimizer once to minus the example-weighted mean of the deltas (``--ser
 ``ps.FedAdam``, Reddi et al. 2021; ``fedavg``: ``ps.SGD(lr=1)``). The worker processes are hosts:
 with W workers, worker ``r`` hosts participants ``r, r + W, ...`` and trains the selected ones one
 after the other. Rank 0 declares the tables and, when the job has run its rounds, reports the test
-accuracy (``RESULT {...}``; with ``--eval-every-round`` the accuracy after every round, and when
-the round was applied).
+accuracy (``RESULT {...}``). With ``--eval-every-round`` the accuracy after every round is in it
+too, with when the round was applied; with several workers the last one is then an evaluator
+(it follows the model versions and hosts no participants) and reports.
 
     paramserver launch --num-servers 2 --num-workers 2 --federated --clients-per-round 5 \\
-        --min-updates 5 --rounds 60 --round-timeout 120 -- python examples/federated.py
+        --min-updates 5 --min-participants 10 --rounds 60 --round-timeout 120 -- \\
+        python examples/federated.py
 
 Exits 2 when the final accuracy is below ``--target-accuracy`` (default 0.80), 3 when the dataset
 is not installed (``apt-get install -y dataset-fashion-mnist``).
@@ -121,36 +123,50 @@ def run(args: argparse.Namespace) -> int:
             for name, value in initial_model(args.seed).items():
                 client.dense(name, value.shape, optimizer, init=value)
         client.barrier("tables")
-        mine = [Participant(client, names, name=f"participant-{i}")
-                for i in range(rank, PARTICIPANTS, workers)]
+        for name in names:
+            client.table(name)  # attach (the evaluator and reporter pull them)
+        # With --eval-every-round and several workers, the last one is the evaluator and hosts
+        # no participants (as a Flower server evaluates while its clients train).
+        evaluates = args.eval_every_round and workers > 1
+        hosts = workers - 1 if evaluates else workers
+        reporter = workers - 1 if evaluates else 0
         log: list[dict] = []
-        stop = threading.Event()
-        watcher = None
-        if rank == 0 and args.eval_every_round:
-            watcher = threading.Thread(target=_watch_rounds, args=(client, data, names, log, stop),
-                                       daemon=True)
-            watcher.start()
         started = time.time()
-        trained = 0
-        while (chosen := selected(mine, timeout=args.wait)) is not None:
-            for p in chosen:
-                model = p.fetch(timeout=args.wait)
-                if model is None:
-                    break
-                i = int(p.name.rsplit("-", 1)[1])
-                idx = shards[i]
-                new = local_train(model.values, data.x_train[idx], data.y_train[idx],
-                                  args.local_epochs, args.batch_size, args.lr,
-                                  seed=1000 * model.round + i)
-                p.submit(new, num_examples=len(idx))
-                trained += 1
-        if watcher is not None:
-            watcher.join(timeout=args.wait)
-        stop.set()
-        print(f"[host {rank}] trained {trained} participant-rounds in "
-              f"{time.time() - started:.1f} s", flush=True)
+        if evaluates and rank == reporter:
+            _watch_rounds(client, data, names, log, threading.Event())
+        else:
+            mine = [Participant(client, names, name=f"participant-{i}")
+                    for i in range(rank, PARTICIPANTS, hosts)]
+            stop = threading.Event()
+            watcher = None
+            if args.eval_every_round and not evaluates:  # one process: evaluate on the side
+                watcher = threading.Thread(target=_watch_rounds,
+                                           args=(client, data, names, log, stop), daemon=True)
+                watcher.start()
+            trained = 0
+            while (chosen := selected(mine, timeout=args.wait)) is not None:
+                sending = []
+                for p in chosen:
+                    model = p.fetch(timeout=args.wait)  # read once per round for all of them
+                    if model is None:
+                        break
+                    i = int(p.name.rsplit("-", 1)[1])
+                    idx = shards[i]
+                    new = local_train(model.values, data.x_train[idx], data.y_train[idx],
+                                      args.local_epochs, args.batch_size, args.lr,
+                                      seed=1000 * model.round + i)
+                    # sent while the next participant trains
+                    sending.append(p.submit_async(new, num_examples=len(idx)))
+                    trained += 1
+                for future in sending:
+                    future.result()
+            if watcher is not None:
+                watcher.join(timeout=args.wait)
+            stop.set()
+            print(f"[host {rank}] trained {trained} participant-rounds in "
+                  f"{time.time() - started:.1f} s", flush=True)
         client.barrier("done")
-        if rank != 0:
+        if rank != reporter:
             return 0
         params = client.pull(names)
         acc, loss = evaluate(params, data.x_test, data.y_test)
@@ -176,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model")
     p.add_argument("--target-accuracy", type=float, default=0.80)
     p.add_argument("--eval-every-round", action="store_true",
-                   help="rank 0 evaluates every model version as it appears")
+                   help="evaluate every model version as it appears (with several workers, "
+                        "the last one only evaluates)")
     p.add_argument("--wait", type=float, default=300.0,
                    help="seconds a host waits to be selected before giving up")
     args = p.parse_args(argv)

@@ -102,6 +102,7 @@ def _federated_config(args: argparse.Namespace):
         ("--clients-per-round", args.clients_per_round, None),
         ("--min-updates", args.min_updates, None), ("--round-timeout", args.round_timeout, None),
         ("--rounds", args.rounds, None), ("--selection-seed", args.selection_seed, None),
+        ("--min-participants", args.min_participants, None),
         ("--dp-clip", args.dp_clip, None), ("--dp-noise", args.dp_noise, None))
         if value is not default]
     if not args.federated:
@@ -110,7 +111,8 @@ def _federated_config(args: argparse.Namespace):
         return None
     values = {"clients_per_round": args.clients_per_round, "min_updates": args.min_updates,
               "round_timeout": args.round_timeout, "rounds": args.rounds,
-              "seed": args.selection_seed, "dp_clip": args.dp_clip, "dp_noise": args.dp_noise}
+              "seed": args.selection_seed, "dp_clip": args.dp_clip, "dp_noise": args.dp_noise,
+              "min_participants": args.min_participants}
     return FederatedConfig(**{k: v for k, v in values.items() if v is not None})
 
 
@@ -273,6 +275,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds a round stays open (default 300)")
         g.add_argument("--rounds", type=int, metavar="N",
                        help="rounds to run, then the job is finished (default 0: no limit)")
+        g.add_argument("--min-participants", type=int, metavar="N",
+                       help="live participants needed before a round opens (default: K)")
         g.add_argument("--selection-seed", type=int, metavar="SEED",
                        help="seed of the fair participant selection (default 0)")
         g.add_argument("--dp-clip", type=float, metavar="C",

@@ -182,6 +182,9 @@ class FederatedConfig:
             it is abandoned (the model stays as it was) and the next round starts.
         round_timeout: seconds a round stays open.
         rounds: rounds to run, then the job is finished (0: no limit).
+        min_participants: live participants needed before a round opens (0: clients_per_round);
+            e.g. every participant of a simulation, so that the first round's selection is fair
+            too. After waiting a round timeout, a round opens with min_updates.
         seed: seed of the participant selection (fair: the least-often selected live
             participants first, ties broken by this seeded generator).
         dp_clip: DP-FedAvg clipping norm C (0: off): each update's delta is scaled to an L2
@@ -194,6 +197,7 @@ class FederatedConfig:
     min_updates: int = 1
     round_timeout: float = 300.0
     rounds: int = 0
+    min_participants: int = 0
     seed: int = 0
     dp_clip: float = 0.0
     dp_noise: float = 0.0
@@ -206,6 +210,8 @@ class FederatedConfig:
                              f"{self.clients_per_round}], got {self.min_updates}")
         if not self.round_timeout > 0:
             raise ValueError(f"--round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if self.min_participants < 0:
+            raise ValueError(f"--min-participants must be >= 0, got {self.min_participants}")
         if self.rounds < 0:
             raise ValueError(f"--rounds must be >= 0 (0: no limit), got {self.rounds}")
         if self.dp_clip < 0 or self.dp_noise < 0:

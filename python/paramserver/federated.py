@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,8 @@ class Participant:
         self._submitted = 0
         # set by selected(): (the poll's reply, when the poll was sent)
         self._offered: tuple[pb.RoundPollReply, float] | None = None
+        # set by selected(): the round's model, read once for the participants it named
+        self._shared: dict[str, Any] | None = None
         self._call("FederatedJoin", pb.FederatedJoinRequest(
             node_id=client.node_id, participants=[self.name]), f"join as participant {self.name!r}")
 
@@ -146,7 +149,12 @@ class Participant:
                         f"{timeout:.1f} s (the job is at round {reply.round or '-'}, "
                         f"{reply.state}, model version {reply.version})")
                 continue
-            values = self._client.pull(self.tables)
+            shared = self._shared if reply.selected else None
+            self._shared = None
+            if shared is not None and shared.get("round") == reply.round:
+                values = {k: v.copy() for k, v in shared["values"].items()}
+            else:
+                values = self._client.pull(self.tables)
             # The values are the round's model if the round was open all along the read (a
             # round's update is applied only after it closes). While a selected participant has
             # not submitted and its host is alive, its round closes only at its deadline (the
@@ -156,6 +164,9 @@ class Participant:
                 check = self._poll(False, deadline)
                 if (check.round, check.version) != (reply.round, reply.version):
                     continue
+            if shared is not None and shared.get("round") != reply.round:
+                # the round's model, checked: the others selected() named need not read it
+                shared.update(round=reply.round, values={k: v.copy() for k, v in values.items()})
             self._round = reply.round if reply.selected else 0
             return GlobalModel(round=self._round, version=reply.version, values=values,
                                deadline_in=reply.deadline_in)
@@ -182,8 +193,24 @@ class Participant:
             RoundClosedError: the round closed before the update arrived ("update for round 3
                 refused: round 3 closed, the job is at round 5"); nothing is counted.
         """
-        round_ = self._round if round is None else int(round)
-        if round_ <= 0:
+        return self._submit_checked(*self._prepare(update, num_examples, delta, round))
+
+    def submit_async(self, update: Mapping[str, Any], num_examples: float, *,
+                     delta: bool = False, round: int | None = None  # noqa: A002
+                     ) -> Future[int]:
+        """:meth:`submit` in the background, e.g. while the next simulated participant of this
+        process trains. The update is checked now (the same InvalidRequestError as
+        :meth:`submit`); sending it runs on the client's background thread, in order with the
+        client's other ``*_async`` calls. The arrays must not be modified until the future is
+        done; its result is :meth:`submit`'s (or its RoundClosedError)."""
+        prepared = self._prepare(update, num_examples, delta, round)
+        return self._client._submit(self._submit_checked, *prepared)
+
+    def _prepare(self, update: Mapping[str, Any], num_examples: float, delta: bool,
+                 round_: int | None) -> tuple[dict[str, np.ndarray], int, float, bool]:
+        """Check an update before anything is sent; the arrays, round, weight and kind."""
+        target = self._round if round_ is None else int(round_)
+        if target <= 0:
             raise InvalidRequestError(f"participant {self.name!r}: fetch the model of a round "
                                       f"it is selected for before submitting")
         weight = float(num_examples)
@@ -191,14 +218,18 @@ class Participant:
             raise InvalidRequestError(f"participant {self.name!r}: num_examples must be a "
                                       f"positive number, got {num_examples!r}")
         arrays = self._check(update, delta)
+        if round_ is None:
+            self._round = 0  # one update per fetched round
+        return arrays, target, weight, delta
+
+    def _submit_checked(self, arrays: dict[str, np.ndarray], round_: int, weight: float,
+                        delta: bool) -> int:
         label = f"federated update of participant {self.name!r} for round {round_}"
         self._send(arrays, round_, weight, delta, label)
         reply = self._call("FederatedReport", pb.RoundReportRequest(
             node_id=self._client.node_id, participant=self.name, round=round_,
             num_examples=weight), label)
         self._submitted = round_
-        if round is None:
-            self._round = 0
         return reply.received
 
     def _send(self, arrays: dict[str, np.ndarray], round_: int, weight: float, delta: bool,
@@ -294,7 +325,9 @@ def selected(participants: Iterable[Participant], timeout: float | None = None
             what="poll of the federated round")
         if reply.selected:
             chosen = [by_name[n] for n in reply.selected]
-            for p in chosen:  # their fetch() need not ask again
+            shared: dict[str, Any] = {}  # the round's model, read by the first fetch()
+            for p in chosen:  # their fetch() need not ask again, nor read the model again
+                p._shared = shared
                 p._offered = (pb.RoundPollReply(round=reply.round, version=reply.version,
                                                 selected=[p.name], state=reply.state,
                                                 deadline_in=reply.deadline_in), asked)

@@ -562,7 +562,8 @@ def _federated_args(federated: FederatedConfig | None) -> list[str]:
     args = ["--federated", "--clients-per-round", str(federated.clients_per_round),
             "--min-updates", str(federated.min_updates),
             "--round-timeout", repr(federated.round_timeout), "--rounds", str(federated.rounds),
-            "--selection-seed", str(federated.seed)]
+            "--selection-seed", str(federated.seed),
+            "--min-participants", str(federated.min_participants)]
     if federated.dp_clip:
         args += ["--dp-clip", repr(federated.dp_clip), "--dp-noise", repr(federated.dp_noise)]
     return args

@@ -4,8 +4,8 @@ Participants are light identities (a name) hosted by worker processes; a partici
 its host is (heartbeats), so a SIGKILLed host's participants are neither selected nor counted. One
 round at a time:
 
-1. **Open** round ``r``: once ``clients_per_round`` (K) participants are live (or, after waiting a
-   round timeout, at least ``min_updates``), select K of them: the live participants selected
+1. **Open** round ``r``: once ``clients_per_round`` (K) participants are live (and at least
+   ``min_participants``; after waiting a round timeout, ``min_updates`` will do), select K of them: the live participants selected
    least often so far, spread over their hosts, ties broken by a generator seeded with the
    job's seed (fair and reproducible). Every server is told (``RoundControl OPEN``) and accepts
    updates for round ``r`` from those participants only.
@@ -221,7 +221,7 @@ class RoundCoordinator:
             while True:
                 live = self._live()
                 waited = time.monotonic() - waiting_since
-                if len(live) >= config.clients_per_round or (
+                if len(live) >= max(config.clients_per_round, config.min_participants) or (
                         waited >= config.round_timeout and len(live) >= config.min_updates):
                     break
                 if self._stop:

@@ -115,7 +115,10 @@ def test_fedadam_matches_the_papers_server_update(cluster_factory) -> None:
                 delta = {k: rng.standard_normal(model.values[k].shape).astype(np.float32) * 0.1
                          for k in ("w", "b")}
                 deltas.append(delta)
-                p.submit(delta, num_examples=n, delta=True)
+                if p.name == "a":
+                    p.submit(delta, num_examples=n, delta=True)
+                else:  # the same, sent in the background
+                    assert p.submit_async(delta, num_examples=n, delta=True).result() == 2
             for k in x:
                 mean = sum(w * d[k].astype(np.float64) for w, d in zip(weights, deltas)) / sum(
                     weights)
@@ -320,7 +323,8 @@ def test_federated_example_under_launch() -> None:
 
     example = Path(__file__).resolve().parents[2] / "examples" / "federated.py"
     proc = run_example(PS + ["launch", "--num-servers", "2", "--num-workers", "2", "--federated",
-                             "--clients-per-round", "5", "--min-updates", "5", "--rounds", "8",
+                             "--clients-per-round", "5", "--min-updates", "5", "--min-participants", "10",
+                             "--rounds", "8",
                              "--round-timeout", "60", "--", sys.executable, str(example),
                              "--eval-every-round", "--target-accuracy", "0.6"], timeout=240)
     if proc.returncode == 3:  # the example's "dataset not installed"
