@@ -86,7 +86,7 @@ def server_optimizer(name: str, lr: float, tau: float):
 
 
 def _watch_rounds(client, data: Dataset, names: list[str], log: list[dict],
-                  stop: threading.Event) -> None:
+                  stop: threading.Event, accuracy: bool = True) -> None:
     """Rank 0 with --eval-every-round: the test accuracy of every model version, as it appears."""
     import paramserver as ps
 
@@ -96,6 +96,9 @@ def _watch_rounds(client, data: Dataset, names: list[str], log: list[dict],
         if version > seen:
             seen = version
             applied = time.time()
+            if not accuracy:  # timing only
+                log.append({"round": seen, "applied_at": applied})
+                continue
             params = client.pull(names)
             acc, _ = evaluate(params, data.x_test, data.y_test)
             log.append({"round": seen, "accuracy": round(acc, 4), "applied_at": applied})
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         log: list[dict] = []
         started = time.time()
         if evaluates and rank == reporter:
-            _watch_rounds(client, data, names, log, threading.Event())
+            _watch_rounds(client, data, names, log, threading.Event(), not args.times_only)
         else:
             mine = [Participant(client, names, name=f"participant-{i}")
                     for i in range(rank, PARTICIPANTS, hosts)]
@@ -141,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
             watcher = None
             if args.eval_every_round and not evaluates:  # one process: evaluate on the side
                 watcher = threading.Thread(target=_watch_rounds,
-                                           args=(client, data, names, log, stop), daemon=True)
+                                           args=(client, data, names, log, stop,
+                                                 not args.times_only), daemon=True)
                 watcher.start()
             trained = 0
             while (chosen := selected(mine, timeout=args.wait)) is not None:
@@ -194,6 +198,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every-round", action="store_true",
                    help="evaluate every model version as it appears (with several workers, "
                         "the last one only evaluates)")
+    p.add_argument("--times-only", action="store_true",
+                   help="with --eval-every-round: record when each version appeared, no "
+                        "accuracy (for timing the protocol)")
     p.add_argument("--wait", type=float, default=300.0,
                    help="seconds a host waits to be selected before giving up")
     args = p.parse_args(argv)
