@@ -107,7 +107,7 @@ def _federated_config(args: argparse.Namespace):
         if value is not default]
     if not args.federated:
         if given:
-            raise ValueError(f"{', '.join(given)} need --federated")
+            raise ValueError(f"{', '.join(given)} require --federated")
         return None
     values = {"clients_per_round": args.clients_per_round, "min_updates": args.min_updates,
               "round_timeout": args.round_timeout, "rounds": args.rounds,

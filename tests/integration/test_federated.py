@@ -334,3 +334,18 @@ def test_federated_example_under_launch() -> None:
     assert result["rounds"] == 8
     assert [r["round"] for r in result["per_round"]] == list(range(1, 9))
     assert result["per_round"][-1]["accuracy"] == result["test_accuracy"] >= 0.6
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--dp-clip", "1"), "--dp-clip require --federated"),
+    (("--federated", "--clients-per-round", "3", "--min-updates", "5"),
+     "--min-updates must be in [1, --clients-per-round 3], got 5"),
+    (("--federated", "--dp-noise", "1"), "--dp-noise needs --dp-clip"),
+    (("--federated", "--sync", "bsp", "--num-workers", "2"),
+     "a federated job has its own rounds: --sync bsp does not apply"),
+])
+def test_bad_federated_flags_are_refused_by_name(args: tuple[str, ...], message: str) -> None:
+    proc = subprocess.run(PS + ["scheduler", "--num-servers", "1", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert message in proc.stderr
