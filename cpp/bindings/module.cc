@@ -36,6 +36,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("beta1", &OptimizerConfig::beta1)
       .def_readwrite("beta2", &OptimizerConfig::beta2)
       .def_readwrite("amsgrad", &OptimizerConfig::amsgrad)
+      .def_readwrite("bias_correction", &OptimizerConfig::bias_correction)
       .def_readwrite("eps", &OptimizerConfig::eps)
       .def_readwrite("weight_decay", &OptimizerConfig::weight_decay)
       .def_readwrite("maximize", &OptimizerConfig::maximize);

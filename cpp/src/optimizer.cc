@@ -116,8 +116,8 @@ void apply_step(const OptimizerConfig& c, float* param, const float* grad, float
     }
     case OptimizerKind::kAdam:
     case OptimizerKind::kAdamW: {
-      const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(step));
-      const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(step));
+      const double bc1 = c.bias_correction ? 1.0 - std::pow(c.beta1, static_cast<double>(step)) : 1.0;
+      const double bc2 = c.bias_correction ? 1.0 - std::pow(c.beta2, static_cast<double>(step)) : 1.0;
       kernels::AdamParams p;
       p.beta1_complement = static_cast<float>(1.0 - c.beta1);
       p.beta2 = static_cast<float>(c.beta2);

@@ -10,7 +10,7 @@ it over gRPC; workers push gradients and pull weights through :func:`connect`::
         weights = w.pull()
 """
 
-from paramserver import init
+from paramserver import federated, init
 from paramserver.client import Client, DenseTable, EmbeddingTable, connect
 from paramserver.config import ClientConfig, SchedulerConfig, Security, ServerConfig
 from paramserver.errors import (
@@ -21,22 +21,23 @@ from paramserver.errors import (
     ParamServerError,
     PSTimeoutError,
     ResourceExhaustedError,
+    RoundClosedError,
     TableMismatchError,
     TableNotFoundError,
 )
 from paramserver.export import EmbeddingLookup, load_model, load_model_info
-from paramserver.optim import SGD, Adagrad, Adam, AdamW, Optimizer
+from paramserver.optim import SGD, Adagrad, Adam, AdamW, FedAdagrad, FedAdam, Optimizer
 from paramserver.scheduler import Scheduler
 from paramserver.server import Server
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGD", "Adagrad", "Adam", "AdamW", "Optimizer",
-    "init", "Client", "DenseTable", "EmbeddingTable", "connect",
+    "SGD", "Adagrad", "Adam", "AdamW", "FedAdam", "FedAdagrad", "Optimizer",
+    "init", "federated", "Client", "DenseTable", "EmbeddingTable", "connect",
     "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig", "Security",
     "ParamServerError", "InvalidRequestError", "NodeUnavailableError", "PSTimeoutError",
     "TableMismatchError", "TableNotFoundError", "CheckpointError", "AuthenticationError",
-    "ResourceExhaustedError", "load_model", "load_model_info", "EmbeddingLookup",
+    "ResourceExhaustedError", "RoundClosedError", "load_model", "load_model_info", "EmbeddingLookup",
     "__version__",
 ]

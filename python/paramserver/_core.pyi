@@ -54,6 +54,7 @@ class OptimizerConfig:
     beta1: float
     beta2: float
     amsgrad: bool
+    bias_correction: bool
     eps: float
     weight_decay: float
     maximize: bool

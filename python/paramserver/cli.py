@@ -94,6 +94,28 @@ def _sync_config(args: argparse.Namespace) -> dict:
     return {"sync": args.sync, "on_worker_failure": args.on_worker_failure}
 
 
+def _federated_config(args: argparse.Namespace):
+    """The job's FederatedConfig (None without --federated); the round flags need --federated."""
+    from paramserver.config import FederatedConfig
+
+    given = [flag for flag, value, default in (
+        ("--clients-per-round", args.clients_per_round, None),
+        ("--min-updates", args.min_updates, None), ("--round-timeout", args.round_timeout, None),
+        ("--rounds", args.rounds, None), ("--selection-seed", args.selection_seed, None),
+        ("--min-participants", args.min_participants, None),
+        ("--dp-clip", args.dp_clip, None), ("--dp-noise", args.dp_noise, None))
+        if value is not default]
+    if not args.federated:
+        if given:
+            raise ValueError(f"{', '.join(given)} require --federated")
+        return None
+    values = {"clients_per_round": args.clients_per_round, "min_updates": args.min_updates,
+              "round_timeout": args.round_timeout, "rounds": args.rounds,
+              "seed": args.selection_seed, "dp_clip": args.dp_clip, "dp_noise": args.dp_noise,
+              "min_participants": args.min_participants}
+    return FederatedConfig(**{k: v for k, v in values.items() if v is not None})
+
+
 def _cmd_scheduler_config(args: argparse.Namespace) -> dict:
     from paramserver.scheduler import has_recoverable_state
 
@@ -105,7 +127,8 @@ def _cmd_scheduler_config(args: argparse.Namespace) -> dict:
         if recover:
             print(f"scheduler: {args.checkpoint_dir} holds a running job's state; recovering it "
                   f"(--recover-if-present)", flush=True)
-    return dict(_checkpoint_config(args), recover=recover, **_sync_config(args))
+    return dict(_checkpoint_config(args), recover=recover, **_sync_config(args),
+                federated=_federated_config(args))
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -150,7 +173,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           tls_cert=tls_path("tls_cert"), tls_key=tls_path("tls_key"),
                           tls_ca=tls_path("tls_ca"), tls_client_auth=args.tls_client_auth,
                           max_restarts=args.max_restarts, transport=args.transport,
-                          **_checkpoint_config(args), **_sync_config(args))
+                          **_checkpoint_config(args), **_sync_config(args),
+                          federated=_federated_config(args))
     if args.ray is None:
         return launch(config)
     try:
@@ -280,6 +304,32 @@ def _parser() -> argparse.ArgumentParser:
                        help="bsp/ssp: when a worker dies, fail the job's steps with an error "
                             "naming it (default), or shrink: go on without it")
 
+    def federated_flags(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("federated jobs (docs/federated.md)")
+        g.add_argument("--federated", action="store_true",
+                       help="run federated rounds: participants submit model updates, the "
+                            "servers apply each table's optimizer once per round to minus their "
+                            "example-weighted mean")
+        g.add_argument("--clients-per-round", type=int, metavar="K",
+                       help="participants selected per round; a round closes when their K "
+                            "updates arrived (default 10)")
+        g.add_argument("--min-updates", type=int, metavar="M",
+                       help="updates a round needs at its timeout to be applied; with fewer it "
+                            "is abandoned (default 1)")
+        g.add_argument("--round-timeout", type=float, metavar="SECONDS",
+                       help="seconds a round stays open (default 300)")
+        g.add_argument("--rounds", type=int, metavar="N",
+                       help="rounds to run, then the job is finished (default 0: no limit)")
+        g.add_argument("--min-participants", type=int, metavar="N",
+                       help="live participants needed before a round opens (default: K)")
+        g.add_argument("--selection-seed", type=int, metavar="SEED",
+                       help="seed of the fair participant selection (default 0)")
+        g.add_argument("--dp-clip", type=float, metavar="C",
+                       help="DP-FedAvg: clip each update's L2 norm (all tables) to C")
+        g.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                       help="DP-FedAvg: add Gaussian noise of std SIGMA*C/n to the mean of the "
+                            "n counted updates (needs --dp-clip)")
+
     def checkpoint_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint-dir", metavar="DIR",
                        help="directory of the job's checkpoints (created if missing)")
@@ -299,6 +349,7 @@ def _parser() -> argparse.ArgumentParser:
     heartbeat_flags(p)
     checkpoint_flags(p)
     sync_flags(p)
+    federated_flags(p)
     p.add_argument("--recover", action="store_true",
                    help="continue a running job whose scheduler died, from the state kept in "
                         "--checkpoint-dir (servers and workers register again)")
@@ -348,6 +399,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds allowed for the scheduler and servers to start")
     checkpoint_flags(p)
     sync_flags(p)
+    federated_flags(p)
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="restart a scheduler, server or worker that dies, up to N times each "
                         "(servers restore from the newest checkpoint; default 0)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["Security", "load_security", "TOKEN_ENV", "TLS_ENV", "SchedulerConfig", "ServerConfig",
+           "FederatedConfig",
            "ClientConfig", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES",
            "MAX_DIM", "MAX_BLOCK_SIZE", "MAX_TABLE_ELEMENTS", "MAX_NAME_BYTES"]
 
@@ -171,6 +172,57 @@ def load_security(*, token: str | None = None, token_file: str | os.PathLike[str
 
 
 @dataclass(frozen=True)
+class FederatedConfig:
+    """Settings of a federated job's rounds (``--federated``; see docs/federated.md).
+
+    Attributes:
+        clients_per_round: participants selected per round (K); a round closes when K updates
+            (or, with fewer live participants, every selected one's) have arrived.
+        min_updates: updates a round needs to be applied when it reaches its timeout; with fewer
+            it is abandoned (the model stays as it was) and the next round starts.
+        round_timeout: seconds a round stays open.
+        rounds: rounds to run, then the job is finished (0: no limit).
+        min_participants: live participants needed before a round opens (0: clients_per_round);
+            e.g. every participant of a simulation, so that the first round's selection is fair
+            too. After waiting a round timeout, a round opens with min_updates.
+        seed: seed of the participant selection (fair: the least-often selected live
+            participants first, ties broken by this seeded generator).
+        dp_clip: DP-FedAvg clipping norm C (0: off): each update's delta is scaled to an L2
+            norm of at most C over all tables.
+        dp_noise: DP-FedAvg noise multiplier sigma: Gaussian noise of standard deviation
+            ``sigma * C / n`` is added to the mean of the n counted updates (needs dp_clip).
+    """
+
+    clients_per_round: int = 10
+    min_updates: int = 1
+    round_timeout: float = 300.0
+    rounds: int = 0
+    min_participants: int = 0
+    seed: int = 0
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.clients_per_round < 1:
+            raise ValueError(f"--clients-per-round must be >= 1, got {self.clients_per_round}")
+        if not 1 <= self.min_updates <= self.clients_per_round:
+            raise ValueError(f"--min-updates must be in [1, --clients-per-round "
+                             f"{self.clients_per_round}], got {self.min_updates}")
+        if not self.round_timeout > 0:
+            raise ValueError(f"--round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if self.min_participants < 0:
+            raise ValueError(f"--min-participants must be >= 0, got {self.min_participants}")
+        if self.rounds < 0:
+            raise ValueError(f"--rounds must be >= 0 (0: no limit), got {self.rounds}")
+        if self.dp_clip < 0 or self.dp_noise < 0:
+            raise ValueError(f"--dp-clip and --dp-noise must be >= 0, got {self.dp_clip} and "
+                             f"{self.dp_noise}")
+        if self.dp_noise and not self.dp_clip:
+            raise ValueError("--dp-noise needs --dp-clip: the noise is scaled to the clipping "
+                             "norm")
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Settings of the scheduler.
 
@@ -199,6 +251,7 @@ class SchedulerConfig:
             :mod:`paramserver.sync`). The synchronous ones need ``num_workers``.
         on_worker_failure: synchronous jobs, when a worker dies: ``"fail"`` (its steps fail with
             an error naming it) or ``"shrink"`` (the others go on without it).
+        federated: a federated job's rounds (None: not a federated job).
     """
 
     host: str = "127.0.0.1"
@@ -216,11 +269,15 @@ class SchedulerConfig:
     security: Security = Security()
     sync: str = "async"
     on_worker_failure: str = "fail"
+    federated: FederatedConfig | None = None
 
     def __post_init__(self) -> None:
         from paramserver.sync import FAILURE_POLICIES, Consistency
 
         consistency = Consistency.parse(self.sync)  # ValueError naming the accepted forms
+        if self.federated is not None and consistency.synchronous:
+            raise ValueError(f"a federated job has its own rounds: --sync {consistency} does "
+                             f"not apply (leave --sync at async)")
         if consistency.synchronous and not self.num_workers:
             raise ValueError(f"a {consistency} job needs its number of workers (--num-workers): "
                              f"every step waits for all of them")

@@ -17,6 +17,7 @@ __all__ = [
     "AuthenticationError",
     "ResourceExhaustedError",
     "StepFailedError",
+    "RoundClosedError",
 ]
 
 
@@ -69,3 +70,9 @@ class StepFailedError(ParamServerError):
     """A step of a synchronous job (``--sync bsp`` or ``ssp:S``) cannot complete: a worker of the
     job died and the job fails its steps (``--on-worker-failure fail``). The message names the
     worker and the step."""
+
+
+class RoundClosedError(ParamServerError):
+    """A federated update or report for a round that is closed (a late update): the message names
+    the round and the round the job is at, e.g. "update for round 3 refused: round 3 closed, the
+    job is at round 5". Nothing was counted."""

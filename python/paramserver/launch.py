@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import IO
 
 from paramserver import shm
-from paramserver.config import TLS_ENV, TOKEN_ENV, Security, load_security
+from paramserver.config import TLS_ENV, TOKEN_ENV, FederatedConfig, Security, load_security
 from paramserver.rpc import MALLOC_ENV
 
 __all__ = ["LaunchConfig", "LaunchError", "launch", "run_job", "job_environment",
@@ -85,6 +85,8 @@ class LaunchConfig:
         transport: ``"auto"``: workers send through shared memory to the servers (all on this
             machine); ``"grpc"``: through gRPC only (servers refuse shared memory, workers get
             ``PARAMSERVER_TRANSPORT=grpc``).
+        federated: a federated job's rounds, passed to the scheduler (None: not federated);
+            each worker process hosts participants (see docs/federated.md).
     """
 
     command: list[str]
@@ -112,6 +114,7 @@ class LaunchConfig:
     sync: str = "async"
     on_worker_failure: str = "fail"
     transport: str = "auto"
+    federated: FederatedConfig | None = None
 
     def __post_init__(self) -> None:
         from paramserver.sync import FAILURE_POLICIES, Consistency
@@ -581,7 +584,8 @@ class _Job:
                 "--heartbeat-interval", str(config.heartbeat_interval),
                 "--heartbeat-timeout", str(config.heartbeat_timeout),
                 "--sync", config.sync,
-                "--on-worker-failure", config.on_worker_failure] + _checkpoint_args(config)
+                "--on-worker-failure", config.on_worker_failure] + _checkpoint_args(config) \
+            + _federated_args(config.federated)
         if recover:
             args = [a for a in args if a != "--resume"] + ["--recover"]
         self.scheduler_proc = self.spawner.spawn_node("scheduler", "scheduler", 0,
@@ -674,6 +678,20 @@ class _Job:
                     self._say(f"all {len(self.workers)} workers finished")
                 return 0
             time.sleep(0.05)
+
+
+def _federated_args(federated: FederatedConfig | None) -> list[str]:
+    """The scheduler flags of a federated job's rounds."""
+    if federated is None:
+        return []
+    args = ["--federated", "--clients-per-round", str(federated.clients_per_round),
+            "--min-updates", str(federated.min_updates),
+            "--round-timeout", repr(federated.round_timeout), "--rounds", str(federated.rounds),
+            "--selection-seed", str(federated.seed),
+            "--min-participants", str(federated.min_participants)]
+    if federated.dp_clip:
+        args += ["--dp-clip", repr(federated.dp_clip), "--dp-noise", repr(federated.dp_noise)]
+    return args
 
 
 def _checkpoint_args(config: LaunchConfig) -> list[str]:

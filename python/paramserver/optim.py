@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 from paramserver import _core
 from paramserver._frozen import FrozenValue
 
-__all__ = ["Optimizer", "SGD", "Adagrad", "Adam", "AdamW", "optimizer_from_dict"]
+__all__ = ["Optimizer", "SGD", "Adagrad", "Adam", "AdamW", "FedAdam", "FedAdagrad",
+           "optimizer_from_dict"]
 
 
 def _number(name: str, value: Any, *, label: str | None = None, low: float = 0.0,
@@ -239,7 +240,79 @@ class AdamW(_AdamBase):
         super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
-_BY_NAME: dict[str, type[Optimizer]] = {cls.__name__: cls for cls in (SGD, Adagrad, Adam, AdamW)}
+class FedAdam(Optimizer):
+    r"""The FedAdam server optimizer of adaptive federated optimization (Reddi et al., ICLR 2021,
+    Algorithm 2), for the tables of a federated job (see docs/federated.md).
+
+    A federated round gives each table one pseudo-gradient ``g = -Delta``, minus the
+    example-weighted mean of the participants' model deltas. With ``t`` the round::
+
+        m = beta1 * m + (1 - beta1) * g                   # (the core computes it as a lerp)
+        v = beta2 * v + (1 - beta2) * g * g
+        theta = theta - lr * m / (sqrt(v) + tau)          # no bias correction, as in the paper
+
+    which is the paper's ``x += eta * m_t / (sqrt(v_t) + tau)`` with ``eta = lr`` and its
+    ``m_t`` the negative of ``m`` here. It is Adam without bias correction, applied by the same
+    core kernels.
+
+    Args:
+        lr: server learning rate ``eta`` (default 1e-2).
+        betas: (beta1, beta2), each in [0, 1) (default (0.9, 0.99), the paper's).
+        tau: adaptivity ``tau`` added to the denominator (default 1e-3, the paper's best range
+            is 1e-3 to 1e-1 for most tasks).
+
+    State per element: m and v.
+    """
+
+    kind = _core.OptimizerKind.Adam
+    _fields = ("lr", "betas", "tau")
+
+    def __init__(self, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99),
+                 tau: float = 1e-3) -> None:
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        betas = (_number("betas[0]", beta1, high=1.0, high_open=True),
+                 _number("betas[1]", beta2, high=1.0, high_open=True))
+        tau = _number("tau", tau)
+        if tau <= 0:
+            raise ValueError(f"Invalid tau: tau={tau!r} (must be > 0: it keeps the update "
+                             f"finite where v is 0)")
+        self._set(lr=_number("lr", lr, label="learning rate"), betas=betas, tau=tau)
+
+    def flat_hyperparameters(self) -> dict[str, Any]:
+        """The core's (and the wire's) Adam fields: ``tau`` is ``eps``, bias correction off."""
+        values = self.hyperparameters()
+        return {"lr": values["lr"], "beta1": values["betas"][0], "beta2": values["betas"][1],
+                "eps": values["tau"]}
+
+    def to_config(self) -> _core.OptimizerConfig:
+        """The core's configuration: Adam without bias correction."""
+        config = super().to_config()
+        config.bias_correction = False
+        return config
+
+
+def FedAdagrad(lr: float = 1e-2, tau: float = 1e-3) -> Adagrad:  # noqa: N802 (reads as a class)
+    r"""The FedAdagrad server optimizer (Reddi et al., ICLR 2021): with the round's
+    pseudo-gradient ``g = -Delta``, ``v = v + g * g`` and ``theta = theta - lr * g / (sqrt(v) +
+    tau)``, ``v`` starting at ``tau ** 2`` (the paper's ``v_{-1} >= tau^2``). It is exactly
+    :class:`Adagrad` with ``eps=tau`` and ``initial_accumulator_value=tau ** 2``, which this
+    returns.
+
+    Args:
+        lr: server learning rate ``eta`` (default 1e-2).
+        tau: adaptivity ``tau`` (default 1e-3; > 0).
+    """
+    tau = _number("tau", tau)
+    if tau <= 0:
+        raise ValueError(f"Invalid tau: tau={tau!r} (must be > 0)")
+    return Adagrad(lr=lr, eps=tau, initial_accumulator_value=tau * tau)
+
+
+_BY_NAME: dict[str, type[Optimizer]] = {cls.__name__: cls
+                                        for cls in (SGD, Adagrad, Adam, AdamW, FedAdam)}
 
 
 def optimizer_from_dict(description: dict[str, Any]) -> Optimizer:

@@ -364,14 +364,15 @@ def abort_on(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
     ``ValueError``/``TypeError`` -> INVALID_ARGUMENT, ``IndexError`` -> OUT_OF_RANGE,
     :class:`TableNotFoundError` -> NOT_FOUND, :class:`TableMismatchError` -> ALREADY_EXISTS,
     :class:`PSTimeoutError` -> DEADLINE_EXCEEDED, :class:`ResourceExhaustedError` ->
-    RESOURCE_EXHAUSTED, :class:`CheckpointError` and :class:`StepFailedError` -> FAILED_PRECONDITION
+    RESOURCE_EXHAUSTED, :class:`CheckpointError`, :class:`StepFailedError` and
+    :class:`RoundClosedError` -> FAILED_PRECONDITION
     (named in the ``ps-error``
     trailing metadata, so the caller raises CheckpointError). Anything else propagates (an
     internal error). The reason is cut to :data:`MAX_ERROR_CHARS`.
     """
     try:
         return fn()
-    except (CheckpointError, errors.StepFailedError) as exc:
+    except (CheckpointError, errors.StepFailedError, errors.RoundClosedError) as exc:
         context.set_trailing_metadata(((_ERROR_KEY, type(exc).__name__),))
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, bounded(str(exc)))
     except TableNotFoundError as exc:

@@ -34,6 +34,7 @@ from paramserver.errors import (
     TableMismatchError,
 )
 from paramserver.partition import assign_blocks, default_block_size
+from paramserver.rounds import RoundCoordinator
 from paramserver.sync import Consistency
 from paramserver.syncgroup import SyncGroup
 from paramserver.v1 import paramserver_pb2 as pb
@@ -126,6 +127,10 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                         on_change=self._save_state_locked)
             threading.Thread(target=self._watch_workers, name="ps-sync-watch",
                              daemon=True).start()
+        self.rounds: RoundCoordinator | None = None
+        if config.federated is not None:
+            self.rounds = RoundCoordinator(config.federated, self._call_all_servers,
+                                           self._worker_alive)
         self._view_version = 0
         self._waiting = 0  # Barrier calls waiting on a handler thread
         self._state_file = root / _STATE_FILE if root is not None else None
@@ -334,6 +339,36 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             raise ValueError(f"{node_id!r} (incarnation {incarnation!r}) is not a current worker "
                              f"of this job")
         return self.sync_group, node
+
+    # -- federated jobs (paramserver.rounds) ------------------------------------------------------
+
+    def _worker_alive(self, node_id: str) -> bool:
+        now = time.monotonic()
+        with self._cond:
+            node = self._nodes.get(node_id)
+            return node is not None and node.role == pb.WORKER and self._alive(node, now)
+
+    def _federated(self, node_id: str) -> RoundCoordinator:
+        if self.rounds is None:
+            raise ValueError("this job is not federated (start it with paramserver scheduler "
+                             "--federated or paramserver launch --federated)")
+        if not self._worker_alive(node_id):
+            raise ValueError(f"{node_id!r} is not a live worker of this job: participants are "
+                             f"hosted by a connected client")
+        return self.rounds
+
+    def FederatedJoin(self, request: pb.FederatedJoinRequest, context: grpc.ServicerContext) -> pb.FederatedJoinReply:
+        return rpc.abort_on(context, lambda: pb.FederatedJoinReply(status=self._federated(
+            request.node_id).join(request.node_id, list(request.participants))))
+
+    def FederatedPoll(self, request: pb.RoundPollRequest, context: grpc.ServicerContext) -> pb.RoundPollReply:
+        return rpc.abort_on(context, lambda: self._federated(request.node_id).poll(
+            request.node_id, list(request.participants), request.wait,
+            request.version_after))
+
+    def FederatedReport(self, request: pb.RoundReportRequest, context: grpc.ServicerContext) -> pb.RoundReportReply:
+        return rpc.abort_on(context, lambda: self._federated(request.node_id).report(
+            request.node_id, request.participant, request.round, request.num_examples))
 
     def _live_servers(self) -> dict[int, str]:
         now = time.monotonic()
@@ -766,6 +801,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         reply.server_stats.extend(stats)
         if self.sync_group is not None:
             reply.sync_members.extend(self.sync_group.members())
+        if self.rounds is not None:
+            reply.federated.CopyFrom(self.rounds.status())
         held = [{t.name: t for t in stats[r].tables} for r in range(n)]
         for name, placement, ready in tables:
             status = pb.TableStatus(spec=placement.spec, ready=ready)
@@ -808,6 +845,8 @@ class Scheduler:
         self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)
         if self.config.checkpoint_every > 0:
             self._service.checkpoints.start_periodic(self.config.checkpoint_every)
+        if self._service.rounds is not None:
+            self._service.rounds.start()
         return self
 
     def checkpoint(self, metadata: dict | None = None, timeout: float = 600.0) -> dict:
@@ -826,6 +865,8 @@ class Scheduler:
         """Stop periodic checkpoints (letting one in progress finish), then stop serving;
         in-flight calls get ``grace`` seconds to finish."""
         self._service.checkpoints.close()
+        if self._service.rounds is not None:
+            self._service.rounds.close()
         self._service.close_state()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()

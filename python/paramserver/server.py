@@ -47,6 +47,7 @@ from paramserver.shm import ShmRegistry, UnknownSegment
 from paramserver.snapshot import Snapshot, restore_dense, restore_embedding
 from paramserver.steps import Contribution, StepEngine
 from paramserver.sync import Consistency
+from paramserver.updates import RoundUpdates
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import (
@@ -193,11 +194,18 @@ class _Shards:
         self.placed: Callable[[pb.TableSpec, tuple[int, ...]], None] | None = None
         #: The steps of a synchronous job (None: asynchronous); set once registered.
         self.steps: StepEngine | None = None
+        #: The federated rounds as this server sees them (used only in a federated job).
+        self.rounds = RoundUpdates(node, self._dense_snapshot, apply_threads)
+        self._rng = np.random.default_rng()  # DP-FedAvg noise: OS entropy, unknown to anyone
         #: Test-only fault hook: lose the reply of every N-th applied write (0: never).
         self.drop_reply_every = 0
         self._writes = 0
         #: Workers' shared-memory segments mapped here (paramserver.shm).
         self.shm = ShmRegistry(node)
+
+    def _dense_snapshot(self) -> dict[str, _DenseShard]:
+        with self._lock:
+            return dict(self._dense)
 
     def _held_bytes(self) -> int:
         return sum(s.table.bytes() for s in self._dense.values()) + sum(
@@ -636,6 +644,46 @@ class _Shards:
         out.shm_clients, out.shm_bytes = self.shm.stats()
         return out
 
+    def federated_submit(self, request: pb.FederatedUpdate) -> pb.FederatedUpdateReply:
+        """One message of a participant's update for the open round (paramserver.updates):
+        validated whole (dense tables held here, whole blocks, finite values) before anything is
+        recorded."""
+        if self.restoring is not None:
+            raise NodeUnavailableError(f"{self.node} is {self.restoring}")
+        dense = [self._check_dense(pb.PUSH, piece) for piece in request.dense]
+        names = [piece.table for piece in request.dense]
+        if len(set(names)) != len(names):
+            raise ValueError(f"table {_name(_first_repeated(names))} appears more than once in "
+                             f"one message")
+        for (shard, _, data, length), piece in zip(dense, request.dense):
+            if data is None and length:
+                raise ValueError(f"table {_name(piece.table)}: a federated update carries the "
+                                 f"blocks' values or delta; this slice has none")
+        with self._lock:
+            self.bytes_in += sum(len(p.data) for p in request.dense)
+        self.rounds.submit(request, dense)
+        return pb.FederatedUpdateReply()
+
+    def federated_round(self, request: pb.RoundControlRequest) -> pb.RoundControlReply:
+        """The scheduler's control of a federated round; a commit applies each dense table's
+        optimizer once, as a write admitted by the gate (retried while a checkpoint's cut holds
+        writes)."""
+        return self.rounds.control(request, self._as_write, self._rng)
+
+    def _as_write(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` as a write admitted by the checkpoint gate (waiting while a cut holds
+        writes)."""
+        while True:
+            try:
+                handle = self.gate.enter(None)
+                break
+            except WritesHeld:
+                time.sleep(0.005)
+        try:
+            fn()
+        finally:
+            self.gate.leave(handle)
+
     def change_members(self, request: pb.SyncMembersRequest) -> pb.SyncMembersReply:
         """The scheduler's change to the step group; a step it completes is applied here, as a
         write admitted by the gate (retried while a checkpoint's cut holds writes)."""
@@ -731,6 +779,12 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
     def SyncMembers(self, request: pb.SyncMembersRequest, context: grpc.ServicerContext) -> pb.SyncMembersReply:
         return rpc.abort_on(context, lambda: self._shards.change_members(request))
 
+    def FederatedSubmit(self, request: pb.FederatedUpdate, context: grpc.ServicerContext) -> pb.FederatedUpdateReply:
+        return rpc.abort_on(context, lambda: self._shards.federated_submit(request))
+
+    def FederatedRound(self, request: pb.RoundControlRequest, context: grpc.ServicerContext) -> pb.RoundControlReply:
+        return rpc.abort_on(context, lambda: self._shards.federated_round(request))
+
 
 def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
     """Register the ParameterServer service: the generated handlers for the control methods, and
@@ -753,6 +807,8 @@ def _add_service(service: _ParameterServerService, server: grpc.Server) -> None:
             ("ShmAttach", pb.ShmAttachRequest, pb.ShmAttachReply),
             ("ShmExchange", pb.ShmExchangeRequest, pb.ShmExchangeReply),
             ("ShmDetach", pb.ShmDetachRequest, pb.ShmDetachReply),
+            ("FederatedSubmit", pb.FederatedUpdate, pb.FederatedUpdateReply),
+            ("FederatedRound", pb.RoundControlRequest, pb.RoundControlReply),
         ]
     }
     handlers["Exchange"] = grpc.unary_unary_rpc_method_handler(service.Exchange)
@@ -806,6 +862,7 @@ class Server:
         self.rank = self._membership.rank
         self._shards.node = f"server-{self.rank} at {self.address}"
         self._shards.shm.node = self._shards.node
+        self._shards.rounds.node = self._shards.node
         self._shards.gate.node = self._shards.node
         self._shards.gate.rank = self.rank
         self._shards.rank = self.rank

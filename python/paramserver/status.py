@@ -81,10 +81,22 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
                   "restored_version": c.restored_version, "restore_notes": list(c.restore_notes),
                   "verify_s": round(c.verify_seconds, 3), "restore_s": round(c.restore_seconds, 3),
                   "restore_bytes": c.restore_bytes}
-    return {"uptime_s": round(reply.uptime, 3), "view_version": reply.cluster.version,
-            "num_servers": reply.cluster.num_servers,
-            "num_workers": reply.cluster.num_workers, "nodes": nodes, "tables": tables,
-            "servers": servers, "checkpoint": checkpoint, "sync": sync}
+    out = {"uptime_s": round(reply.uptime, 3), "view_version": reply.cluster.version,
+           "num_servers": reply.cluster.num_servers,
+           "num_workers": reply.cluster.num_workers, "nodes": nodes, "tables": tables,
+           "servers": servers, "checkpoint": checkpoint, "sync": sync}
+    if reply.HasField("federated"):
+        f = reply.federated
+        out["federated"] = {
+            "round": f.round, "state": f.state, "version": f.version,
+            "selected": list(f.selected), "received": list(f.received),
+            "participants_seen": f.participants, "participants_live": f.live,
+            "clients_per_round": f.clients_per_round, "min_updates": f.min_updates,
+            "round_timeout_s": f.round_timeout, "deadline_in_s": round(f.deadline_in, 3),
+            "rounds_applied": f.rounds_applied, "rounds_abandoned": f.rounds_abandoned,
+            "last_counted": f.last_counted, "max_rounds": f.max_rounds,
+            "dp_clip": f.dp_clip, "dp_noise": f.dp_noise, "last_error": f.last_error}
+    return out
 
 
 def _bytes(n: int) -> str:
@@ -149,6 +161,25 @@ def format_status(status: dict[str, Any]) -> str:
         for m in sync["members"]:
             span = f"steps {m['first_step']}-" + (str(m["last_step"]) if m["last_step"] else "")
             lines.append(f"  worker-{m['rank']:<5} {span:<16} {m['state']}")
+    fed = status.get("federated")
+    if fed:
+        limit = f" of {fed['max_rounds']}" if fed["max_rounds"] else ""
+        lines += ["", f"FEDERATED ROUNDS (K={fed['clients_per_round']}, min "
+                      f"{fed['min_updates']}, timeout {fed['round_timeout_s']:g} s"
+                      + (f", DP-FedAvg C={fed['dp_clip']:g} sigma={fed['dp_noise']:g}"
+                         if fed["dp_clip"] else "") + ")"]
+        left = f", {fed['deadline_in_s']:.0f} s left" if fed["state"] == "open" else ""
+        lines.append(f"  round {fed['round']}{limit} {fed['state']}{left}; model version "
+                     f"{fed['version']}; {fed['rounds_applied']} applied, "
+                     f"{fed['rounds_abandoned']} abandoned")
+        lines.append(f"  participants seen {fed['participants_seen']}, live "
+                     f"{fed['participants_live']}; updates received {len(fed['received'])} of "
+                     f"{len(fed['selected'])} selected")
+        if fed["selected"]:
+            lines.append("  selected: " + ", ".join(
+                n + (" (received)" if n in fed["received"] else "") for n in fed["selected"]))
+        if fed["last_error"]:
+            lines.append(f"  LAST ROUND ERROR: {fed['last_error']}")
     lines += ["", "SERVERS"]
     for s in status["servers"]:
         lines.append(f"  server-{s['rank']:<5} pushes {s['push_requests']:>8}  pulls "

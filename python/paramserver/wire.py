@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserver.optim import SGD, Adagrad, Adam, AdamW, Optimizer
+from paramserver.optim import SGD, Adagrad, Adam, AdamW, FedAdam, Optimizer
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["FLOAT", "floats", "ids_view", "first_non_finite", "optimizer_to_spec", "optimizer_from_spec",
@@ -28,6 +28,7 @@ FLOAT = np.dtype("<f4")
 
 _KINDS = {SGD: pb.OptimizerSpec.SGD, Adagrad: pb.OptimizerSpec.ADAGRAD,
           Adam: pb.OptimizerSpec.ADAM, AdamW: pb.OptimizerSpec.ADAMW}
+# Adam without bias correction is FedAdam (OptimizerSpec.no_bias_correction).
 
 
 def floats(data: bytes) -> np.ndarray:
@@ -70,11 +71,19 @@ def ids_view(data: bytes) -> np.ndarray:
 
 def optimizer_to_spec(opt: Optimizer) -> pb.OptimizerSpec:
     """The wire form of an optimizer description."""
+    if isinstance(opt, FedAdam):
+        return pb.OptimizerSpec(kind=pb.OptimizerSpec.ADAM, no_bias_correction=True,
+                                **opt.flat_hyperparameters())
     return pb.OptimizerSpec(kind=_KINDS[type(opt)], **opt.flat_hyperparameters())
 
 
 def optimizer_from_spec(spec: pb.OptimizerSpec) -> Optimizer:
     """Rebuild (and so validate) an optimizer from its wire form; ValueError if invalid."""
+    if spec.no_bias_correction:
+        if spec.kind != pb.OptimizerSpec.ADAM:
+            raise ValueError(f"no_bias_correction is for Adam (FedAdam) only, got kind "
+                             f"{spec.kind}")
+        return FedAdam(lr=spec.lr, betas=(spec.beta1, spec.beta2), tau=spec.eps)
     for cls, kind in _KINDS.items():
         if kind == spec.kind:
             break

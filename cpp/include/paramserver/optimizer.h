@@ -28,6 +28,9 @@ struct OptimizerConfig {
   double beta1 = 0.9;
   double beta2 = 0.999;
   bool amsgrad = false;
+  // Adam's bias correction (torch always applies it). Off: the server update of adaptive
+  // federated optimization (Reddi et al., ICLR 2021, FedAdam), theta -= lr * m / (sqrt(v) + eps).
+  bool bias_correction = true;
   // shared
   double eps = 1e-8;
   double weight_decay = 0.0;
