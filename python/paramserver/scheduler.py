@@ -137,6 +137,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self._state_cv = threading.Condition()
         self._state_pending: dict | None = None
         self._state_writing = False
+        self._state_asked = self._state_written = 0  # states handed to the writer / written
         self._state_closed = False
         if self._state_file is not None:
             threading.Thread(target=self._write_states, name="ps-state-writer",
@@ -166,7 +167,24 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                   if self.sync_group is not None else [])}
         with self._state_cv:
             self._state_pending = state  # the latest state wins; older ones need no write
+            self._state_asked += 1
+            state["_seq"] = self._state_asked
             self._state_cv.notify()
+
+    def _flush_state(self, timeout: float = 10.0) -> None:
+        """Wait until the state saved so far is on disk (or ``timeout`` passes): a step-group
+        change is acknowledged only once a restarted scheduler would know it."""
+        if self._state_file is None:
+            return
+        deadline = time.monotonic() + timeout
+        with self._state_cv:
+            target = self._state_asked
+            while self._state_written < target and not self._state_closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("the scheduler's state was not written within %.0f s", timeout)
+                    return
+                self._state_cv.wait(left)
 
     def _save_state_locked(self) -> None:
         with self._cond:
@@ -181,9 +199,11 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                 if state is None:
                     return
                 self._state_writing = True
+            seq = state.pop("_seq", 0)
             self._write_state(state)
             with self._state_cv:
                 self._state_writing = False
+                self._state_written = max(self._state_written, seq)
                 self._state_cv.notify_all()
 
     def _write_state(self, state: dict) -> None:
@@ -318,14 +338,16 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     def SyncJoin(self, request: pb.SyncJoinRequest, context: grpc.ServicerContext) -> pb.SyncJoinReply:
         def run() -> pb.SyncJoinReply:
             group, node = self._sync_caller(request.node_id, request.incarnation)
-            return pb.SyncJoinReply(first_step=group.join(node.rank, node.incarnation,
-                                                          request.timeout or 30.0))
+            first = group.join(node.rank, node.incarnation, request.timeout or 30.0)
+            self._flush_state()
+            return pb.SyncJoinReply(first_step=first)
         return rpc.abort_on(context, run)
 
     def SyncLeave(self, request: pb.SyncLeaveRequest, context: grpc.ServicerContext) -> pb.SyncLeaveReply:
         def run() -> pb.SyncLeaveReply:
             group, node = self._sync_caller(request.node_id, request.incarnation)
             group.leave(node.rank, node.incarnation, request.last_step)
+            self._flush_state()
             return pb.SyncLeaveReply()
         return rpc.abort_on(context, run)
 
