@@ -46,7 +46,7 @@ import grpc
 from paramserver.errors import ParamServerError
 from paramserver.v1 import paramserver_pb2 as pb
 
-__all__ = ["TRANSPORTS", "SHM_DIR", "PREFIX", "boot_id", "sweep", "Segment", "ShmLink",
+__all__ = ["TRANSPORTS", "SHM_DIR", "PREFIX", "boot_id", "sweep", "owner", "alive", "Segment", "ShmLink",
            "ShmRegistry", "ShmCall", "UnknownSegment", "release", "write_parts", "janitor",
            "unknown_metadata"]
 
@@ -89,14 +89,26 @@ def _start_time(pid: int) -> str:
     return fields[19].decode() if len(fields) > 19 else ""
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (killed, waiting to be reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # another user's live process
-    return True
+        pass  # another user's process: exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    except OSError:
+        return True
+
+
+def owner(name: str) -> int:
+    """The pid that created segment ``name`` (0 if it is not a segment's name)."""
+    match = _NAME.match(name)
+    return int(match.group(1)) if match else 0
 
 
 def sweep(directory: str = SHM_DIR) -> list[str]:
@@ -109,7 +121,7 @@ def sweep(directory: str = SHM_DIR) -> list[str]:
         return removed
     for name in names:
         match = _NAME.match(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or alive(int(match.group(1))):
             continue
         try:
             os.unlink(os.path.join(directory, name))
@@ -409,8 +421,8 @@ class _Done:
         return False
 
 
-class _Refused(Exception):
-    pass
+class _Refused(ParamServerError):
+    """The server would not map a segment (the reason is the message)."""
 
 
 def _metadata(error: grpc.RpcError) -> tuple:

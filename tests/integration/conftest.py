@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,29 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("PARAMSERVER_TRANSPORT", request.param)
     yield request.param
     from paramserver import shm
+
+    def held() -> dict[str, int]:
+        # A name exists while its worker's attach is in flight (at most a call), or for good
+        # once that worker was killed meanwhile (then the sweep removes it).
+        names = [n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)]
+        return {n: shm.owner(n) for n in names if shm.alive(shm.owner(n))}
+
+    deadline = time.monotonic() + 15
+    while held() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    owners = {pid: _cmdline(pid) for pid in set(held().values())}
+    assert not owners, f"live processes keep segments in {shm.SHM_DIR}: {owners}"
+    shm.sweep()
     left = [n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)]
-    swept = shm.sweep()
-    assert sorted(left) == sorted(swept), f"segments left in {shm.SHM_DIR}: {left}"
+    assert not left, f"segments left in {shm.SHM_DIR}: {left}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:300]
+    except OSError:
+        return "?"
 
 
 def start_node(args: list[str], ready_file: Path, log: Path,
