@@ -689,20 +689,7 @@ class _Shards:
         write admitted by the gate (retried while a checkpoint's cut holds writes)."""
         if self.steps is None:
             raise ValueError(f"{self.node} serves an asynchronous job: it has no step group")
-
-        def apply(fn: Callable[[], None]) -> None:
-            while True:
-                try:
-                    handle = self.gate.enter(None)
-                    break
-                except WritesHeld:
-                    time.sleep(0.005)
-            try:
-                fn()
-            finally:
-                self.gate.leave(handle)
-
-        return pb.SyncMembersReply(step=self.steps.change(request, apply))
+        return pb.SyncMembersReply(step=self.steps.change(request, self._as_write))
 
 
 class _ParameterServerService(pb_grpc.ParameterServerServicer):

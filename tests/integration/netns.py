@@ -9,11 +9,13 @@ Needs root (or CAP_SYS_ADMIN + CAP_NET_ADMIN) and iproute2; :func:`make_hosts` r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,3 +167,21 @@ def make_hosts(names: list[str]) -> Hosts:
             raise Unavailable(f"cannot set up the namespaces' network: {exc}") from None
         raise
     return hosts
+
+
+@contextlib.contextmanager
+def hosts_or_skip(names: list[str]) -> Iterator[Hosts]:
+    """:func:`make_hosts` for a test: skipped (with the reason) where namespaces cannot be made;
+    removed afterwards, and the test fails if any namespace, link or mount is left."""
+    import pytest
+
+    try:
+        made = make_hosts(names)
+    except Unavailable as exc:
+        pytest.skip(f"no network namespaces here: {exc}")
+    try:
+        yield made
+    finally:
+        made.remove()
+        left = made.leftovers()
+        assert not left, f"left behind: {left}"

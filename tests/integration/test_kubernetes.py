@@ -44,16 +44,8 @@ PODS = ["scheduler", "server-0", "server-1", "worker-0", "worker-1"]
 
 @pytest.fixture
 def hosts() -> Iterator[netns.Hosts]:
-    try:
-        made = netns.make_hosts(PODS)
-    except netns.Unavailable as exc:
-        pytest.skip(f"no network namespaces here: {exc}")
-    try:
+    with netns.hosts_or_skip(PODS) as made:
         yield made
-    finally:
-        made.remove()
-        left = made.leftovers()
-        assert not left, f"left behind: {left}"
 
 
 class _Pods:

@@ -27,16 +27,8 @@ HOSTS = ["sched", "s0", "s1", "w0", "w1"]
 
 @pytest.fixture
 def hosts() -> Iterator[netns.Hosts]:
-    try:
-        made = netns.make_hosts(HOSTS)
-    except netns.Unavailable as exc:
-        pytest.skip(f"no network namespaces here: {exc}")
-    try:
+    with netns.hosts_or_skip(HOSTS) as made:
         yield made
-    finally:
-        made.remove()
-        left = made.leftovers()
-        assert not left, f"namespaces left behind: {left}"
 
 
 def _node(hosts: netns.Hosts, host: str, args: list[str], tmp: Path, env: dict) -> dict:
