@@ -22,7 +22,7 @@ import time
 import traceback
 from typing import Any
 
-from local_cluster import LocalCluster, run_processes, stop_processes
+from local_cluster import LocalCluster, run_processes
 
 N = 4 * 1024 * 1024  # 16 MB of float32
 TRAINERS = 2
@@ -65,11 +65,6 @@ def _apply_and_get(grad: Any) -> Any:
         return _PS_STATE["weights"].clone()
 
 
-def _weights_sum() -> float:
-    with _PS_STATE["lock"]:
-        return float(_PS_STATE["weights"][0])
-
-
 def _torch_main(rank: int, port: int, start_at: float, warmup: float, measure: float,
                 results: Any) -> None:
     try:
@@ -96,8 +91,6 @@ def _torch_main(rank: int, port: int, start_at: float, warmup: float, measure: f
                     raise AssertionError("torch.rpc returned weights of the wrong size")
 
             out = _phases(step, start_at, warmup, measure)
-            if rank == 1:  # after both trainers are done (the shutdown below waits for all)
-                pass
         rpc.shutdown(graceful=True)
         if rank == 0:
             out = {"final": float(_PS_STATE["weights"][0])}
@@ -205,7 +198,7 @@ def run(transports: list[str], warmup: float, measure: float,
     return report
 
 
-__all__ = ["run", "run_torch_rpc", "run_paramserver", "stop_processes"]
+__all__ = ["run", "run_torch_rpc", "run_paramserver"]
 
 if __name__ == "__main__":  # pragma: no cover - manual use
     import json

@@ -484,6 +484,8 @@ class _Shards:
 
     def _serve(self, request: pb.DataRequest | RequestView, step: pb.StepTag | None,
                tag: pb.OpTag | None = None, into: memoryview | None = None) -> bytes | int:
+        # ``into`` (a reply room in the request's shared-memory segment) also means the
+        # request's bytes are borrowed: the worker reuses them once the call returns.
         op = request.op
         dense, sparse = self._validate(request)
         # Everything is valid: from here on nothing raises on the request's content.
@@ -495,7 +497,8 @@ class _Shards:
         if steps is None:
             self._write(op, dense, sparse)
         elif writes:
-            self._contribute(steps, step, request.part, tag, dense, sparse)
+            self._contribute(steps, step, request.part, tag, dense, sparse,
+                             borrowed=into is not None)
         elif op == pb.ASSIGN:
             self._write(op, dense, sparse)
         read_only = self._reads(op, dense, sparse)
@@ -517,13 +520,18 @@ class _Shards:
         return encode_pending(pending) if pending else reply
 
     def _contribute(self, steps: StepEngine, step: pb.StepTag, part: int,
-                    tag: pb.OpTag | None, dense: list, sparse: list) -> None:
+                    tag: pb.OpTag | None, dense: list, sparse: list,
+                    borrowed: bool = False) -> None:
         """A worker's share of a step (synchronous jobs): summed into the step (BSP) or applied
-        now and counted on the worker's clock (SSP)."""
+        now and counted on the worker's clock (SSP). ``borrowed``: the request's bytes are the
+        worker's to reuse once this call returns (a shared-memory segment)."""
         parts = self.gate.parts_here(tag) if tag is not None else 1
-        share = Contribution([(shard, blocks, data) for shard, blocks, data, _ in dense
+        # A BSP step keeps the views of a contribution that spans several messages until the
+        # last one is here, past this call: copies, when the bytes are only borrowed.
+        keep = (lambda a: a.copy()) if borrowed and parts > 1 else (lambda a: a)
+        share = Contribution([(shard, blocks, keep(data)) for shard, blocks, data, _ in dense
                               if data is not None],
-                             [(shard, ids, rows) for shard, ids, rows in sparse
+                             [(shard, keep(ids), keep(rows)) for shard, ids, rows in sparse
                               if rows is not None])
         if steps.consistency.mode == "bsp":
             whole = steps.contribute(step.worker, step.step, part, parts, share)
@@ -725,10 +733,6 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if shards.steps is not None and shards.steps.consistency.mode == "bsp":
-            # A BSP step keeps a contribution's views until all its messages are here, past
-            # this call, while the worker reuses the segment: keep a copy instead.
-            message = bytes(message)
         reply = self._data(context, lambda: shards.handle_bytes(message, room))
         if isinstance(reply, int):
             return pb.ShmExchangeReply(reply_size=reply)

@@ -37,7 +37,6 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,13 +45,10 @@ import grpc
 from paramserver.errors import ParamServerError
 from paramserver.v1 import paramserver_pb2 as pb
 
-__all__ = ["TRANSPORTS", "SHM_DIR", "PREFIX", "boot_id", "sweep", "owner", "alive", "Segment", "ShmLink",
+__all__ = ["SHM_DIR", "PREFIX", "boot_id", "sweep", "owner", "alive", "Segment", "ShmLink",
            "ShmRegistry", "ShmCall", "UnknownSegment", "release", "write_parts", "janitor",
            "unknown_metadata"]
 
-#: Transport choices: ``auto`` uses shared memory with servers on the same host and gRPC with the
-#: others; ``grpc`` always gRPC; ``shm`` requires shared memory (an error where it is not possible).
-TRANSPORTS = ("auto", "grpc", "shm")
 SHM_DIR = "/dev/shm"
 PREFIX = "paramserver-"
 _NAME = re.compile(r"^paramserver-(\d+)-[0-9a-f]{32}$")
@@ -63,8 +59,6 @@ _UNKNOWN_KEY = "ps-shm"
 _MIN_SEGMENT = 1 << 20
 #: Segments a link keeps for reuse; more in flight at once are unmapped when they come back.
 _KEEP = 16
-#: Reply room for a pending reply or an error-free empty one.
-REPLY_SLACK = 8192
 
 
 def boot_id() -> str:
@@ -236,7 +230,6 @@ class ShmLink:
         self._handles: set[int] = set()  # every segment of this link the server maps
         self._detaching: list[Any] = []  # detach calls in flight (kept until done)
         self._closed = False
-        self.mapped = 0
 
     @classmethod
     def negotiate(cls, stub: Any, client: str, address: str,
@@ -269,7 +262,6 @@ class ShmLink:
             segment.close()
             raise _Refused(reply.reason)
         with self._lock:
-            self.mapped += segment.size
             self._handles.add(reply.segment)
         return _Slot(segment, reply.segment)
 
@@ -314,7 +306,6 @@ class ShmLink:
             if ok and not self._closed and len(self._free) < _KEEP:
                 self._free.append(slot)
                 return
-            self.mapped -= slot.segment.size
             self._handles.discard(slot.handle)
             closed = self._closed
             self._detaching = [f for f in self._detaching if not f.done()]
@@ -547,14 +538,12 @@ class ShmRegistry:
             self.detach(client)
 
 
-def janitor(registry: ShmRegistry, stop: threading.Event, every: float = 1.0,
-            on_reaped: Callable[[list[str]], None] | None = None) -> threading.Thread:
+def janitor(registry: ShmRegistry, stop: threading.Event, every: float = 1.0
+            ) -> threading.Thread:
     """A daemon thread calling ``registry.reap()`` every ``every`` seconds until ``stop``."""
     def run() -> None:
         while not stop.wait(every):
-            gone = registry.reap()
-            if gone and on_reaped is not None:
-                on_reaped(gone)
+            registry.reap()
 
     thread = threading.Thread(target=run, name="ps-shm-janitor", daemon=True)
     thread.start()

@@ -271,3 +271,19 @@ def test_a_segment_is_private_and_its_name_unguessable():
             segment.unlink()
             segment.close()
     assert not any(n in _segments() for n in (a.name, b.name))
+
+
+def test_a_bsp_step_of_many_messages_keeps_its_own_copy_of_borrowed_segments(cluster_factory):
+    """A BSP contribution of many messages is summed when its last message is here; the worker
+    reuses a message's segment as soon as that call returns (8 in flight), so the server must
+    not keep views into the segments (without its copy, the early messages' values are those of
+    later ones)."""
+    cluster = cluster_factory(num_servers=1, num_workers=1, scheduler_args=("--sync", "bsp"))
+    with cluster.connect(rank=0, num_workers=1, message_bytes=256) as client:
+        t = client.dense("w", shape=(20_000,), optimizer=ps.SGD(lr=1.0), block_size=64,
+                         init=np.zeros(20_000))
+        assert client.transport() == "shm"
+        grad = (np.arange(20_000) % 7).astype(np.float32)
+        for step in (1, 2):
+            t.push(grad)
+            np.testing.assert_array_equal(t.pull(), -step * grad)
