@@ -37,9 +37,11 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
     def held() -> dict[str, int]:
         # A name exists while its worker's attach is in flight (at most a call), or for good
-        # once that worker was killed meanwhile (then the sweep removes it).
+        # once that worker was killed meanwhile (then the sweep removes it). Only this test
+        # session's processes count: another run on the same machine has segments of its own.
         names = [n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)]
-        return {n: shm.owner(n) for n in names if shm.alive(shm.owner(n))}
+        return {n: shm.owner(n) for n in names
+                if shm.alive(shm.owner(n)) and _of_this_session(shm.owner(n))}
 
     deadline = time.monotonic() + 15
     while held() and time.monotonic() < deadline:
@@ -47,8 +49,26 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     owners = {pid: _cmdline(pid) for pid in set(held().values())}
     assert not owners, f"live processes keep segments in {shm.SHM_DIR}: {owners}"
     shm.sweep()
-    left = [n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)]
+    left = [n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.PREFIX)
+            and (not shm.alive(shm.owner(n)) or _of_this_session(shm.owner(n)))]
     assert not left, f"segments left in {shm.SHM_DIR}: {left}"
+
+
+#: Marks every process this test session starts (inherited through the environment), so the
+#: segment checks above tell this session's processes from another run's on the same machine.
+_SESSION_MARK = f"PARAMSERVER_TEST_SESSION={os.getpid()}-{time.time_ns()}"
+os.environ[_SESSION_MARK.split("=")[0]] = _SESSION_MARK.split("=")[1]
+
+
+def _of_this_session(pid: int) -> bool:
+    """Whether ``pid`` was started by this test session (or is it); unknown counts as ours."""
+    if pid == os.getpid():
+        return True
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return _SESSION_MARK.encode() in f.read().split(b"\0")
+    except OSError:
+        return True
 
 
 def _cmdline(pid: int) -> str:
