@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from paramserver import _core
+from paramserver.wire import first_non_finite
 
-__all__ = ["MAX_NUM_EXAMPLES", "check_num_examples", "first_non_finite", "trial_step", "blame"]
+__all__ = ["MAX_NUM_EXAMPLES", "check_num_examples", "trial_step", "blame"]
 
 #: The largest ``num_examples`` a federated update may carry (a quadrillion examples). Far
 #: above any real dataset, and small enough that the weights of any round sum without overflow.
@@ -42,12 +43,6 @@ def check_num_examples(value: Any, who: str) -> float:
         raise ValueError(f"{who}: num_examples must be a finite number in "
                          f"(0, {MAX_NUM_EXAMPLES:g}], got {value!r}")
     return weight
-
-
-def first_non_finite(array: np.ndarray) -> int:
-    """Index of the first element of the flat ``array`` that is not finite, or -1."""
-    bad = np.flatnonzero(~np.isfinite(array))
-    return int(bad[0]) if bad.size else -1
 
 
 def trial_step(table: Any, optimizer: Any, blocks: Sequence[int], grad: np.ndarray,

@@ -325,8 +325,9 @@ class RoundCoordinator:
             action=pb.RoundControlRequest.PREPARE, round=round_, noise_std=noise_std,
             counted=counted_pb), f"prepare federated round {round_}", _CONTROL_TIMEOUT)
         refused = [replies[rank].refused for rank in sorted(replies) if replies[rank].refused]
-        if refused:
-            return "; ".join(refused)
+        if refused:  # the first few servers' reasons (a status stays small)
+            more = f"; and {len(refused) - 3} more servers" if len(refused) > 3 else ""
+            return "; ".join(refused[:3]) + more
         commit = pb.RoundControlRequest(action=pb.RoundControlRequest.COMMIT, round=round_,
                                         noise_std=noise_std, counted=counted_pb)
         try:

@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 
 from paramserver.errors import RoundClosedError
-from paramserver.fedbounds import blame, check_num_examples, first_non_finite, trial_step
+from paramserver.fedbounds import blame, check_num_examples, trial_step
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.wire import optimizer_from_spec
+from paramserver.wire import first_non_finite, optimizer_from_spec
 
 __all__ = ["RoundUpdates"]
 

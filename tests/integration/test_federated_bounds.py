@@ -13,6 +13,8 @@ FedAvg (``ps.SGD(lr=1)``) with integer-valued deltas, so every expected model is
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -21,6 +23,7 @@ from paramserver.federated import Participant, selected
 from paramserver.fedbounds import MAX_NUM_EXAMPLES
 from paramserver.v1 import paramserver_pb2 as pb
 from tests.conftest import wait_for
+from tests.integration.conftest import PS
 
 D, C = 12, 3          # w: 36 elements in 5 blocks of 8, spread over both servers; b: 3
 BLOCK = 8
@@ -78,7 +81,7 @@ def test_a_round_whose_step_is_not_finite_is_abandoned_and_the_job_goes_on(
     """Rounds of 'a' (weight 1) and 'b' (weight 3) with deltas 1 and 3, and 3e38 at w's flat
     element 0 (one server's block): round 1 makes that element 3e38 (finite: applied); round 2
     would make it inf: abandoned on both servers, naming table, element, 'a' and 'b', in the
-    status, the participants' next fetch and the scheduler's log; the model is exactly round 1's
+    status (JSON and text), the participants' next fetch and the scheduler's log; the model is exactly round 1's
     on both servers. Round 3 (no 3e38) is applied exactly, and applied + abandoned = 3."""
     c = _cluster(cluster_factory)
     with c.connect() as client:
@@ -117,6 +120,9 @@ def test_a_round_whose_step_is_not_finite_is_abandoned_and_the_job_goes_on(
         got = client.pull(["w", "b"])
         for k in ("w", "b"):  # neither server applied anything of round 2
             np.testing.assert_array_equal(got[k], after1[k])
+        out = subprocess.run(PS + ["status", "--scheduler", c.scheduler], capture_output=True,
+                             text=True, timeout=30)
+        assert f"LAST ABANDONED: {reason}" in out.stdout, out.stdout + out.stderr
 
         models = _round(parts, deltas(np.float32(0)), weights, 3)
         for model in models:  # the participants' poll says why round 2 changed nothing
