@@ -5,7 +5,8 @@ its host is (heartbeats), so a SIGKILLed host's participants are neither selecte
 round at a time:
 
 1. **Open** round ``r``: once ``clients_per_round`` (K) participants are live (and at least
-   ``min_participants``; after waiting a round timeout, ``min_updates`` will do), select K of them: the live participants selected
+   ``min_participants``; after a round timeout with at least ``min_updates`` live, those will
+   do), select K of them: the live participants selected
    least often so far, spread over their hosts, ties broken by a generator seeded with the
    job's seed (fair and reproducible). Every server is told (``RoundControl OPEN``) and accepts
    updates for round ``r`` from those participants only.
@@ -232,6 +233,8 @@ class RoundCoordinator:
             waiting_since = time.monotonic()
             while True:
                 live = self._live()
+                if len(live) < config.min_updates:  # the wait counts from enough participants
+                    waiting_since = time.monotonic()
                 waited = time.monotonic() - waiting_since
                 if len(live) >= max(config.clients_per_round, config.min_participants) or (
                         waited >= config.round_timeout and len(live) >= config.min_updates):
