@@ -184,7 +184,8 @@ class FederatedConfig:
         rounds: rounds to run, then the job is finished (0: no limit).
         min_participants: live participants needed before a round opens (0: clients_per_round);
             e.g. every participant of a simulation, so that the first round's selection is fair
-            too. After waiting a round timeout, a round opens with min_updates.
+            too. Once min_updates participants have been live for a round timeout, a round
+            opens with them.
         seed: seed of the participant selection (fair: the least-often selected live
             participants first, ties broken by this seeded generator).
         dp_clip: DP-FedAvg clipping norm C (0: off): each update's delta is scaled to an L2

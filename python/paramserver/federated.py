@@ -21,11 +21,18 @@ A participant is live while its host's client is (heartbeats): if the process di
 its update is not counted, even if some of it reached the servers.
 
 Only dense tables take part in federated rounds (an embedding table is refused by name).
+
+An update is all or nothing across the servers: if one server refuses its part (e.g. a value it
+finds not finite), the parts the others accepted are withdrawn, nothing is counted, and the
+participant may submit a corrected update for the same round. ``num_examples`` is bounded
+(:data:`paramserver.fedbounds.MAX_NUM_EXAMPLES`). A round whose combined step would not be
+finite is abandoned; :attr:`GlobalModel.last_abandoned_reason` says why, naming participants.
 """
 
 from __future__ import annotations
 
-import math
+import logging
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
@@ -35,11 +42,19 @@ from typing import Any
 import numpy as np
 
 from paramserver.client import Client
-from paramserver.errors import InvalidRequestError, PSTimeoutError
+from paramserver.errors import (
+    InvalidRequestError,
+    ParamServerError,
+    PSTimeoutError,
+    RoundClosedError,
+)
+from paramserver.fedbounds import check_num_examples
 from paramserver.plan import DenseRef
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["Participant", "GlobalModel", "selected", "status", "wait_version"]
+
+log = logging.getLogger(__name__)
 
 #: Seconds one poll may wait on the scheduler (the client asks again until its own deadline).
 _POLL = 1.0
@@ -57,12 +72,18 @@ class GlobalModel:
             closed without enough updates leave it unchanged).
         values: ``{table: float32 array of the table's shape}``, the participant's own copies.
         deadline_in: seconds left of the round when it was fetched.
+        last_abandoned_round: the job's last abandoned round (0: none so far).
+        last_abandoned_reason: why it was abandoned, naming the participants it concerns
+            (e.g. "round 2 abandoned (updates counted: 'a', 'b'): round 2 on server-0: table
+            'w': the step would make its values not finite (inf at flat element 0); ...").
     """
 
     round: int
     version: int
     values: dict[str, np.ndarray]
     deadline_in: float
+    last_abandoned_round: int = 0
+    last_abandoned_reason: str = ""
 
 
 class Participant:
@@ -168,8 +189,14 @@ class Participant:
                 # the round's model, checked: the others selected() named need not read it
                 shared.update(round=reply.round, values={k: v.copy() for k, v in values.items()})
             self._round = reply.round if reply.selected else 0
+            if self._submitted and reply.last_abandoned_round == self._submitted:
+                log.warning("participant %r: its update for round %d was not applied: %s",
+                            self.name, self._submitted, reply.last_abandoned_reason)
+                self._submitted = 0  # said once
             return GlobalModel(round=self._round, version=reply.version, values=values,
-                               deadline_in=reply.deadline_in)
+                               deadline_in=reply.deadline_in,
+                               last_abandoned_round=reply.last_abandoned_round,
+                               last_abandoned_reason=reply.last_abandoned_reason)
 
     def _poll(self, wait: bool, deadline: float) -> pb.RoundPollReply:
         left = max(0.0, deadline - time.monotonic())
@@ -181,15 +208,18 @@ class Participant:
                round: int | None = None) -> int:  # noqa: A002 (the protocol's word)
         """Send this participant's update for the round it fetched (or ``round``): every table's
         new values (``delta=False``: the servers take the delta against the round's model) or
-        its delta, weighted by ``num_examples`` (> 0) in the round's mean. The update goes to
-        every server, then is reported to the scheduler, which counts it.
+        its delta, weighted by ``num_examples`` (in ``(0, MAX_NUM_EXAMPLES]``, see
+        :mod:`paramserver.fedbounds`) in the round's mean. The update goes to every server, then
+        is reported to the scheduler, which counts it. If a server refuses its part, the parts
+        other servers accepted are withdrawn and nothing is counted: a corrected update may then
+        be submitted for the same round.
 
         Returns the updates the round has received so far (this one included).
 
         Raises:
             InvalidRequestError: a table missing, unknown, or of the wrong shape; values not
-                finite; num_examples not positive; no round fetched; the participant is not
-                selected for the round (nothing is counted).
+                finite; num_examples out of bounds; no round fetched; the participant is not
+                selected for the round; a server refused its part (nothing is counted).
             RoundClosedError: the round closed before the update arrived ("update for round 3
                 refused: round 3 closed, the job is at round 5"); nothing is counted.
         """
@@ -207,43 +237,79 @@ class Participant:
         return self._client._submit(self._submit_checked, *prepared)
 
     def _prepare(self, update: Mapping[str, Any], num_examples: float, delta: bool,
-                 round_: int | None) -> tuple[dict[str, np.ndarray], int, float, bool]:
-        """Check an update before anything is sent; the arrays, round, weight and kind."""
+                 round_: int | None) -> tuple[dict[str, np.ndarray], int, float, bool, bool]:
+        """Check an update before anything is sent; the arrays, round, weight, kind, and
+        whether the round is the fetched one."""
         target = self._round if round_ is None else int(round_)
         if target <= 0:
             raise InvalidRequestError(f"participant {self.name!r}: fetch the model of a round "
                                       f"it is selected for before submitting")
-        weight = float(num_examples)
-        if not (math.isfinite(weight) and weight > 0):
-            raise InvalidRequestError(f"participant {self.name!r}: num_examples must be a "
-                                      f"positive number, got {num_examples!r}")
+        try:
+            weight = check_num_examples(num_examples, f"participant {self.name!r}")
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
         arrays = self._check(update, delta)
         if round_ is None:
             self._round = 0  # one update per fetched round
-        return arrays, target, weight, delta
+        return arrays, target, weight, delta, round_ is None
 
     def _submit_checked(self, arrays: dict[str, np.ndarray], round_: int, weight: float,
-                        delta: bool) -> int:
+                        delta: bool, fetched: bool = False) -> int:
         label = f"federated update of participant {self.name!r} for round {round_}"
-        self._send(arrays, round_, weight, delta, label)
+        try:
+            attempt = self._send(arrays, round_, weight, delta, label)
+        except RoundClosedError:
+            raise
+        except ParamServerError:
+            if fetched and self._round == 0:
+                self._round = round_  # nothing counted: a corrected update may follow
+            raise
         reply = self._call("FederatedReport", pb.RoundReportRequest(
             node_id=self._client.node_id, participant=self.name, round=round_,
-            num_examples=weight), label)
+            num_examples=weight, attempt=attempt), label)
         self._submitted = round_
         return reply.received
 
     def _send(self, arrays: dict[str, np.ndarray], round_: int, weight: float, delta: bool,
-              label: str) -> None:
-        """The update to every server (all at once), before the report that makes it count."""
+              label: str) -> int:
+        """The update to every server (all at once), before the report that makes it count, as
+        one attempt; returns its id. If a server refuses its part, the attempt is withdrawn from
+        every server and the refusal raised, saying so."""
         client = self._client
+        attempt = secrets.randbits(64) or 1
 
         def send(rank: int, slices: list[list[pb.DenseSlice]]) -> None:
             for part, dense in enumerate(slices):
                 client._pool.call(rank, "FederatedSubmit", pb.FederatedUpdate(
                     participant=self.name, round=round_, num_examples=weight, is_delta=delta,
-                    part=part, parts=len(slices), dense=dense), label)
+                    part=part, parts=len(slices), dense=dense, attempt=attempt), label)
 
-        client._pool.on_servers(self._messages(arrays), send)
+        try:
+            client._pool.on_servers(self._messages(arrays), send)
+        except ParamServerError as exc:
+            self._withdraw(round_, attempt, label)
+            if isinstance(exc, RoundClosedError):
+                raise
+            raise type(exc)(f"{exc}; nothing of this update counts (its parts were withdrawn "
+                            f"from every server): a corrected update may be submitted for "
+                            f"round {round_}") from exc
+        return attempt
+
+    def _withdraw(self, round_: int, attempt: int, label: str) -> None:
+        """Drop ``attempt`` from every server (best effort: a part left on a server that cannot
+        be reached is never counted, and a later attempt replaces it)."""
+        client = self._client
+
+        def withdraw(rank: int, _: None) -> None:
+            try:
+                client._pool.call(rank, "FederatedSubmit", pb.FederatedUpdate(
+                    participant=self.name, round=round_, attempt=attempt, withdraw=True),
+                    f"withdrawal of the {label}")
+            except ParamServerError as exc:
+                log.warning("participant %r: withdrawing its refused update from server-%d "
+                            "failed: %s", self.name, rank, exc)
+
+        client._pool.on_servers({server.rank: None for server in client._pool.all()}, withdraw)
 
     def _check(self, update: Mapping[str, Any], delta: bool) -> dict[str, np.ndarray]:
         """Every table of the model, as a finite float32 C array of its shape."""
@@ -328,9 +394,11 @@ def selected(participants: Iterable[Participant], timeout: float | None = None
             shared: dict[str, Any] = {}  # the round's model, read by the first fetch()
             for p in chosen:  # their fetch() need not ask again, nor read the model again
                 p._shared = shared
-                p._offered = (pb.RoundPollReply(round=reply.round, version=reply.version,
-                                                selected=[p.name], state=reply.state,
-                                                deadline_in=reply.deadline_in), asked)
+                p._offered = (pb.RoundPollReply(
+                    round=reply.round, version=reply.version, selected=[p.name],
+                    state=reply.state, deadline_in=reply.deadline_in,
+                    last_abandoned_round=reply.last_abandoned_round,
+                    last_abandoned_reason=reply.last_abandoned_reason), asked)
             return chosen
         if reply.finished:
             return None

@@ -5,7 +5,8 @@ its host is (heartbeats), so a SIGKILLed host's participants are neither selecte
 round at a time:
 
 1. **Open** round ``r``: once ``clients_per_round`` (K) participants are live (and at least
-   ``min_participants``; after waiting a round timeout, ``min_updates`` will do), select K of them: the live participants selected
+   ``min_participants``; after a round timeout with at least ``min_updates`` live, those will
+   do), select K of them: the live participants selected
    least often so far, spread over their hosts, ties broken by a generator seeded with the
    job's seed (fair and reproducible). Every server is told (``RoundControl OPEN``) and accepts
    updates for round ``r`` from those participants only.
@@ -18,6 +19,12 @@ round at a time:
    DP-FedAvg first ``NORMS``, to clip each update by its norm over all servers); with fewer the
    round is abandoned and the model stays as it was. The model's version is the last applied
    round; then round ``r + 1`` opens, until ``rounds`` rounds ran.
+
+Every round that closes ends either applied or abandoned, whatever goes wrong while combining:
+before the commit, every server checks the round's step (``PREPARE``: the combined update, the
+new values and the optimizer state must be finite, see :mod:`paramserver.fedbounds`); a round
+one server refuses, or whose combining fails in any way, is abandoned on every server with the
+reason (naming the participants it concerns) in the status, the participants' polls and the log.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 
 from paramserver.config import FederatedConfig
 from paramserver.errors import ParamServerError, RoundClosedError
+from paramserver.fedbounds import check_num_examples
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["RoundCoordinator"]
@@ -80,11 +88,14 @@ class RoundCoordinator:
         self.version = 0
         self._selected: list[str] = []
         self._received: dict[str, float] = {}   # participant -> num_examples, current round
+        self._attempts: dict[str, int] = {}     # participant -> the attempt it reported
         self._deadline = 0.0
         self.rounds_applied = 0
         self.rounds_abandoned = 0
         self.last_counted = 0
         self.last_error = ""
+        self.last_abandoned_round = 0
+        self.last_abandoned_reason = ""
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -147,18 +158,19 @@ class RoundCoordinator:
                         round=self.round if is_open else 0, version=self.version,
                         selected=selected, finished=finished, state=self.state,
                         deadline_in=max(0.0, self._deadline - time.monotonic()) if is_open
-                        else 0.0)
+                        else 0.0, last_abandoned_round=self.last_abandoned_round,
+                        last_abandoned_reason=self.last_abandoned_reason)
                 self._cond.wait(min(left, 0.25))
 
-    def report(self, host: str, name: str, round_: int, num_examples: float) -> pb.RoundReportReply:
-        """Participant ``name``'s update for ``round_`` is on every server: count it.
-        RoundClosedError for a closed round; ValueError for a round not open yet, a participant
-        not selected for it, a second report, or a bad num_examples."""
+    def report(self, host: str, name: str, round_: int, num_examples: float,
+               attempt: int = 0) -> pb.RoundReportReply:
+        """Participant ``name``'s update for ``round_`` (its submit ``attempt``) is on every
+        server: count it. RoundClosedError for a closed round; ValueError for a round not open
+        yet, a participant not selected for it, a second report, or a num_examples out of
+        bounds (:data:`paramserver.fedbounds.MAX_NUM_EXAMPLES`)."""
         with self._cond:
             self._check_hosted(host, name)
-            if not (math.isfinite(num_examples) and num_examples > 0):
-                raise ValueError(f"participant {name!r}: num_examples must be a positive "
-                                 f"number, got {num_examples}")
+            num_examples = check_num_examples(num_examples, f"report of participant {name!r}")
             is_open = self.state == "open"
             if round_ < 1:
                 raise ValueError(f"update for round {round_} refused: rounds start at 1")
@@ -178,7 +190,8 @@ class RoundCoordinator:
             if name in self._received:
                 raise ValueError(f"participant {name!r} already reported its update for round "
                                  f"{round_}")
-            self._received[name] = float(num_examples)
+            self._received[name] = num_examples
+            self._attempts[name] = attempt
             self._cond.notify_all()
             return pb.RoundReportReply(received=len(self._received), expected=len(self._selected))
 
@@ -220,6 +233,8 @@ class RoundCoordinator:
             waiting_since = time.monotonic()
             while True:
                 live = self._live()
+                if len(live) < config.min_updates:  # the wait counts from enough participants
+                    waiting_since = time.monotonic()
                 waited = time.monotonic() - waiting_since
                 if len(live) >= max(config.clients_per_round, config.min_participants) or (
                         waited >= config.round_timeout and len(live) >= config.min_updates):
@@ -244,6 +259,7 @@ class RoundCoordinator:
             self.round = round_
             self._selected = selected
             self._received = {}
+            self._attempts = {}
             self.state = "open"
             self._deadline = time.monotonic() + config.round_timeout
             self._cond.notify_all()
@@ -260,36 +276,21 @@ class RoundCoordinator:
                 return False
             self.state = "closing"
             counted = dict(self._received)
+            attempts = dict(self._attempts)
             self._cond.notify_all()
         if len(counted) < config.min_updates:
-            self._call_servers("FederatedRound", pb.RoundControlRequest(
-                action=pb.RoundControlRequest.ABANDON, round=round_),
-                f"abandon federated round {round_}", _CONTROL_TIMEOUT)
-            with self._cond:
-                self.rounds_abandoned += 1
-                log.warning("federated round %d abandoned: %d of %d updates, %d needed", round_,
-                            len(counted), len(selected), config.min_updates)
-                self._finish_round(round_)
+            self._abandon(round_, f"{len(counted)} of {len(selected)} updates arrived, "
+                                  f"{config.min_updates} needed", sorted(counted))
             return True
         names = sorted(counted)
-        weights = {n: counted[n] for n in names}
-        scales = dict.fromkeys(names, 1.0)
-        noise_std = 0.0
-        if config.dp_clip > 0:
-            replies = self._call_servers("FederatedRound", pb.RoundControlRequest(
-                action=pb.RoundControlRequest.NORMS, round=round_, selected=names),
-                f"norms of federated round {round_}", _CONTROL_TIMEOUT)
-            for i, name in enumerate(names):
-                norm = math.sqrt(math.fsum(r.squared_norms[i] for r in replies.values()))
-                scales[name] = min(1.0, config.dp_clip / norm) if norm > 0 else 1.0
-                weights[name] = 1.0  # DP-FedAvg: every counted update weighs the same
-            noise_std = config.dp_noise * config.dp_clip / len(names)
-        commit = pb.RoundControlRequest(
-            action=pb.RoundControlRequest.COMMIT, round=round_, noise_std=noise_std,
-            counted=[pb.RoundCounted(participant=n, weight=weights[n], scale=scales[n])
-                     for n in names])
-        self._call_servers("FederatedRound", commit, f"commit federated round {round_}",
-                           _CONTROL_TIMEOUT)
+        try:
+            refused = self._combine(round_, names, counted, attempts)
+        except Exception as exc:  # whatever fails, the round ends abandoned, with the reason
+            log.exception("federated round %d: combining the updates failed", round_)
+            refused = f"combining the updates failed: {exc}"
+        if refused:
+            self._abandon(round_, refused, names)
+            return True
         with self._cond:
             self.version = round_
             self.rounds_applied += 1
@@ -300,6 +301,67 @@ class RoundCoordinator:
                      ", ".join(names))
             self._finish_round(round_)
         return True
+
+    def _combine(self, round_: int, names: list[str], counted: dict[str, float],
+                 attempts: dict[str, int]) -> str:
+        """Apply round ``round_`` with the updates of ``names`` on every server: clipping factors
+        (DP-FedAvg), then PREPARE (every server checks its step), then COMMIT. "" once applied;
+        otherwise why the round cannot be applied (nothing was). Raises if a call fails."""
+        config = self.config
+        weights = {n: counted[n] for n in names}
+        scales = dict.fromkeys(names, 1.0)
+        noise_std = 0.0
+        if config.dp_clip > 0:
+            replies = self._call_servers("FederatedRound", pb.RoundControlRequest(
+                action=pb.RoundControlRequest.NORMS, round=round_, selected=names),
+                f"norms of federated round {round_}", _CONTROL_TIMEOUT)
+            for i, name in enumerate(names):
+                norm = math.sqrt(math.fsum(r.squared_norms[i] for r in replies.values()))
+                if not math.isfinite(norm):
+                    return f"the update of participant {name!r} has norm {norm}"
+                scales[name] = min(1.0, config.dp_clip / norm) if norm > 0 else 1.0
+                weights[name] = 1.0  # DP-FedAvg: every counted update weighs the same
+            noise_std = config.dp_noise * config.dp_clip / len(names)
+        counted_pb = [pb.RoundCounted(participant=n, weight=weights[n], scale=scales[n],
+                                      attempt=attempts.get(n, 0)) for n in names]
+        replies = self._call_servers("FederatedRound", pb.RoundControlRequest(
+            action=pb.RoundControlRequest.PREPARE, round=round_, noise_std=noise_std,
+            counted=counted_pb), f"prepare federated round {round_}", _CONTROL_TIMEOUT)
+        refused = [replies[rank].refused for rank in sorted(replies) if replies[rank].refused]
+        if refused:  # the first few servers' reasons (a status stays small)
+            more = f"; and {len(refused) - 3} more servers" if len(refused) > 3 else ""
+            return "; ".join(refused[:3]) + more
+        commit = pb.RoundControlRequest(action=pb.RoundControlRequest.COMMIT, round=round_,
+                                        noise_std=noise_std, counted=counted_pb)
+        try:
+            self._call_servers("FederatedRound", commit, f"commit federated round {round_}",
+                               _CONTROL_TIMEOUT)
+        except ParamServerError as exc:
+            # Every server checked the step; one failed to apply it (it died or is unreachable):
+            # the others may have applied it. Not recovered (docs/federated.md).
+            return (f"the commit failed ({exc}); servers that committed before the failure "
+                    f"applied the round, so the servers' models may disagree")
+        return ""
+
+    def _abandon(self, round_: int, reason: str, names: list[str]) -> None:
+        """Round ``round_`` ends abandoned: every server drops its updates (a server that cannot
+        be told drops them when the next round opens), and the reason is kept for the status,
+        the polls and the log."""
+        try:
+            self._call_servers("FederatedRound", pb.RoundControlRequest(
+                action=pb.RoundControlRequest.ABANDON, round=round_),
+                f"abandon federated round {round_}", _CONTROL_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 (the round is abandoned all the same)
+            log.warning("federated round %d: telling the servers it is abandoned failed: %s",
+                        round_, exc)
+        counted = ", ".join(repr(n) for n in names) if names else "none"
+        with self._cond:
+            self.rounds_abandoned += 1
+            self.last_abandoned_round = round_
+            self.last_abandoned_reason = (f"round {round_} abandoned (updates counted: "
+                                          f"{counted}): {reason}")
+            log.warning("federated %s", self.last_abandoned_reason)
+            self._finish_round(round_)
 
     def _finish_round(self, round_: int) -> None:
         """After round ``round_`` closed (caller holds the lock)."""
@@ -344,4 +406,5 @@ class RoundCoordinator:
                 rounds_applied=self.rounds_applied, rounds_abandoned=self.rounds_abandoned,
                 last_counted=self.last_counted, max_rounds=self.config.rounds,
                 dp_clip=self.config.dp_clip, dp_noise=self.config.dp_noise,
-                last_error=self.last_error)
+                last_error=self.last_error, last_abandoned_round=self.last_abandoned_round,
+                last_abandoned_reason=self.last_abandoned_reason)

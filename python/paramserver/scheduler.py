@@ -390,7 +390,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
 
     def FederatedReport(self, request: pb.RoundReportRequest, context: grpc.ServicerContext) -> pb.RoundReportReply:
         return rpc.abort_on(context, lambda: self._federated(request.node_id).report(
-            request.node_id, request.participant, request.round, request.num_examples))
+            request.node_id, request.participant, request.round, request.num_examples,
+            request.attempt))
 
     def _live_servers(self) -> dict[int, str]:
         now = time.monotonic()

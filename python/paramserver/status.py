@@ -95,7 +95,9 @@ def status_to_dict(reply: pb.StatusReply) -> dict[str, Any]:
             "round_timeout_s": f.round_timeout, "deadline_in_s": round(f.deadline_in, 3),
             "rounds_applied": f.rounds_applied, "rounds_abandoned": f.rounds_abandoned,
             "last_counted": f.last_counted, "max_rounds": f.max_rounds,
-            "dp_clip": f.dp_clip, "dp_noise": f.dp_noise, "last_error": f.last_error}
+            "dp_clip": f.dp_clip, "dp_noise": f.dp_noise, "last_error": f.last_error,
+            "last_abandoned_round": f.last_abandoned_round,
+            "last_abandoned_reason": f.last_abandoned_reason}
     return out
 
 
@@ -180,6 +182,8 @@ def format_status(status: dict[str, Any]) -> str:
                 n + (" (received)" if n in fed["received"] else "") for n in fed["selected"]))
         if fed["last_error"]:
             lines.append(f"  LAST ROUND ERROR: {fed['last_error']}")
+        if fed["last_abandoned_reason"]:
+            lines.append(f"  LAST ABANDONED: {fed['last_abandoned_reason']}")
     lines += ["", "SERVERS"]
     for s in status["servers"]:
         lines.append(f"  server-{s['rank']:<5} pushes {s['push_requests']:>8}  pulls "

@@ -17,6 +17,18 @@ the scheduler each participant's squared L2 norm over the blocks held here, so D
 the norm of the whole update across every server, enforced by the servers and the scheduler
 rather than trusted to the participant.
 
+Before the COMMIT, ``PREPARE`` combines the updates and checks the step on a copy
+(:mod:`paramserver.fedbounds`): the pseudo-gradient, the new values and the new optimizer state
+must be finite, or the reply says why not (naming the table, the element and the participants
+whose deltas weigh most there) and the scheduler abandons the round on every server. The COMMIT
+that follows applies exactly the step that was checked.
+
+Each submit of a participant carries an ``attempt`` id: the messages of a new attempt replace
+what this server held of an earlier one, and ``withdraw`` drops an attempt, so an update that
+another server refused leaves nothing here and does not lock the participant out of the round.
+The scheduler's commit names the attempt each counted participant reported; only that one is
+applied.
+
 Thread safe: one lock guards the round's bookkeeping; a COMMIT holds it while it applies, so no
 update of the round can arrive meanwhile.
 """
@@ -32,7 +44,9 @@ from typing import Any
 import numpy as np
 
 from paramserver.errors import RoundClosedError
+from paramserver.fedbounds import blame, check_num_examples, trial_step
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.wire import first_non_finite, optimizer_from_spec
 
 __all__ = ["RoundUpdates"]
 
@@ -51,12 +65,23 @@ class _Update:
     weight: float
     is_delta: bool
     parts: int
+    attempt: int
     got: set[int] = field(default_factory=set)
     tables: dict[str, _TableDelta] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
         return len(self.got) == self.parts
+
+
+@dataclass
+class _Staged:
+    """A round's step, combined and checked by PREPARE: ``(table, shard, blocks, grad)`` per
+    dense table, for the counted ``(participant, attempt)`` pairs."""
+
+    round: int
+    counted: tuple[tuple[str, int], ...]
+    steps: list[tuple[str, Any, np.ndarray, np.ndarray]]
 
 
 def _layout(shard: Any) -> tuple[np.ndarray, dict[int, tuple[int, int]], int]:
@@ -93,7 +118,9 @@ class RoundUpdates:
         self.version = 0            # the last round applied here
         self._selected: set[str] = set()
         self._updates: dict[str, _Update] = {}
+        self._staged: _Staged | None = None
         self._layouts: dict[str, tuple[Any, np.ndarray, dict[int, tuple[int, int]], int]] = {}
+        self._optimizers: dict[str, tuple[Any, Any]] = {}
 
     # -- updates ---------------------------------------------------------------------------------
 
@@ -120,27 +147,38 @@ class RoundUpdates:
                                                                      int]]) -> None:
         """Record one message of a participant's update. ``dense`` is the message's slices as the
         server validated them: ``(shard, blocks, data, length)`` with ``data`` float32 and finite.
+        A message of a new ``attempt`` replaces what was held of the participant's earlier one;
+        ``withdraw`` drops the attempt named (if held; nothing else happens).
         Raises (nothing recorded) RoundClosedError for a closed round, ValueError for a round
-        not open here, a participant not selected for it, a weight or message count that does
-        not fit, a block sent twice; when the last message of an update leaves a held block of
-        some table uncovered, the whole update is dropped and ValueError names the table."""
+        not open here, a participant not selected for it, a weight out of bounds, a message count
+        that does not fit, a block sent twice; when the last message of an update leaves a held
+        block of some table uncovered, the whole update is dropped and ValueError names the
+        table."""
         participant = request.participant
         who = f"participant {participant!r}"
         with self._lock:
+            if request.withdraw:
+                if dense:
+                    raise ValueError(f"withdrawal of {who}'s update carries data")
+                held = self._updates.get(participant)
+                if (request.round == self.round and held is not None
+                        and held.attempt == request.attempt):
+                    del self._updates[participant]
+                return
             self._check_round(f"update of {who}", request.round)
             if participant not in self._selected:
                 raise ValueError(f"update for round {request.round} refused: {who} is not "
                                  f"selected for round {request.round} (on {self.node})")
-            weight = float(request.num_examples)
-            if not (math.isfinite(weight) and weight > 0):
-                raise ValueError(f"update of {who} for round {request.round}: num_examples must "
-                                 f"be a positive number, got {request.num_examples}")
+            weight = check_num_examples(request.num_examples, f"update of {who} for round "
+                                                              f"{request.round} (on {self.node})")
             if request.parts < 1 or request.part >= request.parts:
                 raise ValueError(f"update of {who}: message {request.part} of "
                                  f"{request.parts} is out of range")
             update = self._updates.get(participant)
+            if update is not None and update.attempt != request.attempt:
+                update = None  # a new attempt: replaces the held one once this message is good
             if update is None:
-                update = _Update(weight, request.is_delta, request.parts)
+                update = _Update(weight, request.is_delta, request.parts, request.attempt)
             elif update.complete:
                 raise ValueError(f"{who} already submitted its update for round "
                                  f"{request.round} (on {self.node})")
@@ -213,6 +251,7 @@ class RoundUpdates:
             self.closed = round_ - 1
             self._selected = set(selected)
             self._updates.clear()
+            self._staged = None
 
     def norms(self, round_: int, participants: list[str]) -> list[float]:
         """Squared L2 norm of each listed participant's delta over the blocks held here."""
@@ -227,48 +266,117 @@ class RoundUpdates:
                 out.append(float(sum(np.dot(t.delta, t.delta) for t in update.tables.values())))
             return out
 
+    def _optimizer_of(self, shard: Any) -> Any:
+        """The core OptimizerConfig of a shard's table, built once per shard object."""
+        name = shard.spec.name
+        cached = self._optimizers.get(name)
+        if cached is None or cached[0] is not shard:
+            cached = (shard, optimizer_from_spec(shard.spec.optimizer).to_config())
+            self._optimizers[name] = cached
+        return cached[1]
+
+    def _stage(self, request: pb.RoundControlRequest, rng: np.random.Generator) -> _Staged:
+        """Combine the counted updates into each dense table's step and check it on a copy
+        (caller holds the lock); ValueError saying why the round cannot be applied here."""
+        round_ = request.round
+        counted = list(request.counted)
+        where = f"round {round_} on {self.node}"
+        if not counted:
+            raise ValueError(f"{where}: no participant counted")
+        for c in counted:
+            who = f"participant {c.participant!r}"
+            update = self._updates.get(c.participant)
+            if update is None or not update.complete:
+                raise ValueError(f"{where}: no complete update of {who} is held here (it "
+                                 f"reported an update this server does not have)")
+            if update.attempt != c.attempt:
+                raise ValueError(f"{where}: {who} reported attempt {c.attempt}, this server "
+                                 f"holds attempt {update.attempt} (it sent another update "
+                                 f"after reporting one)")
+            missing = self._uncovered(update)
+            if missing:
+                raise ValueError(f"{where}: the update of {who} does not cover {missing} (a "
+                                 f"table declared during the round?)")
+            check_num_examples(c.weight, f"{where}: the weight of {who}")
+            if not (math.isfinite(c.scale) and 0 <= c.scale <= 1):
+                raise ValueError(f"{where}: {who} has clipping factor {c.scale}, not in [0, 1]")
+        total = math.fsum(c.weight for c in counted)  # bounded weights: no overflow
+        factors = [c.weight * c.scale / total for c in counted]
+        steps = []
+        for name, shard in sorted(self._dense_shards().items()):
+            blocks, offsets, length = self._layout_of(shard)
+            mean = np.zeros(length, dtype=np.float64)
+            parts = []
+            for c, factor in zip(counted, factors):
+                delta = self._updates[c.participant].tables[name].delta
+                mean += factor * delta
+                parts.append((c.participant, factor, delta))
+            if request.noise_std > 0:
+                mean += rng.normal(0.0, request.noise_std, size=length)
+            with np.errstate(over="ignore"):
+                grad = np.negative(mean).astype(np.float32)
+            bad = first_non_finite(grad)
+            what = ""
+            if bad >= 0:
+                what = f"the combined update is not finite ({-float(grad[bad]):g}"
+            else:
+                found = trial_step(shard.table, self._optimizer_of(shard), blocks, grad,
+                                   self._apply_threads)
+                if found is not None:
+                    bad = found[0]
+                    what = f"the step would make its {found[1]} not finite ({found[2]:g}"
+            if bad >= 0:
+                element = self._element(shard, offsets, bad)
+                raise ValueError(f"{where}: table {name!r}: {what} at flat element {element}); "
+                                 f"largest deltas there: {blame(parts, bad)}")
+            steps.append((name, shard, blocks, grad))
+        return _Staged(round_, tuple((c.participant, c.attempt) for c in counted), steps)
+
+    @staticmethod
+    def _element(shard: Any, offsets: dict[int, tuple[int, int]], offset: int) -> int:
+        """The table's flat element at ``offset`` in the concatenation of the held blocks."""
+        for block, (start, length) in offsets.items():
+            if start <= offset < start + length:
+                return int(shard.table.block_offset(block)) + offset - start
+        return -1
+
+    def prepare(self, request: pb.RoundControlRequest, rng: np.random.Generator) -> str:
+        """Combine and check the round's step (kept for the COMMIT that follows); "" if it can be
+        applied, else why not (the round is then to be abandoned; nothing changed)."""
+        with self._lock:
+            self._check_round("prepare", request.round)
+            self._staged = None
+            try:
+                self._staged = self._stage(request, rng)
+            except (ValueError, ArithmeticError) as exc:
+                return str(exc)
+            return ""
+
     def commit(self, request: pb.RoundControlRequest,
                apply: Callable[[Callable[[], None]], None],
                rng: np.random.Generator) -> int:
         """Close the round: apply every dense table's optimizer once on minus the weighted mean of
-        the counted participants' deltas (plus DP noise). ``apply(fn)`` runs ``fn`` as a write.
-        Returns the blocks stepped. Raises (nothing applied) if a counted participant has no
-        complete update here."""
+        the counted participants' deltas (plus DP noise), as PREPARE checked it (without
+        PREPARE: combined and checked now). ``apply(fn)`` runs ``fn`` as a write. Returns the
+        blocks stepped. Raises (nothing applied) ValueError if a counted participant has no
+        complete update here, the counted ones are not those prepared, or the step would not be
+        finite."""
         round_ = request.round
         with self._lock:
             self._check_round("commit", round_)
-            counted = list(request.counted)
-            if not counted:
-                raise ValueError(f"commit of round {round_}: no participant counted")
-            for c in counted:
-                update = self._updates.get(c.participant)
-                if update is None or not update.complete:
-                    raise ValueError(f"commit of round {round_}: {self.node} holds no complete "
-                                     f"update of participant {c.participant!r}")
-                missing = self._uncovered(update)
-                if missing:
-                    raise ValueError(f"commit of round {round_}: the update of participant "
-                                     f"{c.participant!r} does not cover {missing} (a table "
-                                     f"declared during the round?)")
-                if not (math.isfinite(c.weight) and c.weight > 0
-                        and math.isfinite(c.scale) and 0 <= c.scale <= 1):
-                    raise ValueError(f"commit of round {round_}: participant {c.participant!r} "
-                                     f"has weight {c.weight} and scale {c.scale}")
-            total = math.fsum(c.weight for c in counted)
-            shards = self._dense_shards()
+            staged = self._staged
+            counted = tuple((c.participant, c.attempt) for c in request.counted)
+            if staged is None or staged.round != round_:
+                staged = self._stage(request, rng)
+            elif counted and counted != staged.counted:
+                raise ValueError(f"commit of round {round_} on {self.node}: it counts "
+                                 f"{[c[0] for c in counted]}, the round was prepared for "
+                                 f"{[c[0] for c in staged.counted]}")
             steps = 0
 
             def run() -> None:
                 nonlocal steps
-                for name, shard in sorted(shards.items()):
-                    blocks, _, length = self._layout_of(shard)
-                    mean = np.zeros(length, dtype=np.float64)
-                    for c in counted:
-                        entry = self._updates[c.participant].tables[name]
-                        mean += (c.weight * c.scale / total) * entry.delta
-                    if request.noise_std > 0:
-                        mean += rng.normal(0.0, request.noise_std, size=length)
-                    grad = np.negative(mean).astype(np.float32)
+                for _, shard, blocks, grad in staged.steps:
                     shard.table.apply_many(blocks, grad, self._apply_threads)
                     shard.updates += len(blocks)
                     steps += len(blocks)
@@ -279,6 +387,7 @@ class RoundUpdates:
             self.round = 0
             self._selected = set()
             self._updates.clear()
+            self._staged = None
             return steps
 
     def abandon(self, round_: int) -> None:
@@ -289,6 +398,7 @@ class RoundUpdates:
                 self.round = 0
                 self._selected = set()
                 self._updates.clear()
+                self._staged = None
 
     def control(self, request: pb.RoundControlRequest,
                 apply: Callable[[Callable[[], None]], None],
@@ -301,6 +411,8 @@ class RoundUpdates:
         if action == pb.RoundControlRequest.NORMS:
             return pb.RoundControlReply(squared_norms=self.norms(request.round,
                                                                  list(request.selected)))
+        if action == pb.RoundControlRequest.PREPARE:
+            return pb.RoundControlReply(refused=self.prepare(request, rng))
         if action == pb.RoundControlRequest.COMMIT:
             return pb.RoundControlReply(updates=self.commit(request, apply, rng))
         if action == pb.RoundControlRequest.ABANDON:

@@ -3,6 +3,7 @@ seeded. No sockets: the coordinator's selection does not touch the servers."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from paramserver.config import FederatedConfig
 from paramserver.errors import RoundClosedError
 from paramserver.rounds import RoundCoordinator
+from paramserver.v1 import paramserver_pb2 as pb
+from tests.conftest import wait_for
 
 
 def _servers_unused(*args: object) -> dict:
@@ -79,3 +82,29 @@ def test_selection_spreads_a_round_over_the_hosts() -> None:
     for chosen in _draws(rounds, 10):
         hosts = Counter(name[0] for name in chosen)
         assert hosts == {"a": 2, "b": 2}, chosen
+
+
+def test_the_wait_for_more_participants_counts_from_min_updates_live() -> None:
+    """K=3, min 2, round timeout 2 s: 'a' alone for longer than a round timeout does not start
+    the clock; 'b' joining does, so 'c' joining half a second later is still in round 1 (the
+    clock used to run from the start: the round opened with 'a' and 'b' the moment 'b' came)."""
+    def servers(method: str, request: object, what: str, timeout: float) -> dict:
+        return {0: pb.RoundControlReply()}
+
+    rounds = RoundCoordinator(FederatedConfig(clients_per_round=3, min_updates=2,
+                                              round_timeout=2.0), servers, lambda host: True)
+    rounds.join("worker-0", ["a"])
+    rounds.start()
+    try:
+        start = time.monotonic()
+        wait_for(lambda: time.monotonic() - start > 2.5, 10, "a round timeout with 1 live")
+        assert rounds.state == "waiting for participants"
+        rounds.join("worker-0", ["b"])
+        joined = time.monotonic()
+        wait_for(lambda: rounds.state == "open" or time.monotonic() - joined > 0.5, 10,
+                 "round 1 to open or half a second")
+        rounds.join("worker-0", ["c"])
+        wait_for(lambda: rounds.state == "open", 10, "round 1 to open")
+        assert rounds._selected == ["a", "b", "c"]
+    finally:
+        rounds.close()
