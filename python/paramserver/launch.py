@@ -65,7 +65,8 @@ class LaunchConfig:
         checkpoint_dir / checkpoint_every / keep / resume: passed to the scheduler (see
             :class:`paramserver.SchedulerConfig`). With a checkpoint directory, the launcher takes
             a final checkpoint when every worker has finished, and when it is interrupted
-            (Ctrl-C, SIGTERM) while the job is running.
+            (Ctrl-C, SIGTERM) while the job is running: then before it stops any process (a
+            second interrupt abandons it), and it exits with 128 + the signal's number.
         final_checkpoint_timeout: seconds allowed for that final checkpoint.
         max_restarts: times each process (the scheduler, each server, each worker) is restarted
             after it dies, with a backoff of 0.5 s doubling up to 10 s; 0: a death ends the job.
@@ -523,9 +524,13 @@ def run_job(config: LaunchConfig, spawner, say: Callable[[str], None]) -> int:
         say("interrupted; stopping every process")
         if job is not None and job.scheduler and config.checkpoint_dir and all(
                 p.exit_code() is None for p in job.nodes()):
-            for w in job.workers.values():  # the workers first: a checkpoint of a quiet job
-                w.signal(signal.SIGTERM)
-            _final_checkpoint(job.scheduler, security, config, say, "interrupted")
+            # Taken while the workers still run: a cut of a running job is consistent (a
+            # worker's push is held and retried around it), whereas a worker stopped first can
+            # die in the middle of a push to several servers, leaving it half applied.
+            try:
+                _final_checkpoint(job.scheduler, security, config, say, "interrupted")
+            except KeyboardInterrupt:
+                say("interrupted again: the final checkpoint is abandoned")
         return 128 + (received[0] if received else signal.SIGINT)
     finally:
         if job is not None:
