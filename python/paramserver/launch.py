@@ -58,6 +58,8 @@ class LaunchConfig:
         host: interface every node binds (loopback by default).
         port: scheduler port (0: any free port).
         heartbeat_interval / heartbeat_timeout: passed to the scheduler (seconds).
+        recover_grace: passed to a restarted scheduler (see
+            :class:`paramserver.SchedulerConfig`; 0: 3 x ``heartbeat_timeout``).
         startup_timeout: seconds allowed for the scheduler and servers to come up.
         grace: seconds between SIGTERM and SIGKILL when stopping processes.
         server_threads: gRPC handler threads per server.
@@ -97,6 +99,7 @@ class LaunchConfig:
     port: int = 0
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
+    recover_grace: float = 0.0
     startup_timeout: float = 60.0
     grace: float = 5.0
     server_threads: int = 16
@@ -593,6 +596,8 @@ class _Job:
             + _federated_args(config.federated)
         if recover:
             args = [a for a in args if a != "--resume"] + ["--recover"]
+            if config.recover_grace:
+                args += ["--recover-grace", repr(config.recover_grace)]
         self.scheduler_proc = self.spawner.spawn_node("scheduler", "scheduler", 0,
                                                       args + self._client_auth, self._env)
         self.scheduler = _wait_ready(self, self.scheduler_proc, deadline)["address"]
