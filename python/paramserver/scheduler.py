@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import json_format
 
 from paramserver import checkpoint as ckpt
-from paramserver import rpc
+from paramserver import nodestate, rpc
 from paramserver.config import DEFAULT_BLOCK_SIZE, SchedulerConfig
 from paramserver.coordinator import CheckpointCoordinator
 from paramserver.errors import (
@@ -168,11 +168,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                             for t in self._tables.values() if t.ready],
                  "sync_members": (self.sync_group.to_state()
                                   if self.sync_group is not None else []),
-                 "nodes": [{"role": n.role, "rank": n.rank, "node_id": n.node_id,
-                            "address": n.address, "pid": n.pid, "hostname": n.hostname,
-                            "incarnation": n.incarnation, "left": n.left,
-                            "restarts": n.restarts, "rolled_back": n.rolled_back}
-                           for n in self._nodes.values()]}
+                 "nodes": nodestate.to_state(self._nodes.values())}
         with self._state_cv:
             self._state_pending = state  # the latest state wins; older ones need no write
             self._state_asked += 1
@@ -258,16 +254,11 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         now = time.monotonic()
         grace = self._config.recover_grace or 3 * self._config.heartbeat_timeout
         try:
-            for n in state.get("nodes", []):
-                node = _Node(int(n["role"]), int(n["rank"]), str(n["node_id"]), str(n["address"]),
-                             int(n["pid"]), str(n["hostname"]), now,
-                             left=bool(n["left"]), incarnation=str(n["incarnation"]),
-                             restarts=int(n["restarts"]), rolled_back=int(n["rolled_back"]),
-                             grace_until=now + grace)
+            for node in nodestate.from_state(state.get("nodes", []), _Node, now, grace):
                 self._nodes[node.node_id] = node
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"cannot recover the job from {self._state_file}: a node "
-                                  f"entry is malformed: {exc!r}") from None
+        except ValueError as exc:
+            raise CheckpointError(f"cannot recover the job from {self._state_file}: {exc}") \
+                from None
         waiting = sorted(n.node_id for n in self._nodes.values() if not n.left)
         log.warning("recovering the job from %s: %d tables; nodes %s count as alive for %.1f s "
                     "while they report back", self._state_file, len(tables), _few(waiting),
@@ -639,6 +630,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                 self._view_version += 1
                 self._save_state()
                 self._cond.notify_all()
+        self._flush_state()  # a restarted scheduler must not wait for a node that left
         return pb.DeregisterReply()
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:

@@ -14,11 +14,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import paramserver as ps
 from paramserver import checkpoint as ckpt
