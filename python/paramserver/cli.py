@@ -77,6 +77,7 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
                              num_workers=args.num_workers,
                              heartbeat_interval=args.heartbeat_interval,
                              heartbeat_timeout=args.heartbeat_timeout, security=_security(args),
+                             recover_grace=args.recover_grace,
                              **_cmd_scheduler_config(args))
     scheduler = Scheduler(config).start()
     print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers; "
@@ -169,6 +170,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           port=args.port,
                           heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
+                          recover_grace=args.recover_grace,
                           startup_timeout=args.startup_timeout, token=security.token,
                           tls_cert=tls_path("tls_cert"), tls_key=tls_path("tls_key"),
                           tls_ca=tls_path("tls_ca"), tls_client_auth=args.tls_client_auth,
@@ -294,6 +296,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds between node heartbeats (default 1)")
         p.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="S",
                        help="seconds of silence before a node is marked dead (default 10)")
+        p.add_argument("--recover-grace", type=float, default=0.0, metavar="S",
+                       help="after a scheduler restart (--recover), seconds the job's nodes "
+                            "get to report back before they are called dead (default: 3 x "
+                            "--heartbeat-timeout)")
 
     def sync_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--sync", default="async", metavar="MODEL",

@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Union
@@ -235,7 +234,9 @@ class Client:
             self._membership.close()
             raise
         self.node_id = self._membership.node_id
-        self._client_id = f"{self.node_id}/{uuid.uuid4().hex[:12]}"
+        # NODE/INCARNATION: a server asks the scheduler about this node to tell whether the
+        # client is gone (then its unfinished writes cannot hold a checkpoint's cut; see cut.py).
+        self._client_id = f"{self.node_id}/{self._membership.incarnation}"
         self._op_seq = _OpSequence()
         self._num_workers = view.num_workers
         reply = self._membership.reply

@@ -246,7 +246,13 @@ class SchedulerConfig:
         recover: continue a running job after this scheduler's predecessor died: load the job's
             tables, placement and size from the state the scheduler keeps in
             ``checkpoint_dir``; the servers (which kept their tables) and workers register again
-            by themselves.
+            by themselves. The nodes that state lists (every node the predecessor had answered
+            a registration) count as alive for ``recover_grace`` seconds without a heartbeat,
+            and a call from one of them is served as from that node, so a worker's barrier or a
+            checkpoint right after the restart does not fail on a node that has not yet
+            reported back.
+        recover_grace: seconds the nodes of a recovered job get to report back (heartbeat or
+            registration) before they are called dead; 0 (default): 3 x ``heartbeat_timeout``.
         security: the job token (and TLS) incoming calls are checked against.
         sync: the job's consistency model: ``"async"`` (default), ``"bsp"`` or ``"ssp:S"`` (see
             :mod:`paramserver.sync`). The synchronous ones need ``num_workers``.
@@ -267,6 +273,7 @@ class SchedulerConfig:
     keep: int = 3
     resume: bool = False
     recover: bool = False
+    recover_grace: float = 0.0
     security: Security = Security()
     sync: str = "async"
     on_worker_failure: str = "fail"
@@ -296,6 +303,8 @@ class SchedulerConfig:
             raise ValueError(
                 f"need 0 < heartbeat_interval < heartbeat_timeout, got "
                 f"{self.heartbeat_interval} and {self.heartbeat_timeout}")
+        if self.recover_grace < 0:
+            raise ValueError(f"recover_grace must be >= 0, got {self.recover_grace}")
         if self.checkpoint_every < 0 or self.keep < 0:
             raise ValueError(f"checkpoint_every and keep must be >= 0, got "
                              f"{self.checkpoint_every} and {self.keep}")

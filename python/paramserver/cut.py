@@ -22,22 +22,43 @@ and on none otherwise. Reads are never held. A gate that stays closed longer tha
 
 Clients report, with every operation, the sequence number below which all their operations are
 fully acknowledged (``OpTag.done_below``), so the gate only remembers operations still in flight.
+
+A client that is gone cannot hold a cut. A client's id is ``NODE/INCARNATION`` (a worker's node id
+and the incarnation the scheduler gave it); while some message of an admitted operation is
+missing, the drain asks the scheduler, at most every :data:`ASK_EVERY` seconds, which of the
+waiting clients are gone: deregistered, dead (no heartbeat within the job's heartbeat timeout) or
+replaced by a newer incarnation of their rank (:func:`gone_clients`). The drain stops waiting for
+the missing messages of a gone client: the cut holds exactly what arrived (a late message of that
+operation is admitted while the drain still waits, and held until the gate reopens once the state
+is being copied), and the server logs the operation as incomplete. Only a client killed in the
+middle of a push to several servers leaves such an operation, and then the servers' live state
+has it partially too: no cut could put it in every part or in none. (The launcher's final
+checkpoint after Ctrl-C is taken while the workers still run, so none of them is stopped in the
+middle of a push before it; see :mod:`paramserver.launch`.)
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from paramserver.errors import PSTimeoutError
 from paramserver.v1 import paramserver_pb2 as pb
 
-__all__ = ["WriteGate", "WritesHeld", "op_key"]
+__all__ = ["ASK_EVERY", "WriteGate", "WritesHeld", "gone_clients", "op_key"]
+
+log = logging.getLogger(__name__)
 
 #: Operations not pruned by their client's ``done_below`` are forgotten after this many seconds:
 #: a client's call has timed out long before, so no part of them can still arrive.
 _HORIZON = 600.0
+#: Seconds between two questions to the scheduler about the clients a drain waits for.
+ASK_EVERY = 0.25
+#: Gone clients a gate remembers (their operations are never waited for again).
+_GONE_LIMIT = 4096
 
 
 class WritesHeld(Exception):
@@ -47,6 +68,21 @@ class WritesHeld(Exception):
 def op_key(tag: pb.OpTag) -> tuple[str, int]:
     """The identity of a logical write operation."""
     return tag.client, tag.seq
+
+
+def gone_clients(view: pb.ClusterView, clients: Iterable[str]) -> set[str]:
+    """Of ``clients`` (ids ``NODE/INCARNATION``), those the scheduler's ``view`` says are gone:
+    their node is unknown, deregistered, dead, or now holds another incarnation. An id without
+    an incarnation is judged by its node alone."""
+    nodes = {n.node_id: n for n in view.nodes}
+    gone = set()
+    for client in clients:
+        node_id, _, incarnation = client.partition("/")
+        node = nodes.get(node_id)
+        if node is None or node.left or not node.alive or (
+                incarnation and node.incarnation and node.incarnation != incarnation):
+            gone.add(client)
+    return gone
 
 
 @dataclass
@@ -62,9 +98,14 @@ class WriteGate:
     """Admission of write messages at one server. Thread safe.
 
     ``rank`` must be set (once the server has registered) before tagged writes arrive.
+    ``ask_gone`` (set once the server has registered): given client ids, returns those the
+    scheduler says are gone; a drain stops waiting for their missing messages. Without it, a
+    drain waits for every message (up to its timeout).
     """
 
     def __init__(self, node: str) -> None:
+        self.ask_gone: Callable[[set[str]], set[str]] | None = None
+        self._gone: dict[str, None] = {}      # clients known gone, oldest first
         self.node = node
         self.rank = 0
         self._cond = threading.Condition()
@@ -75,6 +116,8 @@ class WriteGate:
         self._lease_end = 0.0
         self._allowed: set[tuple[str, int]] = set()
         self._closed_at = 0.0
+        #: What the last drain left incomplete (operations of gone clients), for the log.
+        self.incomplete: list[str] = []
 
     # -- data path -------------------------------------------------------------------------------
 
@@ -150,12 +193,18 @@ class WriteGate:
         operation has been applied here and no write is in flight. Returns with the gate still
         closed (copy the state, then :meth:`reopen`); the seconds the gate has been closed.
 
+        Messages of a client that is gone (see the module doc) are not waited for; the
+        operations left incomplete that way are in :attr:`incomplete` afterwards, and forgotten.
+
         Raises PSTimeoutError naming an operation whose messages did not all arrive in
-        ``timeout`` seconds (its client died or is stuck); the gate is then reopened.
+        ``timeout`` seconds (its client is stuck, or died and is not yet known dead); the gate is
+        then reopened.
         """
         deadline = time.monotonic() + timeout
+        next_ask = time.monotonic()
         with self._cond:
             self._check_cut_locked(cut)
+            self.incomplete = []
             for tag in ops:
                 # An operation below its client's done_below finished everywhere (its entry here
                 # may already be pruned): nothing to wait for.
@@ -164,10 +213,14 @@ class WriteGate:
                     self._allowed.add(key)
                     if key not in self._ops:
                         self._ops[key] = _Op(tag, self.parts_here(tag), seen=time.monotonic())
-            while True:
+        while True:
+            with self._cond:
+                self._check_cut_locked(cut)
                 missing = [(k, op) for k in self._allowed
-                           if (op := self._ops.get(k)) is not None and op.done < op.parts_here]
+                           if (op := self._ops.get(k)) is not None and op.done < op.parts_here
+                           and k[0] not in self._gone]
                 if not missing and self._inflight == 0:
+                    self._forget_gone_locked()
                     return time.monotonic() - self._closed_at
                 now = time.monotonic()
                 if now >= deadline:
@@ -178,11 +231,43 @@ class WriteGate:
                             f"{self.node}: checkpoint cut {cut} waited {timeout:.1f} s for "
                             f"operation {seq} of client {client}: {op.done} of its "
                             f"{op.parts_here} messages here arrived ({len(missing)} operations "
-                            f"incomplete)")
+                            f"incomplete; its client is not known to be gone)")
                     raise PSTimeoutError(f"{self.node}: checkpoint cut {cut} waited {timeout:.1f}"
                                          f" s for {self._inflight} writes in flight")
-                self._cond.wait(min(deadline - now, 0.05))
-                self._check_cut_locked(cut)
+                ask = missing and self.ask_gone is not None and now >= next_ask
+                if not ask:
+                    self._cond.wait(min(deadline - now, 0.05))
+                    continue
+                clients = {k[0] for k, _ in missing}
+            # Outside the lock: writes keep being admitted while the scheduler answers.
+            next_ask = time.monotonic() + ASK_EVERY
+            try:
+                gone = self.ask_gone(clients) if self.ask_gone is not None else set()
+            except Exception as exc:  # the scheduler is unreachable: keep waiting
+                log.warning("%s: cannot ask the scheduler whether clients %s are gone: %s",
+                            self.node, sorted(clients)[:5], exc)
+                continue
+            with self._cond:
+                for client in gone:
+                    self._gone[client] = None
+                while len(self._gone) > _GONE_LIMIT:
+                    del self._gone[next(iter(self._gone))]
+
+    def _forget_gone_locked(self) -> None:
+        """After a drain: record the incomplete operations of gone clients and forget every
+        operation of theirs (they will never finish, and must not hold the next cut)."""
+        for key in [k for k in self._ops if k[0] in self._gone]:
+            op = self._ops.pop(key)
+            # A late message of it must not be applied while the state is being copied.
+            self._allowed.discard(key)
+            if op.done < op.parts_here:
+                self.incomplete.append(
+                    f"operation {key[1]} of client {key[0]} (gone): {op.done} of its "
+                    f"{op.parts_here} messages to {self.node} arrived")
+        if self.incomplete:
+            log.warning("checkpoint cut %s holds incomplete operations of clients that are gone "
+                        "(killed in the middle of a push): %s", self._cut,
+                        "; ".join(self.incomplete[:10]))
 
     def reopen(self, cut: int) -> float:
         """Let writes in again after ``cut`` (no-op if that cut is no longer the current one);

@@ -58,6 +58,8 @@ class LaunchConfig:
         host: interface every node binds (loopback by default).
         port: scheduler port (0: any free port).
         heartbeat_interval / heartbeat_timeout: passed to the scheduler (seconds).
+        recover_grace: passed to a restarted scheduler (see
+            :class:`paramserver.SchedulerConfig`; 0: 3 x ``heartbeat_timeout``).
         startup_timeout: seconds allowed for the scheduler and servers to come up.
         grace: seconds between SIGTERM and SIGKILL when stopping processes.
         server_threads: gRPC handler threads per server.
@@ -65,7 +67,8 @@ class LaunchConfig:
         checkpoint_dir / checkpoint_every / keep / resume: passed to the scheduler (see
             :class:`paramserver.SchedulerConfig`). With a checkpoint directory, the launcher takes
             a final checkpoint when every worker has finished, and when it is interrupted
-            (Ctrl-C, SIGTERM) while the job is running.
+            (Ctrl-C, SIGTERM) while the job is running: then before it stops any process (a
+            second interrupt abandons it), and it exits with 128 + the signal's number.
         final_checkpoint_timeout: seconds allowed for that final checkpoint.
         max_restarts: times each process (the scheduler, each server, each worker) is restarted
             after it dies, with a backoff of 0.5 s doubling up to 10 s; 0: a death ends the job.
@@ -96,6 +99,7 @@ class LaunchConfig:
     port: int = 0
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
+    recover_grace: float = 0.0
     startup_timeout: float = 60.0
     grace: float = 5.0
     server_threads: int = 16
@@ -523,9 +527,13 @@ def run_job(config: LaunchConfig, spawner, say: Callable[[str], None]) -> int:
         say("interrupted; stopping every process")
         if job is not None and job.scheduler and config.checkpoint_dir and all(
                 p.exit_code() is None for p in job.nodes()):
-            for w in job.workers.values():  # the workers first: a checkpoint of a quiet job
-                w.signal(signal.SIGTERM)
-            _final_checkpoint(job.scheduler, security, config, say, "interrupted")
+            # Taken while the workers still run: a cut of a running job is consistent (a
+            # worker's push is held and retried around it), whereas a worker stopped first can
+            # die in the middle of a push to several servers, leaving it half applied.
+            try:
+                _final_checkpoint(job.scheduler, security, config, say, "interrupted")
+            except KeyboardInterrupt:
+                say("interrupted again: the final checkpoint is abandoned")
         return 128 + (received[0] if received else signal.SIGINT)
     finally:
         if job is not None:
@@ -588,6 +596,8 @@ class _Job:
             + _federated_args(config.federated)
         if recover:
             args = [a for a in args if a != "--resume"] + ["--recover"]
+            if config.recover_grace:
+                args += ["--recover-grace", repr(config.recover_grace)]
         self.scheduler_proc = self.spawner.spawn_node("scheduler", "scheduler", 0,
                                                       args + self._client_auth, self._env)
         self.scheduler = _wait_ready(self, self.scheduler_proc, deadline)["address"]

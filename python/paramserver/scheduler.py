@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import json_format
 
 from paramserver import checkpoint as ckpt
-from paramserver import rpc
+from paramserver import nodestate, rpc
 from paramserver.config import DEFAULT_BLOCK_SIZE, SchedulerConfig
 from paramserver.coordinator import CheckpointCoordinator
 from paramserver.errors import (
@@ -87,6 +87,9 @@ class _Node:
     rolled_back: int = 0
     restore_state: str = ""
     transport: str = ""
+    #: A node of a recovered job's saved state counts as alive until then (monotonic time),
+    #: though it has not reported back since the scheduler restarted; 0 once it has.
+    grace_until: float = 0.0
 
 
 @dataclass
@@ -164,7 +167,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                  "tables": [json_format.MessageToDict(t.placement, preserving_proto_field_name=True)
                             for t in self._tables.values() if t.ready],
                  "sync_members": (self.sync_group.to_state()
-                                  if self.sync_group is not None else [])}
+                                  if self.sync_group is not None else []),
+                 "nodes": nodestate.to_state(self._nodes.values())}
         with self._state_cv:
             self._state_pending = state  # the latest state wins; older ones need no write
             self._state_asked += 1
@@ -247,8 +251,18 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             self._tables[placement.spec.name] = _Table(placement, owner="", ready=True)
         if self.sync_group is not None and state.get("sync_members"):
             self.sync_group.load_state(state["sync_members"])
-        log.warning("recovering the job from %s: %d tables; waiting for nodes to register again",
-                    self._state_file, len(tables))
+        now = time.monotonic()
+        grace = self._config.recover_grace or 3 * self._config.heartbeat_timeout
+        try:
+            for node in nodestate.from_state(state.get("nodes", []), _Node, now, grace):
+                self._nodes[node.node_id] = node
+        except ValueError as exc:
+            raise CheckpointError(f"cannot recover the job from {self._state_file}: {exc}") \
+                from None
+        waiting = sorted(n.node_id for n in self._nodes.values() if not n.left)
+        log.warning("recovering the job from %s: %d tables; nodes %s count as alive for %.1f s "
+                    "while they report back", self._state_file, len(tables), _few(waiting),
+                    grace)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -453,11 +467,16 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     # -- liveness ------------------------------------------------------------------------------
 
     def _alive(self, node: _Node, now: float) -> bool:
-        return not node.left and now - node.last_heartbeat <= self._config.heartbeat_timeout
+        return not node.left and (now - node.last_heartbeat <= self._config.heartbeat_timeout
+                                  or now < node.grace_until)
 
     def _describe(self, node: _Node, now: float) -> str:
         if node.left:
             return f"{node.node_id} at {node.address or node.hostname} (left the job)"
+        if node.grace_until:
+            return (f"{node.node_id} at {node.address or node.hostname} (pid {node.pid}, not "
+                    f"heard from since the scheduler restarted "
+                    f"{now - node.last_heartbeat:.1f} s ago)")
         return (f"{node.node_id} at {node.address or node.hostname} (pid {node.pid}, "
                 f"last heartbeat {now - node.last_heartbeat:.1f} s ago)")
 
@@ -492,7 +511,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                 if limit and rank >= limit:
                     raise ValueError(f"{name} rank {rank} out of range [0, {limit})")
                 old = taken.get(rank)
-                if old is not None and self._alive(old, now) and not request.replace:
+                if old is not None and self._alive(old, now) and not request.replace \
+                        and not self._same_node(old, request):
                     raise TableMismatchError(
                         f"{name} rank {rank} is held by live node {self._describe(old, now)}")
             else:
@@ -505,13 +525,19 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                         f"{limit} {name}s")
                 rank = free[0]
             previous = taken.get(rank)
-            # A node registering again after this scheduler's restart keeps its incarnation.
-            incarnation = (request.incarnation if request.incarnation and previous is None
+            # A node registering again after this scheduler's restart keeps its incarnation
+            # (whether the saved state listed it or not): it is the same node, not a restart.
+            rejoin = previous is None or self._same_node(previous, request)
+            incarnation = (request.incarnation if request.incarnation and rejoin
                            else uuid.uuid4().hex[:16])
             node = _Node(request.role, rank, f"{name}-{rank}", request.address, request.pid,
                          request.hostname, now, incarnation=incarnation)
             restoring = False
-            if previous is not None:
+            if previous is not None and rejoin:
+                node.restarts, node.rolled_back = previous.restarts, previous.rolled_back
+                node.stats, node.transport = previous.stats, previous.transport
+                log.info("%s (incarnation %s) reported back", node.node_id, incarnation)
+            elif previous is not None:
                 # A new incarnation of the rank: the old one is fenced from now on.
                 node.restarts = previous.restarts + 1
                 node.rolled_back = previous.rolled_back
@@ -524,8 +550,9 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                      name=f"ps-recover-{rank}", daemon=True).start()
             self._nodes[node.node_id] = node
             self._view_version += 1
+            self._save_state()
             self._cond.notify_all()
-            return pb.RegisterReply(rank=rank, node_id=node.node_id,
+            reply = pb.RegisterReply(rank=rank, node_id=node.node_id,
                                     heartbeat_interval=self._config.heartbeat_interval,
                                     num_servers=self._config.num_servers,
                                     num_workers=self._num_workers,
@@ -537,6 +564,17 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                     on_worker_failure=self._config.on_worker_failure,
                                     sync_members=(self.sync_group.members()
                                                   if self.sync_group is not None else []))
+        # On disk before the node is answered: a scheduler restarted after this knows the node
+        # (and serves its calls) before it reports back.
+        self._flush_state()
+        return reply
+
+    @staticmethod
+    def _same_node(node: _Node, request: pb.RegisterRequest) -> bool:
+        """Whether ``request`` registers ``node`` again (same incarnation: the scheduler
+        restarted, or the node missed its answer), rather than a new process for its rank."""
+        return bool(request.incarnation) and request.incarnation == node.incarnation \
+            and not node.left
 
     def _shards_on(self, rank: int) -> list[str]:
         """Ready tables with a shard on server ``rank``. Caller holds the lock."""
@@ -591,7 +629,9 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                                      or request.incarnation == node.incarnation):
                 node.left = True
                 self._view_version += 1
+                self._save_state()
                 self._cond.notify_all()
+        self._flush_state()  # a restarted scheduler must not wait for a node that left
         return pb.DeregisterReply()
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
@@ -602,6 +642,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             if node is None or node.left:
                 return pb.HeartbeatReply(known=False)
             node.last_heartbeat = time.monotonic()
+            node.grace_until = 0.0
             if request.HasField("stats"):
                 node.stats = request.stats
             if request.transport:

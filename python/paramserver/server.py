@@ -33,7 +33,7 @@ from paramserver.config import (
     MAX_TABLE_ELEMENTS,
     ServerConfig,
 )
-from paramserver.cut import WriteGate, WritesHeld
+from paramserver.cut import WriteGate, WritesHeld, gone_clients
 from paramserver.dedup import ReplyCache
 from paramserver.errors import (
     NodeUnavailableError,
@@ -848,6 +848,7 @@ class Server:
             self._server.stop(0)
             raise
         self._shards.placed = self._check_placed
+        self._shards.gate.ask_gone = self._gone_clients
         if self._membership.reply.restoring:
             self._shards.begin_restore()
         self.rank = self._membership.rank
@@ -893,6 +894,12 @@ class Server:
                 raise ValueError(f"table {spec.name!r}: the scheduler placed blocks "
                                  f"{list(mine)[:10]} here, CreateTable listed "
                                  f"{list(blocks)[:10]}")
+
+    def _gone_clients(self, clients: set[str]) -> set[str]:
+        """Which of ``clients`` the scheduler says are gone (a checkpoint's drain stops waiting
+        for their missing messages; see paramserver.cut)."""
+        assert self._membership is not None
+        return gone_clients(self._membership.cluster(timeout=2.0), clients)
 
     def _superseded(self) -> None:
         # A newer incarnation holds this rank: stop serving (from another thread: this is called

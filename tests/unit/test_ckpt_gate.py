@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from paramserver.cut import WriteGate, WritesHeld, op_key
+from paramserver.cut import WriteGate, WritesHeld, gone_clients, op_key
 from paramserver.errors import PSTimeoutError
 from paramserver.v1 import paramserver_pb2 as pb
 
@@ -378,3 +378,57 @@ def test_concurrent_writers_and_a_cut() -> None:
         t.join(JOIN)
         assert not t.is_alive()
     assert snapshot and all(count == 2 for count in snapshot.values()), snapshot
+
+
+# -- clients that are gone -----------------------------------------------------------------------
+
+def test_drain_stops_waiting_for_a_gone_client_and_forgets_its_operation() -> None:
+    """Operation 4 of worker-1 reached server 0 and never reaches this server (1): once the
+    scheduler says its client is gone, the drain returns with the gate closed, names the
+    operation as incomplete, and the next cut no longer carries it."""
+    g = gate(rank=1)
+    asked: list[set[str]] = []
+    g.ask_gone = lambda clients: (asked.append(set(clients)), {"worker-1/abc"})[1]
+    lost = tag("worker-1/abc", 4, [0, 1])
+    g.prepare(3, LONG_LEASE)
+    g.drain(3, [lost], JOIN)
+    assert g.holding() == 3
+    assert asked == [{"worker-1/abc"}]
+    assert g.incomplete and "operation 4 of client worker-1/abc (gone): 0 of its 1" in \
+        g.incomplete[0]
+    with pytest.raises(WritesHeld):  # a late message is not applied while the state is copied
+        g.enter(lost)
+    g.reopen(3)
+    assert g.prepare(4, LONG_LEASE) == []
+    g.drain(4, [lost], JOIN)      # still reported by another server: known gone, not asked
+    assert len(asked) == 1
+    g.reopen(4)
+
+
+def test_drain_keeps_waiting_for_a_live_client_and_when_the_scheduler_cannot_answer() -> None:
+    g = gate(rank=1)
+    answers = iter([set(), RuntimeError("scheduler unreachable")])
+
+    def ask(clients: set[str]) -> set[str]:
+        answer = next(answers, set())
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    g.ask_gone = ask
+    g.prepare(5, LONG_LEASE)
+    with pytest.raises(PSTimeoutError, match="operation 8 of client worker-0/x"):
+        g.drain(5, [tag("worker-0/x", 8, [0, 1])], 0.6)
+    assert g.holding() is None
+
+
+def test_gone_clients_by_the_schedulers_view() -> None:
+    view = pb.ClusterView(nodes=[
+        pb.NodeInfo(node_id="worker-0", incarnation="a", alive=True),
+        pb.NodeInfo(node_id="worker-1", incarnation="b", alive=False),
+        pb.NodeInfo(node_id="worker-2", incarnation="c", alive=True, left=True),
+        pb.NodeInfo(node_id="worker-3", incarnation="new", alive=True)])
+    clients = {"worker-0/a", "worker-1/b", "worker-2/c", "worker-3/old", "worker-9/z",
+               "worker-0"}
+    assert gone_clients(view, clients) == {"worker-1/b", "worker-2/c", "worker-3/old",
+                                           "worker-9/z"}
