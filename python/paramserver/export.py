@@ -180,7 +180,7 @@ def export_from_job(client_or_scheduler: Any, out: str | Path,
             dir=tmp or "", timeout=timeout),
             timeout=timeout + 5.0, what="checkpoint for export")
         info = checkpoint_reply_to_dict(reply)
-        manifest = ckpt.read_manifest(info["path"])
+        manifest = ckpt.open_checkpoint(info["path"])
         return export_checkpoint(manifest, out, with_optimizer_state)
     finally:
         if tmp is not None:

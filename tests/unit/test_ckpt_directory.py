@@ -23,12 +23,17 @@ EMBEDDING = pb.TableSpec(name="emb", kind=pb.TableSpec.EMBEDDING, dim=2,
                          initializer_json='{"kind": "zeros"}', seed=3)
 
 
+#: Each table's index in the checkpoints below (their sorted table list).
+INDEX = {"emb": 0, "w": 1}
+
+
 def write_shard(directory: Path, table: str, rank: int, tensors: dict) -> pb.ShardFile:
     """Write one shard file into ``directory`` and describe it as the servers do."""
-    name = ckpt.shard_file_name(table, rank)
+    name = ckpt.shard_file_name(table, INDEX[table], rank)
     written = write_tensors(directory / name, tensors, {"table": table, "server": str(rank)})
     return pb.ShardFile(table=table, file=name, bytes=written.bytes, crc32=written.crc32,
-                        server=rank)
+                        server=rank, block_runs=ckpt.block_runs(tensors["blocks"])
+                        if "blocks" in tensors else [])
 
 
 def make_checkpoint(root: Path, version: int, step: int = 0,
@@ -57,7 +62,8 @@ def make_checkpoint(root: Path, version: int, step: int = 0,
 
 
 def shard_path(root: Path, version: int, table: str = "w", rank: int = 1) -> Path:
-    return root / ckpt.checkpoint_dir_name(version) / ckpt.shard_file_name(table, rank)
+    return root / ckpt.checkpoint_dir_name(version) / ckpt.shard_file_name(table, INDEX[table],
+                                                                            rank)
 
 
 def flip_byte(path: Path, position: int = -3) -> None:
@@ -66,10 +72,14 @@ def flip_byte(path: Path, position: int = -3) -> None:
     path.write_bytes(bytes(data))
 
 
-def edit_manifest(root: Path, version: int, change) -> Path:
+def edit_manifest(root: Path, version: int, change, reseal: bool = True) -> Path:
+    """Edit a manifest; ``reseal``: and give it the checksum of its new contents (a manifest
+    written that way, so the checks behind the checksum are reached)."""
     file = root / ckpt.checkpoint_dir_name(version) / ckpt.MANIFEST
     body = json.loads(file.read_text())
     change(body)
+    if reseal:
+        body["checksum"] = ckpt._checksum(body)
     file.write_text(json.dumps(body))
     return file
 
@@ -78,18 +88,26 @@ def edit_manifest(root: Path, version: int, change) -> Path:
 
 def test_names() -> None:
     assert ckpt.checkpoint_dir_name(7) == "ckpt-0000000007"
-    name = ckpt.shard_file_name("layer1/weight", 3)
-    assert name.startswith("layer1_weight-") and name.endswith(".s3.safetensors")
+    assert ckpt.shard_file_name("layer1/weight", 2, 3) == "layer1_weight-0002.s3.safetensors"
 
 
 def test_shard_file_names_are_distinct_and_stay_inside_the_directory() -> None:
-    names = {ckpt.shard_file_name(t, 0) for t in ("a/b", "a_b", "a b", "a:b")}
-    assert len(names) == 4  # same readable part, different hashes
+    tables = ("a/b", "a_b", "a b", "a:b", "a-0001", "a-0001-0002",
+              "emb_" + "x" * 60 + "_a90a2", "emb_" + "x" * 60 + "_f10090")
+    names = {ckpt.shard_file_name(t, i, r) for i, t in enumerate(tables) for r in range(3)}
+    assert len(names) == 3 * len(tables)  # same readable parts, different indexes
     for table in ("../../etc/passwd", "..", "", "/abs"):
-        name = ckpt.shard_file_name(table, 0)
+        name = ckpt.shard_file_name(table, 0, 0)
         assert "/" not in name and not name.startswith("."), name
-    assert ckpt.shard_file_name("x" * 500, 0) != ckpt.shard_file_name("x" * 501, 0)
-    assert len(ckpt.shard_file_name("x" * 500, 0)) < 100
+    assert len(ckpt.shard_file_name("x" * 500, 12345, 0)) < 100
+
+
+@pytest.mark.parametrize("blocks", [[], [3], [0, 1, 2, 3], [1, 4, 7, 10], [0, 2, 3, 5, 9, 11],
+                                    [5, 6, 8, 20]])
+def test_block_runs_round_trip(blocks: list[int]) -> None:
+    runs = ckpt.block_runs(np.array(blocks, np.int64))
+    assert ckpt.run_blocks(runs).tolist() == blocks
+    assert len(runs) <= 3 * max(1, len(blocks))
 
 
 # -- commit and read back ------------------------------------------------------------------------
@@ -108,7 +126,8 @@ def test_commit_writes_a_manifest_that_reads_back_equal(tmp_path: Path) -> None:
     assert read.bytes == made.bytes == on_disk
     assert read.file_path(read.files["w"][1]) == shard_path(tmp_path, 5)
     body = json.loads((made.path / ckpt.MANIFEST).read_text())
-    assert (body["format"], body["format_version"]) == ("paramserver-checkpoint", 1)
+    assert (body["format"], body["format_version"]) == ("paramserver-checkpoint", 2)
+    assert body["checksum"].startswith("sha256:")
     ckpt.verify(read)
 
 
@@ -251,8 +270,8 @@ def test_manifest_of_another_format_names_the_file(tmp_path: Path) -> None:
 
 def test_manifest_of_a_newer_format_version(tmp_path: Path) -> None:
     make_checkpoint(tmp_path, 1)
-    file = edit_manifest(tmp_path, 1, lambda body: body.update(format_version=2))
-    with pytest.raises(CheckpointError, match="format version 2 is not supported") as info:
+    file = edit_manifest(tmp_path, 1, lambda body: body.update(format_version=3))
+    with pytest.raises(CheckpointError, match="format version 3 is not supported") as info:
         ckpt.read_manifest(file.parent)
     assert str(file) in str(info.value)
 
