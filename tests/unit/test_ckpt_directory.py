@@ -12,6 +12,7 @@ import pytest
 import paramserver as ps
 from paramserver import checkpoint as ckpt
 from paramserver.checkpoint import CheckpointError
+from paramserver.partition import server_of_ids
 from paramserver.shardfile import write_tensors
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.wire import optimizer_to_spec
@@ -20,7 +21,7 @@ DENSE = pb.TableSpec(name="w", kind=pb.TableSpec.DENSE, shape=[2, 3], block_size
                      optimizer=optimizer_to_spec(ps.Adam(lr=0.01)))
 EMBEDDING = pb.TableSpec(name="emb", kind=pb.TableSpec.EMBEDDING, dim=2,
                          optimizer=optimizer_to_spec(ps.SGD(lr=0.1)),
-                         initializer_json='{"kind": "zeros"}', seed=3)
+                         initializer_json='{"name": "zeros"}', seed=3)
 
 
 #: Each table's index in the checkpoints below (their sorted table list).
@@ -34,6 +35,15 @@ def write_shard(directory: Path, table: str, rank: int, tensors: dict) -> pb.Sha
     return pb.ShardFile(table=table, file=name, bytes=written.bytes, crc32=written.crc32,
                         server=rank, block_runs=ckpt.block_runs(tensors["blocks"])
                         if "blocks" in tensors else [])
+
+
+def _first_id_of(rank: int, servers: int = 2) -> int:
+    ids = np.arange(64, dtype=np.uint64)
+    return int(ids[server_of_ids(ids, servers) == rank][0])
+
+
+#: An embedding id each server of two holds (its id hash maps there).
+ID_OF = {r: _first_id_of(r) for r in (0, 1)}
 
 
 def make_checkpoint(root: Path, version: int, step: int = 0,
@@ -51,7 +61,7 @@ def make_checkpoint(root: Path, version: int, step: int = 0,
                                         "steps": np.array([version], np.int64),
                                         "values": np.full(2, v, np.float32),
                                         "slots": np.zeros((2, 2), np.float32)})],
-        "emb": [write_shard(tmp, "emb", r, {"ids": np.array([r], np.uint64),
+        "emb": [write_shard(tmp, "emb", r, {"ids": np.array([ID_OF[r]], np.uint64),
                                             "steps": np.array([1], np.int64),
                                             "values": np.full((1, 2), v, np.float32),
                                             "slots": np.zeros((1, 0, 2), np.float32)})
@@ -186,7 +196,8 @@ def test_latest_returns_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     assert manifest is not None and manifest.version == 3 and notes == []
 
 
-def test_latest_skips_a_checkpoint_with_a_corrupted_byte(tmp_path: Path) -> None:
+def test_latest_skips_a_checkpoint_with_a_corrupted_byte(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
     make_checkpoint(tmp_path, 1)
     make_checkpoint(tmp_path, 2)
     bad = shard_path(tmp_path, 2)
@@ -200,7 +211,8 @@ def test_latest_skips_a_checkpoint_with_a_corrupted_byte(tmp_path: Path) -> None
     assert str(bad) in notes[0] and "corrupt" in notes[0] and "CRC-32" in notes[0]
 
 
-def test_latest_skips_a_truncated_file(tmp_path: Path) -> None:
+def test_latest_skips_a_truncated_file(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
     make_checkpoint(tmp_path, 1)
     make_checkpoint(tmp_path, 2)
     bad = shard_path(tmp_path, 2, "emb", 0)
@@ -211,7 +223,9 @@ def test_latest_skips_a_truncated_file(tmp_path: Path) -> None:
     assert str(bad) in notes[0] and "truncated" in notes[0] and "'emb'" in notes[0]
 
 
-def test_latest_skips_a_missing_file_and_a_foreign_manifest(tmp_path: Path) -> None:
+def test_latest_skips_a_missing_file_and_a_foreign_manifest(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(3))  # corrupted below
     for v in (1, 2, 3):
         make_checkpoint(tmp_path, v)
     shard_path(tmp_path, 3).unlink()
@@ -223,7 +237,8 @@ def test_latest_skips_a_missing_file_and_a_foreign_manifest(tmp_path: Path) -> N
     assert "something-else" in notes[1]
 
 
-def test_latest_with_nothing_usable(tmp_path: Path) -> None:
+def test_latest_with_nothing_usable(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     assert ckpt.latest(tmp_path) == (None, [])
     make_checkpoint(tmp_path, 1)
     flip_byte(shard_path(tmp_path, 1))
@@ -231,7 +246,8 @@ def test_latest_with_nothing_usable(tmp_path: Path) -> None:
     assert manifest is None and len(notes) == 1 and "skipped checkpoint 1" in notes[0]
 
 
-def test_verify_names_the_corrupt_file_and_table(tmp_path: Path) -> None:
+def test_verify_names_the_corrupt_file_and_table(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     manifest = make_checkpoint(tmp_path, 1)
     flip_byte(shard_path(tmp_path, 1, "w", 0), position=20)
     with pytest.raises(CheckpointError) as info:
@@ -241,7 +257,8 @@ def test_verify_names_the_corrupt_file_and_table(tmp_path: Path) -> None:
     assert str(shard_path(tmp_path, 1, "w", 0)) in message
 
 
-def test_a_replaced_file_of_the_same_size_fails_verification(tmp_path: Path) -> None:
+def test_a_replaced_file_of_the_same_size_fails_verification(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     manifest = make_checkpoint(tmp_path, 1)
     path = shard_path(tmp_path, 1)
     other = write_tensors(tmp_path / "other", {"blocks": np.array([1], np.int64),
@@ -257,7 +274,8 @@ def test_a_replaced_file_of_the_same_size_fails_verification(tmp_path: Path) -> 
 
 # -- manifests -----------------------------------------------------------------------------------
 
-def test_manifest_of_another_format_names_the_file(tmp_path: Path) -> None:
+def test_manifest_of_another_format_names_the_file(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     make_checkpoint(tmp_path, 1)
     file = edit_manifest(tmp_path, 1, lambda body: body.update(format="tf-checkpoint"))
     with pytest.raises(CheckpointError) as info:
@@ -268,7 +286,8 @@ def test_manifest_of_another_format_names_the_file(tmp_path: Path) -> None:
         ckpt.open_checkpoint(file.parent)
 
 
-def test_manifest_of_a_newer_format_version(tmp_path: Path) -> None:
+def test_manifest_of_a_newer_format_version(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     make_checkpoint(tmp_path, 1)
     file = edit_manifest(tmp_path, 1, lambda body: body.update(format_version=3))
     with pytest.raises(CheckpointError, match="format version 3 is not supported") as info:
@@ -278,7 +297,8 @@ def test_manifest_of_a_newer_format_version(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", "\"just a string\""],
                          ids=["broken", "empty", "list", "string"])
-def test_malformed_manifest_json(tmp_path: Path, text: str) -> None:
+def test_malformed_manifest_json(tmp_path: Path, text: str, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     make_checkpoint(tmp_path, 1)
     file = tmp_path / "ckpt-0000000001" / ckpt.MANIFEST
     file.write_text(text)
@@ -294,7 +314,8 @@ def test_malformed_manifest_json(tmp_path: Path, text: str) -> None:
                                     lambda b: b["tables"][0]["files"][0].update(bytes="x")],
                          ids=["no-version", "no-tables", "bad-step", "null-metadata",
                               "bad-kind", "bad-bytes"])
-def test_manifest_with_bad_fields(tmp_path: Path, change) -> None:
+def test_manifest_with_bad_fields(tmp_path: Path, change, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     make_checkpoint(tmp_path, 1)
     file = edit_manifest(tmp_path, 1, change)
     with pytest.raises(CheckpointError, match="malformed manifest") as info:
@@ -326,7 +347,8 @@ def test_open_checkpoint_of_a_missing_version_names_the_existing_ones(tmp_path: 
     assert "[1, 2, 4]" in str(info.value) and str(tmp_path) in str(info.value)
 
 
-def test_open_checkpoint_falls_back_past_a_corrupt_newest(tmp_path: Path) -> None:
+def test_open_checkpoint_falls_back_past_a_corrupt_newest(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
     make_checkpoint(tmp_path, 1)
     make_checkpoint(tmp_path, 2)
     flip_byte(shard_path(tmp_path, 2))
@@ -337,7 +359,8 @@ def test_open_checkpoint_falls_back_past_a_corrupt_newest(tmp_path: Path) -> Non
         ckpt.open_checkpoint(tmp_path / "ckpt-0000000002")
 
 
-def test_open_checkpoint_with_none_usable(tmp_path: Path) -> None:
+def test_open_checkpoint_with_none_usable(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
     with pytest.raises(CheckpointError, match="does not exist or is not a directory"):
         ckpt.open_checkpoint(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="holds no checkpoint") as info:
