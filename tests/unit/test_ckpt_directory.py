@@ -4,6 +4,7 @@ checkpoints, retention and writability, on real shard files written with ``begin
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from paramserver import checkpoint as ckpt
 from paramserver.checkpoint import CheckpointError
 from paramserver.partition import server_of_ids
 from paramserver.shardfile import write_tensors
+from paramserver.snapshot import restore_all
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.wire import optimizer_to_spec
 
@@ -440,3 +442,110 @@ def test_check_writable_under_a_regular_file(tmp_path: Path) -> None:
             ckpt.check_writable(root)
         assert str(root) in str(info.value)
     assert parent.read_text() == "x"
+
+
+# -- coverage, checksum, deleted manifests, version-1 manifests ----------------------------------
+
+def test_commit_refuses_a_checkpoint_missing_a_block_and_leaves_no_checkpoint(
+        tmp_path: Path) -> None:
+    tmp = ckpt.begin(tmp_path, 1)
+    files = {"w": [write_shard(tmp, "w", 0, {"blocks": np.array([0], np.int64),
+                                             "steps": np.array([1], np.int64),
+                                             "values": np.ones(4, np.float32),
+                                             "slots": np.zeros((2, 4), np.float32)})]}
+    with pytest.raises(CheckpointError, match=r"checkpoint 1 .* does not cover table 'w': no file "
+                                              r"holds blocks \[1\] of its 2"):
+        ckpt.commit(tmp_path, tmp, 1, 0, {}, 2, {"w": DENSE}, files)
+    assert ckpt.list_versions(tmp_path) == [] and tmp.is_dir()  # left for abandon
+
+
+def test_coverage_names_doubled_blocks_missing_partitions_and_shared_files(
+        tmp_path: Path) -> None:
+    manifest = make_checkpoint(tmp_path, 1)
+    doubled = ckpt.Manifest(**{**manifest.__dict__, "files": dict(manifest.files)})
+    doubled.files["w"] = [*manifest.files["w"], pb.ShardFile(table="w", file="extra", server=0,
+                                                              block_runs=[1, 2, 1])]
+    with pytest.raises(CheckpointError, match=r"table 'w': blocks \[1\] are in more than one"):
+        ckpt.check_coverage(doubled)
+    partial = ckpt.Manifest(**{**manifest.__dict__, "files": dict(manifest.files)})
+    partial.files["emb"] = manifest.files["emb"][:1]
+    with pytest.raises(CheckpointError, match=r"does not cover embedding table 'emb': it was "
+                                              r"written by 2 servers; the rows of servers \[1\]"):
+        ckpt.check_coverage(partial)
+    shared = ckpt.Manifest(**{**manifest.__dict__, "files": dict(manifest.files)})
+    shared.files["emb"] = [manifest.files["emb"][0],
+                           pb.ShardFile(table="emb", file=manifest.files["w"][0].file, server=1)]
+    with pytest.raises(CheckpointError, match="both name the file"):
+        ckpt.check_coverage(shared)
+
+
+def test_a_file_holding_other_blocks_than_its_entry_says_is_refused(tmp_path: Path) -> None:
+    manifest = make_checkpoint(tmp_path, 1)
+    shard = manifest.files["w"][0]
+    tensors = {"blocks": np.array([1], np.int64)}
+    with pytest.raises(CheckpointError, match=r"holds blocks \[1\]; the manifest says \[0\]"):
+        ckpt.check_shard(shard, tensors, manifest.file_path(shard), 2)
+    emb = manifest.files["emb"][0]
+    with pytest.raises(CheckpointError, match=f"holds id {ID_OF[1]}, which is not in the rows "
+                                              f"of server-0 of 2"):
+        ckpt.check_shard(emb, {"ids": np.array([ID_OF[1]], np.uint64)}, Path("f"), 2)
+
+
+def test_an_edited_manifest_is_refused_naming_the_file(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # its manifest is edited below
+    make_checkpoint(tmp_path, 1)
+    make_checkpoint(tmp_path, 2, metadata={"epoch": 1})
+    file = tmp_path / ckpt.checkpoint_dir_name(2) / ckpt.MANIFEST
+    text = file.read_bytes()
+    assert text.count(b'"epoch": 1') == 1
+    file.write_bytes(text.replace(b'"epoch": 1', b'"epoch": 7'))  # same length, still JSON
+    with pytest.raises(CheckpointError, match="the manifest was edited or is corrupt") as info:
+        ckpt.read_manifest(file.parent)
+    assert str(file) in str(info.value)
+    manifest, notes = ckpt.latest(tmp_path)
+    assert manifest is not None and manifest.version == 1
+    assert len(notes) == 1 and "skipped checkpoint 2" in notes[0] and str(file) in notes[0]
+
+
+def test_a_checkpoint_whose_manifest_was_deleted_is_skipped_with_a_note(
+        tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 1)
+    make_checkpoint(tmp_path, 2)
+    (tmp_path / ckpt.checkpoint_dir_name(2) / ckpt.MANIFEST).unlink()
+    manifest, notes = ckpt.latest(tmp_path)
+    assert manifest is not None and manifest.version == 1
+    assert notes == [f"skipped checkpoint 2: {tmp_path / 'ckpt-0000000002'} has no MANIFEST.json "
+                     f"(deleted, or not a complete checkpoint)"]
+    assert ckpt.open_checkpoint(tmp_path).version == 1
+    with pytest.raises(CheckpointError, match="is not a checkpoint: no MANIFEST.json"):
+        ckpt.open_checkpoint(tmp_path / ckpt.checkpoint_dir_name(2))
+
+
+def test_a_version_1_manifest_still_reads_its_coverage_from_the_files(tmp_path: Path) -> None:
+    """Checkpoints written before manifests had checksums and coverage (format version 1, shard
+    files named ``<table>-<crc32>``) are read: the names come from the manifest, the coverage
+    from the files' block lists."""
+    made = make_checkpoint(tmp_path, 1)
+    directory = made.path
+    for shard in made.files["w"] + made.files["emb"]:
+        old = f"{shard.table}-{zlib.crc32(shard.table.encode()):08x}.s{shard.server}.safetensors"
+        (directory / shard.file).rename(directory / old)
+        shard.file = old
+
+    def downgrade(body: dict) -> None:
+        body["format_version"] = 1
+        del body["checksum"]
+        for entry in body["tables"]:
+            for f in entry["files"]:
+                del f["block_runs"]
+                f["file"] = next(s.file for s in made.files[entry["spec"]["name"]]
+                                 if s.server == f["server"])
+
+    edit_manifest(tmp_path, 1, downgrade, reseal=False)
+    read = ckpt.open_checkpoint(tmp_path)
+    assert read.version == 1 and [list(f.block_runs) for f in read.files["w"]] == \
+        [[0, 1, 1], [1, 2, 1]]
+    tables = restore_all(read)
+    out = np.empty(4, np.float32)
+    tables["w"].read(0, out)
+    np.testing.assert_array_equal(out, np.ones(4, np.float32))
