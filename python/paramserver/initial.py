@@ -55,7 +55,7 @@ def entries(root: str | Path) -> list[Path]:
 
 
 def next_entry(root: str | Path) -> int:
-    """One more than any entry's number, complete or not, so numbers are never reused."""
+    """One more than the number of any entry, complete or being written."""
     directory = store(root)
     seen = [0]
     if directory.is_dir():

@@ -219,3 +219,22 @@ def test_an_edited_manifest_is_refused_and_a_deleted_one_skipped_with_the_log_li
     log = (second.log_dir / "scheduler.log").read_text()
     assert f"resume: skipped checkpoint 2: {deleted.parent} has no MANIFEST.json" in log
     assert "resume: skipped checkpoint 3" in log and "falling back to checkpoint 1" in log
+
+
+def test_given_values_that_cannot_be_saved_fail_the_declaration(cluster_factory, tmp_path):
+    """Servers may write files of at most 256 KiB (RLIMIT_FSIZE): the given values of a table
+    of 400,000 elements cannot be saved, so its declaration fails naming the reason and the
+    table is not created; a small one is saved and declared."""
+    directory = tmp_path / "ckpt"
+    cluster = cluster_factory(2, scheduler_args=("--checkpoint-dir", str(directory)),
+                              server_file_size_limit=256 * 1024)
+    with cluster.connect() as client:
+        with pytest.raises(ps.CheckpointError, match=r"initial values of table 'big'.*"
+                                                     r"server-\d.*File too large"):
+            client.dense("big", (400_000,), ps.SGD(lr=1.0), init=np.ones(400_000, np.float32))
+        assert "big" not in client.tables()
+        small = client.dense("small", (1000,), ps.SGD(lr=1.0), init=np.full(1000, 4, np.float32))
+        np.testing.assert_array_equal(small.pull(), np.full(1000, 4, np.float32))
+    entries = sorted((directory / "initial").iterdir())
+    assert [e.name for e in entries] == ["table-0000000001"]  # the failed one left nothing
+    assert sorted(ckpt.read_manifest(entries[0]).tables) == ["small"]
