@@ -217,13 +217,13 @@ def check_coverage(manifest: Manifest) -> None:
             held = sorted(shard.server for shard in files)
             want = list(range(manifest.num_servers))
             if held != want:
-                missing = sorted(set(want) - set(held))
-                doubled = sorted({s for s in held if held.count(s) > 1} | (set(held) - set(want)))
+                absent = sorted(set(want) - set(held))
+                extra = sorted({s for s in held if held.count(s) > 1} | (set(held) - set(want)))
                 raise CheckpointError(
                     f"{where} does not cover embedding table {table!r}: it was written by "
-                    f"{manifest.num_servers} servers; the rows of servers {missing} are in no "
-                    f"file" if missing else
-                    f"{where}: embedding table {table!r}: servers {doubled} have more than one "
+                    f"{manifest.num_servers} servers; the rows of servers {absent} are in no "
+                    f"file" if absent else
+                    f"{where}: embedding table {table!r}: servers {extra} have more than one "
                     f"file, or are not servers of the job that wrote it")
 
 
@@ -435,12 +435,12 @@ def open_checkpoint(path: str | Path, version: int | None = None) -> Manifest:
         manifest = read_manifest(path / checkpoint_dir_name(version))
         verify(manifest)
         return manifest
-    manifest, notes = latest(path)
-    if manifest is None:
+    found, notes = latest(path)
+    if found is None:
         if not notes:
             raise CheckpointError(f"{path} holds no checkpoint (no ckpt-*/{MANIFEST})")
         raise CheckpointError(f"{path} holds no complete checkpoint: " + "; ".join(notes))
-    return manifest
+    return found
 
 
 def begin(root: str | Path, version: int) -> Path:

@@ -755,6 +755,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             table = self._tables.get(request.name)
             if table is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no table {request.name!r}")
+            assert table is not None  # abort raises
             if table.owner != request.node_id:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"{request.node_id} does not own the initialization of "

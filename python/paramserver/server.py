@@ -337,10 +337,12 @@ class _Shards:
                     continue
                 shard = self._new_shard(spec, blocks)
                 if spec.name not in fresh or entries:  # fresh without files: zeros
+                    assert isinstance(shard.table, _core.DenseTable)
                     total += restore_dense(shard.table, spec.name, paths, entries)
             else:
                 shard = self._new_shard(spec, ())
                 if spec.name not in fresh:  # fresh: rows come from the initializer
+                    assert isinstance(shard.table, _core.EmbeddingTable)
                     total += restore_embedding(shard.table, spec.name, paths, rank, num_servers,
                                                entries, request.written_by)
             shard.updates = 0 if spec.name in fresh else counters.get(spec.name, 0)

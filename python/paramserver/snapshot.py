@@ -189,7 +189,8 @@ class Snapshot:
                                      "server": str(rank), "cut": str(cut)})
             out.append(pb.ShardFile(table=name, file=file, bytes=written.bytes,
                                     crc32=written.crc32, server=rank,
-                                    block_runs=block_runs(copy.blocks) if dense else []))
+                                    block_runs=block_runs(copy.blocks)
+                                    if isinstance(copy, DenseCopy) else []))
         return out
 
 
@@ -273,7 +274,8 @@ def restore_embedding(table: _core.EmbeddingTable, name: str, paths: list[Path],
     return restored
 
 
-def new_table(spec: pb.TableSpec, blocks: tuple[int, ...]) -> _core.DenseTable | _core.EmbeddingTable:
+def new_table(spec: pb.TableSpec,
+              blocks: tuple[int, ...]) -> _core.DenseTable | _core.EmbeddingTable:
     """A table of ``spec`` as its initializer makes it (a dense table holding ``blocks``, zeros
     with fresh optimizer state; an embedding table with no rows yet). ValueError from the core
     for sizes or blocks it refuses."""
