@@ -396,12 +396,14 @@ def _checkpoint_dirs(root: str | Path) -> list[int]:
                   if (m := _NAME.match(entry.name)) and entry.is_dir())
 
 
-def latest(root: str | Path) -> tuple[Manifest | None, list[str]]:
-    """The newest checkpoint in ``root`` that reads and verifies, and a note for each newer one
-    that was skipped and why (a ``ckpt-`` directory whose manifest is missing is one of them).
-    ``(None, notes)`` when there is none."""
+def latest(root: str | Path, at_least: int = 0) -> tuple[Manifest | None, list[str]]:
+    """The newest checkpoint in ``root`` (of version ``at_least`` or more) that reads and
+    verifies, and a note for each newer one that was skipped and why (a ``ckpt-`` directory
+    whose manifest is missing is one of them). ``(None, notes)`` when there is none."""
     notes: list[str] = []
     for version in reversed(_checkpoint_dirs(root)):
+        if version < at_least:
+            break
         path = Path(root) / checkpoint_dir_name(version)
         if not (path / MANIFEST).is_file():
             notes.append(f"skipped checkpoint {version}: {path} has no {MANIFEST} (deleted, or "

@@ -91,6 +91,10 @@ class CheckpointCoordinator:
         self._cut_base = random.getrandbits(40) << 20
         self._cuts = 0
         self.last_version = max(ckpt.list_versions(root), default=0) if root else 0
+        #: The oldest checkpoint version of this job: a restarted server is restored only from
+        #: checkpoints this job wrote or resumed from, never from an earlier job's in the same
+        #: directory (the scheduler sets it on --resume and --recover).
+        self.floor = ckpt.next_version(root) if root else 1
         if root is not None:
             ckpt.prune(root, 0)  # only the temporary directories of interrupted checkpoints
         self.last_time: float | None = None

@@ -161,6 +161,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         state = {"format": "paramserver-scheduler-state", "num_workers": self._num_workers,
                  "server_load": self._server_load, "view_version": self._view_version,
                  "restored_version": self.checkpoints.restored_version,
+                 "checkpoint_floor": self.checkpoints.floor,
                  "restored_metadata": self._restored_metadata,
                  "tables": [json_format.MessageToDict(t.placement, preserving_proto_field_name=True)
                             for t in self._tables.values() if t.ready],
@@ -243,6 +244,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self._server_load = list(state["server_load"])
         self._view_version = int(state["view_version"]) + 1
         self.checkpoints.restored_version = int(state["restored_version"])
+        self.checkpoints.floor = int(state.get("checkpoint_floor", 0))
         self._restored_metadata = state["restored_metadata"]
         for placement in tables:
             self._tables[placement.spec.name] = _Table(placement, owner="", ready=True)
@@ -274,6 +276,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         log.info("resuming from checkpoint %d (%s): %d tables", manifest.version, manifest.path,
                  len(manifest.tables))
         self.checkpoints.restored_version = manifest.version
+        self.checkpoints.floor = manifest.version
         self._restored_metadata = json.dumps(manifest.metadata)
         for name, spec in manifest.tables.items():
             placement = pb.TablePlacement(spec=spec, num_servers=self._config.num_servers)
@@ -552,7 +555,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             tables = {n: self._tables[n].placement for n in self._shards_on(node.rank)}
             given = {n for n in tables if self._tables[n].given}
         root = self.checkpoints.root
-        manifest, notes = ckpt.latest(root) if root is not None else (None, [])
+        manifest, notes = (ckpt.latest(root, self.checkpoints.floor) if root is not None
+                           else (None, []))
         for note in notes:
             log.warning("recovering %s: %s", node.node_id, note)
         restorable = {n: p for n, p in tables.items() if manifest is not None

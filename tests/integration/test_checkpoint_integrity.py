@@ -238,3 +238,26 @@ def test_given_values_that_cannot_be_saved_fail_the_declaration(cluster_factory,
     entries = sorted((directory / "initial").iterdir())
     assert [e.name for e in entries] == ["table-0000000001"]  # the failed one left nothing
     assert sorted(ckpt.read_manifest(entries[0]).tables) == ["small"]
+
+
+def test_a_restarted_server_never_takes_an_earlier_jobs_checkpoint(cluster_factory, tmp_path):
+    """Job A leaves a checkpoint of 'x' in the directory; job B (fresh, same directory, same
+    table spec, other initial values) loses server 1 before its own first checkpoint: server 1
+    comes back with B's initial values, not A's checkpoint."""
+    directory = tmp_path / "ckpt"
+    first = cluster_factory(2, scheduler_args=("--checkpoint-dir", str(directory)))
+    with first.connect() as client:
+        client.dense("x", (50_000,), ps.SGD(lr=1.0), init=np.full(50_000, 100, np.float32))
+        client.checkpoint()
+    first.stop()
+    second = cluster_factory(2, scheduler_args=("--checkpoint-dir", str(directory)))
+    with second.connect(timeout=30) as client:
+        x = client.dense("x", (50_000,), ps.SGD(lr=1.0), init=np.full(50_000, 7, np.float32))
+        x.push(-np.ones(50_000, np.float32))
+        restart_server(second, 1, tmp_path)
+        wait_for(lambda: "rollback to version 0" in node(client, "server-1")["restore_state"],
+                 60, "server-1 to be recreated at version 0")
+        x.push(-np.ones(50_000, np.float32))
+        on_1 = element_owners(x) == 1
+        values = x.pull()
+        assert (values[on_1] == 8).all() and (values[~on_1] == 9).all()
