@@ -358,8 +358,12 @@ class CheckpointCoordinator:
                                        num_servers=self._num_servers,
                                        tables={name: placement.spec}, files={name: files},
                                        final=store / initial.entry_name(number))
-            except BaseException:
+            except BaseException as exc:
                 ckpt.abandon(tmp)
+                if isinstance(exc, ParamServerError) and not isinstance(exc, CheckpointError):
+                    # A server that cannot be reached: the declaration fails all the same.
+                    raise CheckpointError(f"cannot save the initial values of table {name!r}: "
+                                          f"{exc}") from None
                 raise
             initial.forget(self.root, name, keep=manifest.path)
         log.info("saved the initial values of table %r (%s)", name, manifest.path)
