@@ -30,6 +30,7 @@ from paramserver.config import (
     load_security,
 )
 from paramserver.errors import (
+    CheckpointError,
     InvalidRequestError,
     ParamServerError,
     PSTimeoutError,
@@ -496,8 +497,14 @@ class Client:
                 except ParamServerError as exc:
                     self._abandon(spec.name, exc)
                     raise
-                self._membership.call("TableReady", pb.TableReadyRequest(
-                    name=spec.name, node_id=self.node_id), what=f"table {spec.name!r} ready")
+                try:
+                    # Given values are saved by the servers before the table is ready.
+                    self._membership.call("TableReady", pb.TableReadyRequest(
+                        name=spec.name, node_id=self.node_id, initial_values=values is not None),
+                        what=f"table {spec.name!r} ready")
+                except CheckpointError as exc:  # they could not be: the table is not ready
+                    self._abandon(spec.name, exc)
+                    raise
                 return reply.placement
             if time.monotonic() + delay > deadline:
                 raise PSTimeoutError(

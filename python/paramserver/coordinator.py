@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 
 from paramserver import checkpoint as ckpt
-from paramserver import rpc
+from paramserver import initial, rpc
 from paramserver.checkpoint import CheckpointError, Manifest
 from paramserver.config import Security
 from paramserver.cut import op_key
@@ -83,6 +83,7 @@ class CheckpointCoordinator:
         self._tables = tables
         self._call_timeout = call_timeout
         self._lock = threading.Lock()         # one checkpoint at a time
+        self._initial_lock = threading.Lock()  # one save of initial values at a time
         self._state = threading.Lock()        # the fields below
         self._channels: dict[str, grpc.Channel] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(2, num_servers),
@@ -90,6 +91,10 @@ class CheckpointCoordinator:
         self._cut_base = random.getrandbits(40) << 20
         self._cuts = 0
         self.last_version = max(ckpt.list_versions(root), default=0) if root else 0
+        #: The oldest checkpoint version of this job: a restarted server is restored only from
+        #: checkpoints this job wrote or resumed from, never from an earlier job's in the same
+        #: directory (the scheduler sets it on --resume and --recover).
+        self.floor = ckpt.next_version(root) if root else 1
         if root is not None:
             ckpt.prune(root, 0)  # only the temporary directories of interrupted checkpoints
         self.last_time: float | None = None
@@ -268,7 +273,8 @@ class CheckpointCoordinator:
         requests = {rank: pb.RestoreRequest(dir=str(manifest.path),
                                             tables=list(placements.values()), files=files,
                                             rank=rank, num_servers=self._num_servers,
-                                            version=manifest.version)
+                                            version=manifest.version,
+                                            written_by=manifest.num_servers)
                     for rank in servers}
         start = time.monotonic()
         replies = self.on_servers(servers, "Restore", requests,
@@ -286,19 +292,82 @@ class CheckpointCoordinator:
 
     def restore_server(self, rank: int, address: str, manifest: Manifest | None,
                        placements: dict[str, pb.TablePlacement], lost: list[str],
-                       at_cut: pb.ServerStats | None) -> None:
-        """Load one restarted server's shards (``placements``) from ``manifest`` and tell it
-        which tables are ``lost``; the server serves again when this returns."""
+                       at_cut: pb.ServerStats | None,
+                       fresh: dict[str, pb.TablePlacement] | None = None,
+                       initial_values: dict[str, Manifest] | None = None) -> None:
+        """Load one restarted server's shards (``placements``) from ``manifest``, recreate the
+        ``fresh`` ones from their initializers (from ``initial_values``, the saved entries of
+        the dense tables given initial values), and tell it which tables are ``lost``; the
+        server serves again when this returns."""
+        fresh, initial_values = fresh or {}, initial_values or {}
+        sources = ([(manifest, name) for name in placements] if manifest else []) + \
+            [(entry, name) for name, entry in initial_values.items()]
+        # Every file is named relative to the checkpoint directory (checkpoints and initial
+        # values are both under it), so one request carries both.
+        base = self.root or (manifest.path.parent if manifest else Path("."))
+        files = []
+        for source, name in sources:
+            for shard in source.files.get(name, []):
+                entry = pb.ShardFile()
+                entry.CopyFrom(shard)
+                entry.file = str(source.file_path(shard).relative_to(base))
+                files.append(entry)
         request = pb.RestoreRequest(
-            dir=str(manifest.path) if manifest else "", tables=list(placements.values()),
-            files=[f for name in placements for f in manifest.files.get(name, [])]
-            if manifest else [], lost=lost, version=manifest.version if manifest else 0,
-            rank=rank, num_servers=self._num_servers)
+            dir=str(base), tables=list(placements.values()) + list(fresh.values()),
+            files=files, lost=lost, fresh=sorted(fresh),
+            version=manifest.version if manifest else 0, rank=rank,
+            num_servers=self._num_servers, written_by=manifest.num_servers if manifest else 0)
         if at_cut is not None:
             request.at_cut.CopyFrom(at_cut)
         what = f"restore server-{rank}" + (f" from checkpoint {manifest.version}" if manifest
                                            else "")
         self.on_servers({rank: address}, "Restore", request, what, self._call_timeout)
+
+    # -- initial values ------------------------------------------------------------------------
+
+    def save_initial(self, placement: pb.TablePlacement, given: bool) -> Manifest | None:
+        """A table is about to become ready. If a worker ``given`` it initial values, have the
+        servers holding its blocks write them into the checkpoint directory's initial values
+        (:mod:`paramserver.initial`), so a server that loses them can recreate them; otherwise
+        forget any saved for that name. Nothing without a checkpoint directory. Blocks until
+        durable; CheckpointError naming the server or file if it fails."""
+        if self.root is None:
+            return None
+        name = placement.spec.name
+        with self._initial_lock:
+            if not given:
+                initial.forget(self.root, name)
+                return None
+            store = initial.store(self.root)
+            ckpt.check_writable(store)
+            number = initial.next_entry(self.root)
+            live = self._servers()
+            holders = sorted(set(placement.block_servers))
+            down = [r for r in holders if r not in live]
+            if down:
+                raise CheckpointError(f"cannot save the initial values of table {name!r}: "
+                                      f"servers {down} are not alive")
+            tmp = ckpt.begin(store, number)
+            try:
+                replies = self.on_servers(
+                    {r: live[r] for r in holders}, "PersistCut",
+                    pb.PersistCutRequest(cut=0, dir=str(tmp), tables=[name]),
+                    f"save the initial values of table {name!r}", self._call_timeout)
+                files = [f for reply in replies.values() for f in reply.files]
+                manifest = ckpt.commit(store, tmp, 0, step=0, metadata={},
+                                       num_servers=self._num_servers,
+                                       tables={name: placement.spec}, files={name: files},
+                                       final=store / initial.entry_name(number))
+            except BaseException as exc:
+                ckpt.abandon(tmp)
+                if isinstance(exc, ParamServerError) and not isinstance(exc, CheckpointError):
+                    # A server that cannot be reached: the declaration fails all the same.
+                    raise CheckpointError(f"cannot save the initial values of table {name!r}: "
+                                          f"{exc}") from None
+                raise
+            initial.forget(self.root, name, keep=manifest.path)
+        log.info("saved the initial values of table %r (%s)", name, manifest.path)
+        return manifest
 
     def status(self) -> pb.CheckpointStatus:
         """What status shows of checkpoints."""

@@ -66,6 +66,7 @@ def _dense(manifest: ckpt.Manifest, spec: pb.TableSpec, state: bool) -> dict[str
     seen = np.zeros(len(layout.block_servers), bool)
     for shard in manifest.files.get(spec.name, []):
         t = _read(manifest, shard, ("blocks", "steps", "values", "slots"))
+        ckpt.check_shard(shard, t, manifest.file_path(shard), manifest.num_servers)
         offset = 0
         for i, block in enumerate(t["blocks"].tolist()):
             start, stop = layout.block_range(block)
@@ -89,8 +90,10 @@ def _dense(manifest: ckpt.Manifest, spec: pb.TableSpec, state: bool) -> dict[str
 
 def _embedding(manifest: ckpt.Manifest, spec: pb.TableSpec, state: bool
                ) -> dict[str, np.ndarray]:
-    parts = [_read(manifest, shard, ("ids", "steps", "values", "slots"))
-             for shard in manifest.files.get(spec.name, [])]
+    parts = []
+    for shard in manifest.files.get(spec.name, []):
+        parts.append(_read(manifest, shard, ("ids", "steps", "values", "slots")))
+        ckpt.check_shard(shard, parts[-1], manifest.file_path(shard), manifest.num_servers)
     ids = np.concatenate([p["ids"] for p in parts]) if parts else np.empty(0, np.uint64)
     order = np.argsort(ids, kind="stable")
     out = {f"{spec.name}.ids": ids[order],
@@ -113,11 +116,13 @@ def _embedding(manifest: ckpt.Manifest, spec: pb.TableSpec, state: bool
 def export_checkpoint(manifest: ckpt.Manifest, out: str | Path,
                       with_optimizer_state: bool = False) -> dict[str, Any]:
     """Write ``manifest``'s tables to ``out`` as safetensors (atomically: temporary name, fsync,
-    rename). Returns ``{"path", "bytes", "version", "step", "tables"}``. CheckpointError names a
-    file or table that cannot be read."""
+    rename). The checkpoint must cover every table whole (checked first, as a restore does) and
+    each file must hold what its manifest entry says. Returns ``{"path", "bytes", "version",
+    "step", "tables"}``. CheckpointError names a file or table that cannot be read."""
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
+    ckpt.check_coverage(manifest)
     tensors: dict[str, np.ndarray] = {}
     for name, spec in sorted(manifest.tables.items()):
         part = (_dense if spec.kind == pb.TableSpec.DENSE else _embedding)(
@@ -180,7 +185,7 @@ def export_from_job(client_or_scheduler: Any, out: str | Path,
             dir=tmp or "", timeout=timeout),
             timeout=timeout + 5.0, what="checkpoint for export")
         info = checkpoint_reply_to_dict(reply)
-        manifest = ckpt.read_manifest(info["path"])
+        manifest = ckpt.open_checkpoint(info["path"])
         return export_checkpoint(manifest, out, with_optimizer_state)
     finally:
         if tmp is not None:

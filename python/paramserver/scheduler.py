@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import json_format
 
 from paramserver import checkpoint as ckpt
-from paramserver import nodestate, rpc
+from paramserver import initial, nodestate, rpc
 from paramserver.config import DEFAULT_BLOCK_SIZE, SchedulerConfig
 from paramserver.coordinator import CheckpointCoordinator
 from paramserver.errors import (
@@ -99,6 +99,7 @@ class _Table:
     ready: bool = False
     restored: int = 0     # the checkpoint version it was loaded from (0: declared in this job)
     error: str = ""       # why loading it from the checkpoint failed
+    given: bool = False   # a worker initialized it from given values (not its initializer)
 
 
 @dataclass
@@ -163,6 +164,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         state = {"format": "paramserver-scheduler-state", "num_workers": self._num_workers,
                  "server_load": self._server_load, "view_version": self._view_version,
                  "restored_version": self.checkpoints.restored_version,
+                 "checkpoint_floor": self.checkpoints.floor,
                  "restored_metadata": self._restored_metadata,
                  "tables": [json_format.MessageToDict(t.placement, preserving_proto_field_name=True)
                             for t in self._tables.values() if t.ready],
@@ -246,6 +248,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         self._server_load = list(state["server_load"])
         self._view_version = int(state["view_version"]) + 1
         self.checkpoints.restored_version = int(state["restored_version"])
+        self.checkpoints.floor = int(state.get("checkpoint_floor", 0))
         self._restored_metadata = state["restored_metadata"]
         for placement in tables:
             self._tables[placement.spec.name] = _Table(placement, owner="", ready=True)
@@ -287,6 +290,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         log.info("resuming from checkpoint %d (%s): %d tables", manifest.version, manifest.path,
                  len(manifest.tables))
         self.checkpoints.restored_version = manifest.version
+        self.checkpoints.floor = manifest.version
         self._restored_metadata = json.dumps(manifest.metadata)
         for name, spec in manifest.tables.items():
             placement = pb.TablePlacement(spec=spec, num_servers=self._config.num_servers)
@@ -583,16 +587,22 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
 
     def _recover_server(self, node: _Node, last_stats: pb.ServerStats) -> None:
         """Load a restarted server's shards from the newest complete checkpoint; the tables no
-        checkpoint has are reported lost to it (it refuses requests for them, naming them)."""
+        checkpoint has are recreated from their initializers or saved initial values (a rollback
+        to version 0); only a table given initial values that were not saved (no checkpoint
+        directory) is reported lost to it (it refuses requests for it, naming it)."""
         with self._cond:
             tables = {n: self._tables[n].placement for n in self._shards_on(node.rank)}
+            given = {n for n in tables if self._tables[n].given}
         root = self.checkpoints.root
-        manifest, notes = ckpt.latest(root) if root is not None else (None, [])
+        manifest, notes = (ckpt.latest(root, self.checkpoints.floor) if root is not None
+                           else (None, []))
         for note in notes:
             log.warning("recovering %s: %s", node.node_id, note)
         restorable = {n: p for n, p in tables.items() if manifest is not None
                       and n in manifest.tables and specs_match(manifest.tables[n], p.spec)}
-        lost = sorted(set(tables) - set(restorable))
+        fresh: dict[str, pb.TablePlacement] = {}
+        saved: dict[str, ckpt.Manifest] = {}
+        lost: list[str] = []
         at_cut = self.checkpoints.cut_stats(manifest.version, node.rank) if manifest else None
         rolled: dict[str, int] = {}
         if at_cut is not None:
@@ -600,22 +610,46 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             rolled = {t.name: max(0, t.updates - before.get(t.name, 0))
                       for t in last_stats.tables if t.name in restorable}
         try:
+            for name, placement in sorted(tables.items()):
+                if name in restorable:
+                    continue
+                entry = (initial.find(root, placement.spec)
+                         if root is not None and placement.spec.kind == pb.TableSpec.DENSE
+                         else None)
+                if entry is not None:
+                    saved[name] = entry
+                elif name in given:
+                    lost.append(name)
+                    continue
+                fresh[name] = placement
+            # Recreated tables roll back every update they had.
+            rolled.update({t.name: t.updates for t in last_stats.tables if t.name in fresh})
             self.checkpoints.restore_server(node.rank, node.address, manifest, restorable, lost,
-                                            at_cut)
-            state = (f"restored from checkpoint {manifest.version}" if manifest and restorable
-                     else "")
+                                            at_cut, fresh, saved)
+            parts = [f"restored from checkpoint {manifest.version}"] if manifest and restorable \
+                else []
+            if fresh:
+                parts.append(f"recreated from initial values (rollback to version 0): "
+                             f"{', '.join(sorted(fresh))}")
             if lost:
-                state += ("; " if state else "") + f"lost: {', '.join(lost)}"
+                parts.append(f"lost: {', '.join(lost)}")
+            state = "; ".join(parts)
             what = ", ".join(f"{n}: {c}" for n, c in sorted(rolled.items())) or "unknown"
             if manifest is not None and restorable:
                 log.warning("%s restored %d tables from checkpoint %d; updates rolled back (at "
                             "least, per table): %s", node.node_id, len(restorable),
                             manifest.version, what)
+            if fresh:
+                log.warning("%s recreated tables %s from their initial values: no checkpoint "
+                            "has them (rollback to version 0; updates rolled back, at least, "
+                            "per table: %s)", node.node_id, sorted(fresh), what)
             if lost:
-                log.error("%s lost tables %s: no checkpoint has them", node.node_id, lost)
+                log.error("%s lost tables %s: no checkpoint has them and their initial values "
+                          "were not saved", node.node_id, lost)
         except ParamServerError as exc:
             state = f"restore failed: {exc}"
             log.error("recovering %s: %s", node.node_id, exc)
+            rolled = {}
         with self._cond:
             node.restore_state = state
             node.rolled_back += sum(rolled.values())
@@ -763,14 +797,26 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             return pb.DeclareTableReply(action=action, placement=table.placement)
 
     def TableReady(self, request: pb.TableReadyRequest, context: grpc.ServicerContext) -> pb.TableReadyReply:
-        with self._cond:
+        def check() -> _Table:
             table = self._tables.get(request.name)
             if table is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no table {request.name!r}")
+            assert table is not None  # abort raises
             if table.owner != request.node_id:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"{request.node_id} does not own the initialization of "
                               f"{request.name!r} ({table.owner} does)")
+            return table
+
+        with self._cond:
+            placement = check().placement
+        # Before the table is ready nothing but its initializer has written it: its initial
+        # values are saved now (outside the lock: the servers write them), or the table fails.
+        rpc.abort_on(context, lambda: self.checkpoints.save_initial(placement,
+                                                                    request.initial_values))
+        with self._cond:
+            table = check()
+            table.given = request.initial_values
             table.ready = True
             self._save_state()
             self._cond.notify_all()

@@ -44,7 +44,7 @@ from paramserver.errors import (
 from paramserver.membership import Membership
 from paramserver.partition import server_of_ids
 from paramserver.shm import ShmRegistry, UnknownSegment
-from paramserver.snapshot import Snapshot, restore_dense, restore_embedding
+from paramserver.snapshot import Snapshot, new_table, restore_dense, restore_embedding
 from paramserver.steps import Contribution, StepEngine
 from paramserver.sync import Consistency
 from paramserver.updates import RoundUpdates
@@ -58,7 +58,6 @@ from paramserver.wire import (
     first_non_finite,
     floats,
     ids_view,
-    initializer_from_json,
     optimizer_from_spec,
     reply_parts,
     specs_match,
@@ -249,17 +248,11 @@ class _Shards:
 
     @staticmethod
     def _new_shard(spec: pb.TableSpec, blocks: tuple[int, ...]) -> _DenseShard | _SparseShard:
-        optimizer = optimizer_from_spec(spec.optimizer)
-        if spec.kind == pb.TableSpec.DENSE:
-            size = int(np.prod(spec.shape, dtype=np.int64))
-            # The core validates sizes and block ids; its errors arrive as ValueError.
-            table = _core.DenseTable(size, spec.block_size, optimizer.to_config(), list(blocks))
+        # The core validates sizes and block ids; its errors arrive as ValueError.
+        table = new_table(spec, blocks)
+        if isinstance(table, _core.DenseTable):
             return _DenseShard(spec, blocks, table)
-        if spec.kind == pb.TableSpec.EMBEDDING:
-            init = initializer_from_json(spec.initializer_json)
-            return _SparseShard(spec, _core.EmbeddingTable(
-                spec.dim, optimizer.to_config(), init.to_config(), spec.seed))
-        raise ValueError(f"table {spec.name!r}: unknown kind {spec.kind}")
+        return _SparseShard(spec, table)
 
     def drop(self, name: str) -> bool:
         """Forget table ``name`` (its declaration failed); True if it was here."""
@@ -302,9 +295,18 @@ class _Shards:
         return pb.SnapshotCutReply(bytes=copied, hold_seconds=held, updates=steps, stats=stats)
 
     def persist_cut(self, request: pb.PersistCutRequest) -> pb.PersistCutReply:
-        """Phase 3: write the snapshot's shard files into ``request.dir`` (fsynced)."""
+        """Phase 3: write the snapshot's shard files into ``request.dir`` (fsynced). Cut 0: write
+        ``request.tables`` as they are now, without a cut (a table's initial values, saved
+        before it is ready: nothing writes it yet), through a snapshot of their own."""
         try:
-            files = self._snapshot.persist(request.cut, request.dir, self.rank)
+            if request.cut == 0:
+                with self._lock:
+                    dense, sparse = dict(self._dense), dict(self._sparse)
+                own = Snapshot()
+                own.take(0, list(request.tables), dense, sparse, self._apply_threads)
+                files = own.persist(0, request.dir, self.rank)
+            else:
+                files = self._snapshot.persist(request.cut, request.dir, self.rank)
         except OSError as exc:
             detail = exc.strerror or str(exc)
             if exc.filename:
@@ -314,34 +316,43 @@ class _Shards:
 
     def restore(self, request: pb.RestoreRequest) -> pb.RestoreReply:
         """Create the listed tables with this server's part of their placement and load their
-        state from the checkpoint's shard files (any server's); each table appears only once it
-        is fully loaded, replacing a table of the same name."""
-        files: dict[str, list[Path]] = {}
-        for shard in request.files:
-            files.setdefault(shard.table, []).append(Path(request.dir) / shard.file)
+        state from the checkpoint's shard files (any server's), each file checked against its
+        manifest entry; ``fresh`` tables are recreated from their initializers instead (a dense
+        one from its saved initial values if ``files`` has some). Each table appears only once
+        it is fully loaded, replacing a table of the same name."""
+        files: dict[str, list[pb.ShardFile]] = {}
+        for entry in request.files:
+            files.setdefault(entry.table, []).append(entry)
         counters = {t.name: t.updates for t in request.at_cut.tables}
         rank, num_servers = request.rank, request.num_servers or self.num_servers
+        fresh = set(request.fresh)
         total = 0
         for placement in request.tables:
             spec = placement.spec
+            entries = files.get(spec.name, [])
+            paths = [Path(request.dir) / e.file for e in entries]
             if spec.kind == pb.TableSpec.DENSE:
                 blocks = tuple(b for b, s in enumerate(placement.block_servers) if s == rank)
                 if not blocks:
                     continue
                 shard = self._new_shard(spec, blocks)
-                total += restore_dense(shard.table, spec.name, files.get(spec.name, []))
+                if spec.name not in fresh or entries:  # fresh without files: zeros
+                    assert isinstance(shard.table, _core.DenseTable)
+                    total += restore_dense(shard.table, spec.name, paths, entries)
             else:
                 shard = self._new_shard(spec, ())
-                total += restore_embedding(shard.table, spec.name, files.get(spec.name, []),
-                                           rank, num_servers)
-            shard.updates = counters.get(spec.name, 0)
+                if spec.name not in fresh:  # fresh: rows come from the initializer
+                    assert isinstance(shard.table, _core.EmbeddingTable)
+                    total += restore_embedding(shard.table, spec.name, paths, rank, num_servers,
+                                               entries, request.written_by)
+            shard.updates = 0 if spec.name in fresh else counters.get(spec.name, 0)
             with self._lock:
                 self._install(shard)
         with self._lock:
             for name in request.lost:
-                self.lost[name] = ("it was on this server before a restart and no checkpoint "
-                                   "has it (the job has no --checkpoint-dir, or the table is "
-                                   "newer than its newest checkpoint)")
+                self.lost[name] = ("it was on this server before a restart, no checkpoint has "
+                                   "it, and the initial values it was given were not saved (the "
+                                   "job has no --checkpoint-dir)")
             self.restoring = None
             self.restored = True
         return pb.RestoreReply(bytes=total)

@@ -18,12 +18,23 @@ from pathlib import Path
 import numpy as np
 
 from paramserver import _core
-from paramserver.checkpoint import CheckpointError, read_shard, shard_file_name
+from paramserver.checkpoint import (
+    CheckpointError,
+    Manifest,
+    num_blocks_of,
+    verify,
+    block_runs,
+    check_shard,
+    read_shard,
+    shard_file_name,
+)
 from paramserver.partition import server_of_ids
 from paramserver.shardfile import write_tensors
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.wire import initializer_from_json, optimizer_from_spec
 
-__all__ = ["DenseCopy", "EmbeddingCopy", "Snapshot", "restore_dense", "restore_embedding"]
+__all__ = ["DenseCopy", "EmbeddingCopy", "Snapshot", "new_table", "restore_dense",
+           "restore_embedding", "restore_all"]
 
 
 def _resident(shape: tuple[int, ...], dtype: type) -> np.ndarray:
@@ -114,7 +125,7 @@ class Snapshot:
     def __init__(self) -> None:
         self.cut: int | None = None
         self.copies: dict[str, DenseCopy | EmbeddingCopy] = {}
-        self._taken: list[str] = []
+        self._taken: list[tuple[int, str]] = []  # (index in the cut's table list, name)
 
     def prepare(self, dense: dict, sparse: dict) -> None:
         """Size (and touch) buffers for every table now, before writes are held. ``dense`` and
@@ -136,11 +147,12 @@ class Snapshot:
 
     def take(self, cut: int, tables: Iterable[str], dense: dict, sparse: dict,
              threads: int) -> tuple[int, int]:
-        """Copy ``tables`` (names) into the buffers; call only while no write can run. Returns
-        (bytes copied, updates applied: the sum of every block's and row's step count)."""
+        """Copy ``tables`` (names: the checkpoint's whole list, in the same order on every server,
+        which numbers the shard files) into the buffers; call only while no write can run.
+        Returns (bytes copied, updates applied: the sum of every block's and row's step count)."""
         total = steps = 0
         self._taken = []
-        for name in tables:
+        for index, name in enumerate(tables):
             if name in dense:
                 copy = self.copies.get(name)
                 if not isinstance(copy, DenseCopy) or not copy.fits(dense[name].table):
@@ -157,7 +169,7 @@ class Snapshot:
                 steps += int(copy.steps[:copy.rows].sum())
             else:
                 continue  # not on this server (a dense table with no block here)
-            self._taken.append(name)
+            self._taken.append((index, name))
         self.cut = cut
         return total, steps
 
@@ -167,15 +179,18 @@ class Snapshot:
             raise CheckpointError(f"server-{rank} has no snapshot of cut {cut} (it has "
                                   f"{self.cut}); the cut was aborted or replaced")
         out = []
-        for name in self._taken:
+        for index, name in self._taken:
             copy = self.copies[name]
-            file = shard_file_name(name, rank)
-            kind = "dense" if isinstance(copy, DenseCopy) else "embedding"
+            file = shard_file_name(name, index, rank)
+            dense = isinstance(copy, DenseCopy)
             written = write_tensors(Path(directory) / file, copy.tensors(),
-                                    {"format": "paramserver-shard", "table": name, "kind": kind,
+                                    {"format": "paramserver-shard", "table": name,
+                                     "kind": "dense" if dense else "embedding",
                                      "server": str(rank), "cut": str(cut)})
             out.append(pb.ShardFile(table=name, file=file, bytes=written.bytes,
-                                    crc32=written.crc32, server=rank))
+                                    crc32=written.crc32, server=rank,
+                                    block_runs=block_runs(copy.blocks)
+                                    if isinstance(copy, DenseCopy) else []))
         return out
 
 
@@ -184,15 +199,19 @@ def _aligned(array: np.ndarray) -> np.ndarray:
         array).copy()
 
 
-def restore_dense(table: _core.DenseTable, name: str, paths: list[Path]) -> int:
+def restore_dense(table: _core.DenseTable, name: str, paths: list[Path],
+                  shards: list[pb.ShardFile] | None = None) -> int:
     """Load every block ``table`` holds from the shard files ``paths`` (any server's); returns
-    bytes restored. CheckpointError naming the table, block or file if one is missing or does not
-    fit."""
+    bytes restored. With ``shards`` (the files' manifest entries, in the order of ``paths``) each
+    file must hold exactly the blocks its entry records. CheckpointError naming the table, block
+    or file if one is missing or does not fit."""
     wanted = set(table.held_blocks())
     found: set[int] = set()
     restored = 0
-    for path in paths:
+    for k, path in enumerate(paths):
         t = read_shard(path, name, ("blocks", "steps", "values", "slots"))
+        if shards is not None:
+            check_shard(shards[k], t, path, 1)
         blocks, steps, values, slots = t["blocks"], t["steps"], t["values"], t["slots"]
         if slots.ndim != 2 or slots.shape[0] != table.num_slots or \
                 slots.shape[1] != values.shape[0] or len(steps) != len(blocks):
@@ -226,12 +245,16 @@ def restore_dense(table: _core.DenseTable, name: str, paths: list[Path]) -> int:
 
 
 def restore_embedding(table: _core.EmbeddingTable, name: str, paths: list[Path], rank: int,
-                      num_servers: int) -> int:
+                      num_servers: int, shards: list[pb.ShardFile] | None = None,
+                      written_by: int = 1) -> int:
     """Load the rows this server owns (by id hash) from the shard files ``paths``; returns bytes
-    restored."""
+    restored. With ``shards`` (the files' manifest entries, in the order of ``paths``) each file
+    must hold only rows of its writer's partition among ``written_by`` servers."""
     restored = 0
-    for path in paths:
+    for k, path in enumerate(paths):
         t = read_shard(path, name, ("ids", "steps", "values", "slots"))
+        if shards is not None:
+            check_shard(shards[k], t, path, written_by)
         ids, steps, values, slots = t["ids"], t["steps"], t["values"], t["slots"]
         n = len(ids)
         if values.shape != (n, table.dim) or slots.shape != (n, table.num_slots, table.dim) or \
@@ -249,3 +272,44 @@ def restore_embedding(table: _core.EmbeddingTable, name: str, paths: list[Path],
             raise CheckpointError(f"table {name!r}: shard file {path}: {exc}") from None
         restored += len(ids) * (table.dim * (1 + table.num_slots) * 4 + 16)
     return restored
+
+
+def new_table(spec: pb.TableSpec,
+              blocks: tuple[int, ...]) -> _core.DenseTable | _core.EmbeddingTable:
+    """A table of ``spec`` as its initializer makes it (a dense table holding ``blocks``, zeros
+    with fresh optimizer state; an embedding table with no rows yet). ValueError from the core
+    for sizes or blocks it refuses."""
+    optimizer = optimizer_from_spec(spec.optimizer)
+    if spec.kind == pb.TableSpec.DENSE:
+        size = 1
+        for d in spec.shape:
+            size *= int(d)
+        return _core.DenseTable(size, spec.block_size, optimizer.to_config(), list(blocks))
+    if spec.kind == pb.TableSpec.EMBEDDING:
+        init = initializer_from_json(spec.initializer_json)
+        return _core.EmbeddingTable(spec.dim, optimizer.to_config(), init.to_config(), spec.seed)
+    raise ValueError(f"table {spec.name!r}: unknown kind {spec.kind}")
+
+
+def restore_all(manifest: Manifest) -> dict[str, _core.DenseTable | _core.EmbeddingTable]:
+    """Restore every table of a checkpoint into this process, as a single server holding every
+    block and row would (the code a server's Restore runs), after :func:`verify` (coverage,
+    sizes, CRC-32s). Every shard file is read and checked against its manifest entry. Returns
+    ``{name: table}``; CheckpointError naming the table or file that cannot be restored. For
+    tests and offline checks: it holds the whole model in memory."""
+    verify(manifest)
+    out: dict[str, _core.DenseTable | _core.EmbeddingTable] = {}
+    for name, spec in sorted(manifest.tables.items()):
+        shards = manifest.files.get(name, [])
+        paths = [manifest.file_path(s) for s in shards]
+        if spec.kind == pb.TableSpec.DENSE:
+            dense = new_table(spec, tuple(range(num_blocks_of(spec))))
+            assert isinstance(dense, _core.DenseTable)
+            restore_dense(dense, name, paths, shards)
+            out[name] = dense
+        else:
+            sparse = new_table(spec, ())
+            assert isinstance(sparse, _core.EmbeddingTable)
+            restore_embedding(sparse, name, paths, 0, 1, shards, manifest.num_servers)
+            out[name] = sparse
+    return out

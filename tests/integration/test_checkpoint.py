@@ -153,7 +153,8 @@ def test_checkpoints_are_consistent_cuts_under_concurrent_multi_server_pushes(
     assert [i["version"] for i in infos] == [1, 2, 3, 4]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(cluster_factory, tmp_path):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(cluster_factory, tmp_path,
+                                                                  unrestorable):
     directory = tmp_path / "ckpt"
     first = cluster_factory(2, scheduler_args=ckpt_args(directory))
     with first.connect() as client:
@@ -163,6 +164,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(cluster_factor
         x.push(-np.ones(50_000, np.float32))
         v2 = client.checkpoint({"epoch": 2})
     first.stop()
+    unrestorable(v2["path"])  # one of its bytes is flipped below
     shard = sorted(Path(v2["path"]).glob("x-*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF  # one flipped byte in the values
@@ -360,7 +362,7 @@ def test_launch_checkpoints_and_resumes_a_job(tmp_path):
     assert ckpt.open_checkpoint(directory).metadata == {"epoch": 6}
 
 
-def test_cli_checkpoint_and_export_of_a_running_job(cluster_factory, tmp_path):
+def test_cli_checkpoint_and_export_of_a_running_job(cluster_factory, tmp_path, unrestorable):
     directory = tmp_path / "ckpt"
     cluster = cluster_factory(2, scheduler_args=ckpt_args(directory))
     with cluster.connect() as client:
@@ -400,6 +402,8 @@ def test_cli_checkpoint_and_export_of_a_running_job(cluster_factory, tmp_path):
     assert proc.returncode == 1
     assert "checkpoint version 9 does not exist" in proc.stderr and "[1, 2]" in proc.stderr
     manifest = directory / "ckpt-0000000001" / "MANIFEST.json"
+    unrestorable(manifest.parent)  # its manifest is replaced, and a file of 2 truncated, below
+    unrestorable(directory / "ckpt-0000000002")
     manifest.write_text(json.dumps({"format": "something-else"}))
     proc = subprocess.run(PS + ["export", "--checkpoint", str(manifest.parent), "--out",
                                 str(out2)], capture_output=True, text=True, timeout=60)

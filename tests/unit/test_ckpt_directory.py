@@ -4,6 +4,7 @@ checkpoints, retention and writability, on real shard files written with ``begin
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 import paramserver as ps
 from paramserver import checkpoint as ckpt
 from paramserver.checkpoint import CheckpointError
+from paramserver.partition import server_of_ids
 from paramserver.shardfile import write_tensors
+from paramserver.snapshot import restore_all
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.wire import optimizer_to_spec
 
@@ -20,15 +23,29 @@ DENSE = pb.TableSpec(name="w", kind=pb.TableSpec.DENSE, shape=[2, 3], block_size
                      optimizer=optimizer_to_spec(ps.Adam(lr=0.01)))
 EMBEDDING = pb.TableSpec(name="emb", kind=pb.TableSpec.EMBEDDING, dim=2,
                          optimizer=optimizer_to_spec(ps.SGD(lr=0.1)),
-                         initializer_json='{"kind": "zeros"}', seed=3)
+                         initializer_json='{"name": "zeros"}', seed=3)
+
+
+#: Each table's index in the checkpoints below (their sorted table list).
+INDEX = {"emb": 0, "w": 1}
 
 
 def write_shard(directory: Path, table: str, rank: int, tensors: dict) -> pb.ShardFile:
     """Write one shard file into ``directory`` and describe it as the servers do."""
-    name = ckpt.shard_file_name(table, rank)
+    name = ckpt.shard_file_name(table, INDEX[table], rank)
     written = write_tensors(directory / name, tensors, {"table": table, "server": str(rank)})
     return pb.ShardFile(table=table, file=name, bytes=written.bytes, crc32=written.crc32,
-                        server=rank)
+                        server=rank, block_runs=ckpt.block_runs(tensors["blocks"])
+                        if "blocks" in tensors else [])
+
+
+def _first_id_of(rank: int, servers: int = 2) -> int:
+    ids = np.arange(64, dtype=np.uint64)
+    return int(ids[server_of_ids(ids, servers) == rank][0])
+
+
+#: An embedding id each server of two holds (its id hash maps there).
+ID_OF = {r: _first_id_of(r) for r in (0, 1)}
 
 
 def make_checkpoint(root: Path, version: int, step: int = 0,
@@ -46,7 +63,7 @@ def make_checkpoint(root: Path, version: int, step: int = 0,
                                         "steps": np.array([version], np.int64),
                                         "values": np.full(2, v, np.float32),
                                         "slots": np.zeros((2, 2), np.float32)})],
-        "emb": [write_shard(tmp, "emb", r, {"ids": np.array([r], np.uint64),
+        "emb": [write_shard(tmp, "emb", r, {"ids": np.array([ID_OF[r]], np.uint64),
                                             "steps": np.array([1], np.int64),
                                             "values": np.full((1, 2), v, np.float32),
                                             "slots": np.zeros((1, 0, 2), np.float32)})
@@ -57,7 +74,8 @@ def make_checkpoint(root: Path, version: int, step: int = 0,
 
 
 def shard_path(root: Path, version: int, table: str = "w", rank: int = 1) -> Path:
-    return root / ckpt.checkpoint_dir_name(version) / ckpt.shard_file_name(table, rank)
+    return root / ckpt.checkpoint_dir_name(version) / ckpt.shard_file_name(table, INDEX[table],
+                                                                            rank)
 
 
 def flip_byte(path: Path, position: int = -3) -> None:
@@ -66,10 +84,14 @@ def flip_byte(path: Path, position: int = -3) -> None:
     path.write_bytes(bytes(data))
 
 
-def edit_manifest(root: Path, version: int, change) -> Path:
+def edit_manifest(root: Path, version: int, change, reseal: bool = True) -> Path:
+    """Edit a manifest; ``reseal``: and give it the checksum of its new contents (a manifest
+    written that way, so the checks behind the checksum are reached)."""
     file = root / ckpt.checkpoint_dir_name(version) / ckpt.MANIFEST
     body = json.loads(file.read_text())
     change(body)
+    if reseal:
+        body["checksum"] = ckpt._checksum(body)
     file.write_text(json.dumps(body))
     return file
 
@@ -78,18 +100,26 @@ def edit_manifest(root: Path, version: int, change) -> Path:
 
 def test_names() -> None:
     assert ckpt.checkpoint_dir_name(7) == "ckpt-0000000007"
-    name = ckpt.shard_file_name("layer1/weight", 3)
-    assert name.startswith("layer1_weight-") and name.endswith(".s3.safetensors")
+    assert ckpt.shard_file_name("layer1/weight", 2, 3) == "layer1_weight-0002.s3.safetensors"
 
 
 def test_shard_file_names_are_distinct_and_stay_inside_the_directory() -> None:
-    names = {ckpt.shard_file_name(t, 0) for t in ("a/b", "a_b", "a b", "a:b")}
-    assert len(names) == 4  # same readable part, different hashes
+    tables = ("a/b", "a_b", "a b", "a:b", "a-0001", "a-0001-0002",
+              "emb_" + "x" * 60 + "_a90a2", "emb_" + "x" * 60 + "_f10090")
+    names = {ckpt.shard_file_name(t, i, r) for i, t in enumerate(tables) for r in range(3)}
+    assert len(names) == 3 * len(tables)  # same readable parts, different indexes
     for table in ("../../etc/passwd", "..", "", "/abs"):
-        name = ckpt.shard_file_name(table, 0)
+        name = ckpt.shard_file_name(table, 0, 0)
         assert "/" not in name and not name.startswith("."), name
-    assert ckpt.shard_file_name("x" * 500, 0) != ckpt.shard_file_name("x" * 501, 0)
-    assert len(ckpt.shard_file_name("x" * 500, 0)) < 100
+    assert len(ckpt.shard_file_name("x" * 500, 12345, 0)) < 100
+
+
+@pytest.mark.parametrize("blocks", [[], [3], [0, 1, 2, 3], [1, 4, 7, 10], [0, 2, 3, 5, 9, 11],
+                                    [5, 6, 8, 20]])
+def test_block_runs_round_trip(blocks: list[int]) -> None:
+    runs = ckpt.block_runs(np.array(blocks, np.int64))
+    assert ckpt.run_blocks(runs).tolist() == blocks
+    assert len(runs) <= 3 * max(1, len(blocks))
 
 
 # -- commit and read back ------------------------------------------------------------------------
@@ -108,7 +138,8 @@ def test_commit_writes_a_manifest_that_reads_back_equal(tmp_path: Path) -> None:
     assert read.bytes == made.bytes == on_disk
     assert read.file_path(read.files["w"][1]) == shard_path(tmp_path, 5)
     body = json.loads((made.path / ckpt.MANIFEST).read_text())
-    assert (body["format"], body["format_version"]) == ("paramserver-checkpoint", 1)
+    assert (body["format"], body["format_version"]) == ("paramserver-checkpoint", 2)
+    assert body["checksum"].startswith("sha256:")
     ckpt.verify(read)
 
 
@@ -167,7 +198,8 @@ def test_latest_returns_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     assert manifest is not None and manifest.version == 3 and notes == []
 
 
-def test_latest_skips_a_checkpoint_with_a_corrupted_byte(tmp_path: Path) -> None:
+def test_latest_skips_a_checkpoint_with_a_corrupted_byte(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
     make_checkpoint(tmp_path, 1)
     make_checkpoint(tmp_path, 2)
     bad = shard_path(tmp_path, 2)
@@ -181,7 +213,8 @@ def test_latest_skips_a_checkpoint_with_a_corrupted_byte(tmp_path: Path) -> None
     assert str(bad) in notes[0] and "corrupt" in notes[0] and "CRC-32" in notes[0]
 
 
-def test_latest_skips_a_truncated_file(tmp_path: Path) -> None:
+def test_latest_skips_a_truncated_file(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
     make_checkpoint(tmp_path, 1)
     make_checkpoint(tmp_path, 2)
     bad = shard_path(tmp_path, 2, "emb", 0)
@@ -192,7 +225,9 @@ def test_latest_skips_a_truncated_file(tmp_path: Path) -> None:
     assert str(bad) in notes[0] and "truncated" in notes[0] and "'emb'" in notes[0]
 
 
-def test_latest_skips_a_missing_file_and_a_foreign_manifest(tmp_path: Path) -> None:
+def test_latest_skips_a_missing_file_and_a_foreign_manifest(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(3))  # corrupted below
     for v in (1, 2, 3):
         make_checkpoint(tmp_path, v)
     shard_path(tmp_path, 3).unlink()
@@ -204,7 +239,8 @@ def test_latest_skips_a_missing_file_and_a_foreign_manifest(tmp_path: Path) -> N
     assert "something-else" in notes[1]
 
 
-def test_latest_with_nothing_usable(tmp_path: Path) -> None:
+def test_latest_with_nothing_usable(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     assert ckpt.latest(tmp_path) == (None, [])
     make_checkpoint(tmp_path, 1)
     flip_byte(shard_path(tmp_path, 1))
@@ -212,7 +248,8 @@ def test_latest_with_nothing_usable(tmp_path: Path) -> None:
     assert manifest is None and len(notes) == 1 and "skipped checkpoint 1" in notes[0]
 
 
-def test_verify_names_the_corrupt_file_and_table(tmp_path: Path) -> None:
+def test_verify_names_the_corrupt_file_and_table(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     manifest = make_checkpoint(tmp_path, 1)
     flip_byte(shard_path(tmp_path, 1, "w", 0), position=20)
     with pytest.raises(CheckpointError) as info:
@@ -222,7 +259,8 @@ def test_verify_names_the_corrupt_file_and_table(tmp_path: Path) -> None:
     assert str(shard_path(tmp_path, 1, "w", 0)) in message
 
 
-def test_a_replaced_file_of_the_same_size_fails_verification(tmp_path: Path) -> None:
+def test_a_replaced_file_of_the_same_size_fails_verification(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     manifest = make_checkpoint(tmp_path, 1)
     path = shard_path(tmp_path, 1)
     other = write_tensors(tmp_path / "other", {"blocks": np.array([1], np.int64),
@@ -238,7 +276,8 @@ def test_a_replaced_file_of_the_same_size_fails_verification(tmp_path: Path) -> 
 
 # -- manifests -----------------------------------------------------------------------------------
 
-def test_manifest_of_another_format_names_the_file(tmp_path: Path) -> None:
+def test_manifest_of_another_format_names_the_file(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     make_checkpoint(tmp_path, 1)
     file = edit_manifest(tmp_path, 1, lambda body: body.update(format="tf-checkpoint"))
     with pytest.raises(CheckpointError) as info:
@@ -249,17 +288,19 @@ def test_manifest_of_another_format_names_the_file(tmp_path: Path) -> None:
         ckpt.open_checkpoint(file.parent)
 
 
-def test_manifest_of_a_newer_format_version(tmp_path: Path) -> None:
+def test_manifest_of_a_newer_format_version(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     make_checkpoint(tmp_path, 1)
-    file = edit_manifest(tmp_path, 1, lambda body: body.update(format_version=2))
-    with pytest.raises(CheckpointError, match="format version 2 is not supported") as info:
+    file = edit_manifest(tmp_path, 1, lambda body: body.update(format_version=3))
+    with pytest.raises(CheckpointError, match="format version 3 is not supported") as info:
         ckpt.read_manifest(file.parent)
     assert str(file) in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", "\"just a string\""],
                          ids=["broken", "empty", "list", "string"])
-def test_malformed_manifest_json(tmp_path: Path, text: str) -> None:
+def test_malformed_manifest_json(tmp_path: Path, text: str, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     make_checkpoint(tmp_path, 1)
     file = tmp_path / "ckpt-0000000001" / ckpt.MANIFEST
     file.write_text(text)
@@ -275,7 +316,8 @@ def test_malformed_manifest_json(tmp_path: Path, text: str) -> None:
                                     lambda b: b["tables"][0]["files"][0].update(bytes="x")],
                          ids=["no-version", "no-tables", "bad-step", "null-metadata",
                               "bad-kind", "bad-bytes"])
-def test_manifest_with_bad_fields(tmp_path: Path, change) -> None:
+def test_manifest_with_bad_fields(tmp_path: Path, change, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(1))  # corrupted below
     make_checkpoint(tmp_path, 1)
     file = edit_manifest(tmp_path, 1, change)
     with pytest.raises(CheckpointError, match="malformed manifest") as info:
@@ -307,7 +349,8 @@ def test_open_checkpoint_of_a_missing_version_names_the_existing_ones(tmp_path: 
     assert "[1, 2, 4]" in str(info.value) and str(tmp_path) in str(info.value)
 
 
-def test_open_checkpoint_falls_back_past_a_corrupt_newest(tmp_path: Path) -> None:
+def test_open_checkpoint_falls_back_past_a_corrupt_newest(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
     make_checkpoint(tmp_path, 1)
     make_checkpoint(tmp_path, 2)
     flip_byte(shard_path(tmp_path, 2))
@@ -318,7 +361,8 @@ def test_open_checkpoint_falls_back_past_a_corrupt_newest(tmp_path: Path) -> Non
         ckpt.open_checkpoint(tmp_path / "ckpt-0000000002")
 
 
-def test_open_checkpoint_with_none_usable(tmp_path: Path) -> None:
+def test_open_checkpoint_with_none_usable(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # corrupted below
     with pytest.raises(CheckpointError, match="does not exist or is not a directory"):
         ckpt.open_checkpoint(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="holds no checkpoint") as info:
@@ -398,3 +442,110 @@ def test_check_writable_under_a_regular_file(tmp_path: Path) -> None:
             ckpt.check_writable(root)
         assert str(root) in str(info.value)
     assert parent.read_text() == "x"
+
+
+# -- coverage, checksum, deleted manifests, version-1 manifests ----------------------------------
+
+def test_commit_refuses_a_checkpoint_missing_a_block_and_leaves_no_checkpoint(
+        tmp_path: Path) -> None:
+    tmp = ckpt.begin(tmp_path, 1)
+    files = {"w": [write_shard(tmp, "w", 0, {"blocks": np.array([0], np.int64),
+                                             "steps": np.array([1], np.int64),
+                                             "values": np.ones(4, np.float32),
+                                             "slots": np.zeros((2, 4), np.float32)})]}
+    with pytest.raises(CheckpointError, match=r"checkpoint 1 .* does not cover table 'w': no file "
+                                              r"holds blocks \[1\] of its 2"):
+        ckpt.commit(tmp_path, tmp, 1, 0, {}, 2, {"w": DENSE}, files)
+    assert ckpt.list_versions(tmp_path) == [] and tmp.is_dir()  # left for abandon
+
+
+def test_coverage_names_doubled_blocks_missing_partitions_and_shared_files(
+        tmp_path: Path) -> None:
+    manifest = make_checkpoint(tmp_path, 1)
+    doubled = ckpt.Manifest(**{**manifest.__dict__, "files": dict(manifest.files)})
+    doubled.files["w"] = [*manifest.files["w"], pb.ShardFile(table="w", file="extra", server=0,
+                                                              block_runs=[1, 2, 1])]
+    with pytest.raises(CheckpointError, match=r"table 'w': blocks \[1\] are in more than one"):
+        ckpt.check_coverage(doubled)
+    partial = ckpt.Manifest(**{**manifest.__dict__, "files": dict(manifest.files)})
+    partial.files["emb"] = manifest.files["emb"][:1]
+    with pytest.raises(CheckpointError, match=r"does not cover embedding table 'emb': it was "
+                                              r"written by 2 servers; the rows of servers \[1\]"):
+        ckpt.check_coverage(partial)
+    shared = ckpt.Manifest(**{**manifest.__dict__, "files": dict(manifest.files)})
+    shared.files["emb"] = [manifest.files["emb"][0],
+                           pb.ShardFile(table="emb", file=manifest.files["w"][0].file, server=1)]
+    with pytest.raises(CheckpointError, match="both name the file"):
+        ckpt.check_coverage(shared)
+
+
+def test_a_file_holding_other_blocks_than_its_entry_says_is_refused(tmp_path: Path) -> None:
+    manifest = make_checkpoint(tmp_path, 1)
+    shard = manifest.files["w"][0]
+    tensors = {"blocks": np.array([1], np.int64)}
+    with pytest.raises(CheckpointError, match=r"holds blocks \[1\]; the manifest says \[0\]"):
+        ckpt.check_shard(shard, tensors, manifest.file_path(shard), 2)
+    emb = manifest.files["emb"][0]
+    with pytest.raises(CheckpointError, match=f"holds id {ID_OF[1]}, which is not in the rows "
+                                              f"of server-0 of 2"):
+        ckpt.check_shard(emb, {"ids": np.array([ID_OF[1]], np.uint64)}, Path("f"), 2)
+
+
+def test_an_edited_manifest_is_refused_naming_the_file(tmp_path: Path, unrestorable) -> None:
+    unrestorable(tmp_path / ckpt.checkpoint_dir_name(2))  # its manifest is edited below
+    make_checkpoint(tmp_path, 1)
+    make_checkpoint(tmp_path, 2, metadata={"epoch": 1})
+    file = tmp_path / ckpt.checkpoint_dir_name(2) / ckpt.MANIFEST
+    text = file.read_bytes()
+    assert text.count(b'"epoch": 1') == 1
+    file.write_bytes(text.replace(b'"epoch": 1', b'"epoch": 7'))  # same length, still JSON
+    with pytest.raises(CheckpointError, match="the manifest was edited or is corrupt") as info:
+        ckpt.read_manifest(file.parent)
+    assert str(file) in str(info.value)
+    manifest, notes = ckpt.latest(tmp_path)
+    assert manifest is not None and manifest.version == 1
+    assert len(notes) == 1 and "skipped checkpoint 2" in notes[0] and str(file) in notes[0]
+
+
+def test_a_checkpoint_whose_manifest_was_deleted_is_skipped_with_a_note(
+        tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 1)
+    make_checkpoint(tmp_path, 2)
+    (tmp_path / ckpt.checkpoint_dir_name(2) / ckpt.MANIFEST).unlink()
+    manifest, notes = ckpt.latest(tmp_path)
+    assert manifest is not None and manifest.version == 1
+    assert notes == [f"skipped checkpoint 2: {tmp_path / 'ckpt-0000000002'} has no MANIFEST.json "
+                     f"(deleted, or not a complete checkpoint)"]
+    assert ckpt.open_checkpoint(tmp_path).version == 1
+    with pytest.raises(CheckpointError, match="is not a checkpoint: no MANIFEST.json"):
+        ckpt.open_checkpoint(tmp_path / ckpt.checkpoint_dir_name(2))
+
+
+def test_a_version_1_manifest_still_reads_its_coverage_from_the_files(tmp_path: Path) -> None:
+    """Checkpoints written before manifests had checksums and coverage (format version 1, shard
+    files named ``<table>-<crc32>``) are read: the names come from the manifest, the coverage
+    from the files' block lists."""
+    made = make_checkpoint(tmp_path, 1)
+    directory = made.path
+    for shard in made.files["w"] + made.files["emb"]:
+        old = f"{shard.table}-{zlib.crc32(shard.table.encode()):08x}.s{shard.server}.safetensors"
+        (directory / shard.file).rename(directory / old)
+        shard.file = old
+
+    def downgrade(body: dict) -> None:
+        body["format_version"] = 1
+        del body["checksum"]
+        for entry in body["tables"]:
+            for f in entry["files"]:
+                del f["block_runs"]
+                f["file"] = next(s.file for s in made.files[entry["spec"]["name"]]
+                                 if s.server == f["server"])
+
+    edit_manifest(tmp_path, 1, downgrade, reseal=False)
+    read = ckpt.open_checkpoint(tmp_path)
+    assert read.version == 1 and [list(f.block_runs) for f in read.files["w"]] == \
+        [[0, 1, 1], [1, 2, 1]]
+    tables = restore_all(read)
+    out = np.empty(4, np.float32)
+    tables["w"].read(0, out)
+    np.testing.assert_array_equal(out, np.ones(4, np.float32))

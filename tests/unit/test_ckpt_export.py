@@ -55,7 +55,7 @@ def specs(optimizer: ps.Optimizer) -> dict[str, pb.TableSpec]:
     return {"w": pb.TableSpec(name="w", kind=pb.TableSpec.DENSE, shape=list(SHAPE),
                               block_size=BLOCK, optimizer=opt),
             "emb": pb.TableSpec(name="emb", kind=pb.TableSpec.EMBEDDING, dim=DIM, optimizer=opt,
-                                initializer_json='{"kind": "normal", "mean": 0.0, "stddev": 0.1}',
+                                initializer_json='{"name": "normal", "mean": 0.0, "std": 0.1}',
                                 seed=2)}
 
 
@@ -250,12 +250,16 @@ def test_export_of_a_reopened_checkpoint(adam_job: Job, tmp_path: Path) -> None:
 def test_export_with_a_missing_block_names_the_table(adam_job: Job, tmp_path: Path) -> None:
     manifest = adam_job.manifest
     manifest.files["w"] = [f for f in manifest.files["w"] if f.server == 0]
-    with pytest.raises(CheckpointError, match=r"table 'w': checkpoint 3 lacks blocks \[1, 3\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"checkpoint 3 .* does not cover table 'w': no file holds blocks "
+                             r"\[1, 3\] of its 4"):
         export_checkpoint(manifest, tmp_path / "model.safetensors")
     assert not (tmp_path / "model.safetensors").exists()
 
 
-def test_export_with_an_unreadable_shard_names_the_file(adam_job: Job, tmp_path: Path) -> None:
+def test_export_with_an_unreadable_shard_names_the_file(adam_job: Job, tmp_path: Path,
+                                                        unrestorable) -> None:
+    unrestorable(adam_job.manifest.path)  # a shard is overwritten below
     shard = adam_job.manifest.files["emb"][1]
     path = adam_job.manifest.file_path(shard)
     path.write_bytes(b"\0" * 4)
@@ -264,10 +268,12 @@ def test_export_with_an_unreadable_shard_names_the_file(adam_job: Job, tmp_path:
     assert str(path) in str(info.value)
 
 
-def test_export_refuses_clashing_tensor_names(tmp_path: Path) -> None:
+def test_export_refuses_clashing_tensor_names(tmp_path: Path, unrestorable) -> None:
     root = tmp_path / "ckpts"
+    unrestorable(root / ckpt.checkpoint_dir_name(1))  # restores, but cannot be exported
     opt = optimizer_to_spec(ps.SGD(lr=0.1))
-    tables = {"e": pb.TableSpec(name="e", kind=pb.TableSpec.EMBEDDING, dim=1, optimizer=opt),
+    tables = {"e": pb.TableSpec(name="e", kind=pb.TableSpec.EMBEDDING, dim=1, optimizer=opt,
+                                initializer_json='{"name": "zeros"}'),
               "e.ids": pb.TableSpec(name="e.ids", kind=pb.TableSpec.DENSE, shape=[1],
                                     block_size=1, optimizer=opt)}
     tmp = ckpt.begin(root, 1)
