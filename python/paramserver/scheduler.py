@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import json_format
 
 from paramserver import checkpoint as ckpt
-from paramserver import rpc
+from paramserver import roles, rpc, tablectl
 from paramserver.config import DEFAULT_BLOCK_SIZE, SchedulerConfig
 from paramserver.coordinator import CheckpointCoordinator
 from paramserver.errors import (
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Owner of a table being loaded from a checkpoint (not a node: never taken over).
 _RESTORE = "(checkpoint restore)"
+#: Owner of an abandoned table while its shards are dropped: a new declaration waits, so the drop
+#: cannot remove the shards of the next initialization of that name.
+_DROPPING = "(being dropped)"
 #: The scheduler's own state, kept in the checkpoint directory for --recover.
 _STATE_FILE = "scheduler-state.json"
 #: Refused before any placement work: 2^40 float32 with Adam state is 13 TB.
@@ -471,8 +474,10 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     def _register(self, request: pb.RegisterRequest) -> pb.RegisterReply:
         if request.role not in _ROLE_NAMES:
             raise ValueError(f"cannot register role {request.role}; expected SERVER or WORKER")
-        if request.role == pb.SERVER and not request.address:
-            raise ValueError("a server must register with the address it serves on")
+        if request.role == pb.SERVER:
+            roles.require(roles.CONTROL_ONLY, "registering as a server")
+            if not request.address:
+                raise ValueError("a server must register with the address it serves on")
         now = time.monotonic()
         with self._cond:
             if request.role == pb.WORKER and request.num_workers > 0:
@@ -639,7 +644,18 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     # -- tables --------------------------------------------------------------------------------
 
     def DeclareTable(self, request: pb.DeclareTableRequest, context: grpc.ServicerContext) -> pb.DeclareTableReply:
-        return rpc.abort_on(context, lambda: self._declare(request))
+        def run() -> pb.DeclareTableReply:
+            reply = self._declare(request)
+            if reply.action == pb.DeclareTableReply.INITIALIZE:
+                # The shards are created here, with the control credential (paramserver.tablectl).
+                try:
+                    tablectl.create_shards(self.checkpoints.on_servers, reply.placement,
+                                           self._live_servers())
+                except ParamServerError as exc:
+                    self._abandon(request.spec.name, request.node_id, str(exc))
+                    raise
+            return reply
+        return rpc.abort_on(context, run)
 
     @staticmethod
     def _check_spec(spec: pb.TableSpec) -> None:
@@ -707,7 +723,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                 raise CheckpointError(f"table {spec.name!r}: {table.error}")
             if table.ready:
                 action = pb.DeclareTableReply.ATTACH
-            elif table.owner == _RESTORE:
+            elif table.owner in (_RESTORE, _DROPPING):
                 action = pb.DeclareTableReply.WAIT
             elif table.owner == request.node_id:
                 action = pb.DeclareTableReply.INITIALIZE
@@ -735,15 +751,27 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         return pb.TableReadyReply()
 
     def AbandonTable(self, request: pb.AbandonTableRequest, context: grpc.ServicerContext) -> pb.AbandonTableReply:
-        with self._cond:
-            table = self._tables.get(request.name)
-            if table is not None and not table.ready and table.owner == request.node_id:
-                del self._tables[request.name]
-                self._unload(table.placement)
-                log.warning("table %r abandoned by %s: %s", request.name, request.node_id,
-                            request.reason[:500])
-                self._cond.notify_all()
+        self._abandon(request.name, request.node_id, request.reason)
         return pb.AbandonTableReply()
+
+    def _abandon(self, name: str, node_id: str, reason: str) -> None:
+        """Forget a table whose initialization by ``node_id`` failed and drop its shards on the
+        servers (best effort: a failed drop is logged)."""
+        with self._cond:
+            table = self._tables.get(name)
+            if table is None or table.ready or table.owner != node_id:
+                return
+            table.owner = _DROPPING
+            log.warning("table %r abandoned by %s: %s", name, node_id, reason[:500])
+        try:
+            tablectl.drop_shards(self.checkpoints.on_servers, name, self._live_servers())
+        except ParamServerError as exc:
+            log.warning("dropping the shards of abandoned table %r: %s", name, exc)
+        finally:
+            with self._cond:
+                del self._tables[name]
+                self._unload(table.placement)
+                self._cond.notify_all()
 
     # -- barriers ------------------------------------------------------------------------------
 
