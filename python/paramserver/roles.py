@@ -216,6 +216,7 @@ class Guard(grpc.ServerInterceptor):
     """
 
     def __init__(self, token: str = "", job_secret: str = "") -> None:
+        self._expected: list[tuple[bytes, str | None]]
         if job_secret:
             self._expected = [(f"Bearer {derive_token(job_secret, r)}".encode(), r)
                               for r in ROLES]
