@@ -40,7 +40,7 @@ from paramserver.errors import PermissionDeniedError
 
 __all__ = ["CONTROL", "WORKER", "PARTICIPANT", "READER", "ROLES", "METHOD_ROLES", "WRITE_OPS",
            "derive_token", "caller", "require", "check_data_op", "Guard", "protection",
-           "deny_message", "OPEN_PREFIX", "CONTROL_ONLY"]
+           "deny_message", "OPEN_PREFIX", "CONTROL_ONLY", "WRITERS"]
 
 CONTROL, WORKER, PARTICIPANT, READER = "control", "worker", "participant", "reader"
 #: Every role, most trusted first.
@@ -54,6 +54,8 @@ OPEN_PREFIX = "/grpc.health.v1.Health/"
 _C = frozenset({CONTROL})
 #: The roles of control-only operations (for :func:`require`).
 CONTROL_ONLY = _C
+#: The roles that may have the servers write where they say (a Checkpoint with a directory).
+WRITERS = _CW
 _CW = frozenset({CONTROL, WORKER})
 _CWP = frozenset({CONTROL, WORKER, PARTICIPANT})
 _CWR = frozenset({CONTROL, WORKER, READER})

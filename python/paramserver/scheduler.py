@@ -434,6 +434,10 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
 
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
         def run() -> pb.CheckpointReply:
+            if request.dir:  # servers write under a directory the caller picks: not a reader's
+                roles.require(roles.WRITERS, "a checkpoint into a directory of the caller's "
+                                             "choosing (a reader may checkpoint into the job's "
+                                             "own checkpoint directory only)")
             metadata = None
             if request.metadata_json:
                 try:
@@ -893,6 +897,8 @@ class Scheduler:
         periodic checkpoints if configured."""
         self._server.start()
         self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)
+        log.info("scheduler serving on %s (protection: %s)", self.address,
+                 self.config.security.protection)
         if self.config.checkpoint_every > 0:
             self._service.checkpoints.start_periodic(self.config.checkpoint_every)
         if self._service.rounds is not None:

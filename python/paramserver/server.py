@@ -882,7 +882,8 @@ class Server:
             engine.set_members(list(reply.sync_members), restarted=reply.restoring)
             self._shards.steps = engine
         self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)
-        log.info("server-%d serving on %s", self.rank, self.address)
+        log.info("server-%d serving on %s (protection: %s)", self.rank, self.address,
+                 self.config.security.protection)
         return self
 
     def stats(self) -> pb.ServerStats:
