@@ -52,11 +52,11 @@ _SERVER = "/paramserver.v1.ParameterServer/"
 OPEN_PREFIX = "/grpc.health.v1.Health/"
 
 _C = frozenset({CONTROL})
+_CW = frozenset({CONTROL, WORKER})
 #: The roles of control-only operations (for :func:`require`).
 CONTROL_ONLY = _C
 #: The roles that may have the servers write where they say (a Checkpoint with a directory).
 WRITERS = _CW
-_CW = frozenset({CONTROL, WORKER})
 _CWP = frozenset({CONTROL, WORKER, PARTICIPANT})
 _CWR = frozenset({CONTROL, WORKER, READER})
 _ALL = frozenset(ROLES)
