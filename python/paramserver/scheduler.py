@@ -592,9 +592,16 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             self._view_version += 1
             self._cond.notify_all()
 
+    @staticmethod
+    def _speaks_for(node: _Node | None, context: grpc.ServicerContext, what: str) -> None:
+        """Only the control plane speaks for a server (its heartbeats, its departure)."""
+        if node is not None and node.role == pb.SERVER:
+            rpc.abort_on(context, lambda: roles.require(roles.CONTROL_ONLY, what))
+
     def Deregister(self, request: pb.DeregisterRequest, context: grpc.ServicerContext) -> pb.DeregisterReply:
         with self._cond:
             node = self._nodes.get(request.node_id)
+            self._speaks_for(node, context, "deregistering a server")
             if node is not None and (not request.incarnation
                                      or request.incarnation == node.incarnation):
                 node.left = True
@@ -605,6 +612,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         with self._cond:
             node = self._nodes.get(request.node_id)
+            self._speaks_for(node, context, "a server's heartbeat")
             if node is not None and request.incarnation and request.incarnation != node.incarnation:
                 return pb.HeartbeatReply(known=True, superseded=True)  # fenced: changes nothing
             if node is None or node.left:

@@ -117,9 +117,16 @@ def test_a_worker_token_cannot_register_a_server(roles_cluster):
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "registering as a server" in info.value.details() or "Register" in \
             info.value.details()
+    # Nor speak for a registered server: its departure or its heartbeats.
+    why = _denied(roles_cluster.scheduler, SCHEDULER + "Deregister",
+                  pb.DeregisterRequest(node_id="server-0"), "worker")
+    assert why.startswith("deregistering a server is not allowed to the worker role")
+    _denied(roles_cluster.scheduler, SCHEDULER + "Heartbeat",
+            pb.HeartbeatRequest(node_id="server-1"), "participant")
     with roles_cluster.connect(token=_token("worker")) as client:
         servers = [n for n in client.status()["nodes"] if n["role"] == "server"]
         assert sorted(n["address"] for n in servers) == sorted(roles_cluster.server_addresses)
+        assert all(n["alive"] and not n["left"] for n in servers)
 
 
 def test_a_reader_reads_but_cannot_write(roles_cluster, tmp_path):
