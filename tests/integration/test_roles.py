@@ -270,3 +270,18 @@ def test_an_unauthenticated_or_wrong_role_message_is_refused_before_it_is_receiv
             assert info.value.code() == code, info.value.details()
     grown = peak_kb() - before
     assert grown < 32 * 1024, f"the server's peak RSS grew by {grown} kB"
+
+
+def test_the_token_command_derives_a_roles_token_for_manual_starts(secret_args, tmp_path):
+    for role in roles.ROLES:
+        done = subprocess.run(PS + ["token", "--role", role, *secret_args], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == _token(role)
+    # A node given the secret and a token as well is refused at start, naming both flags.
+    (tmp_path / "token").write_text("tok")
+    done = subprocess.run(PS + ["status", "--scheduler", "127.0.0.1:1", "--token-file",
+                                str(tmp_path / "token"), *secret_args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "--job-secret-file" in done.stderr
+    assert "--token-file" in done.stderr and SECRET not in done.stderr
