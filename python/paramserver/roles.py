@@ -40,7 +40,8 @@ from paramserver.errors import PermissionDeniedError
 
 __all__ = ["CONTROL", "WORKER", "PARTICIPANT", "READER", "ROLES", "METHOD_ROLES", "WRITE_OPS",
            "derive_token", "caller", "require", "check_data_op", "Guard", "protection",
-           "deny_message", "OPEN_PREFIX", "CONTROL_ONLY", "WRITERS"]
+           "deny_message", "OPEN_PREFIX", "CONTROL_ONLY", "WRITERS",
+           "CERT_ROLE_PREFIX", "certificate_role"]
 
 CONTROL, WORKER, PARTICIPANT, READER = "control", "worker", "participant", "reader"
 #: Every role, most trusted first.
@@ -171,7 +172,9 @@ def protection(token: str, job_secret: str, tls: bool, client_auth: bool) -> str
         text = "one token for all roles"
     else:
         text = "none (no token: every caller may do everything)"
-    if client_auth:
+    if client_auth and job_secret:
+        text += " + mutual TLS (a call without a token takes its role from the certificate)"
+    elif client_auth:
         text += " + mutual TLS"
     elif tls:
         text += " + TLS"
@@ -185,6 +188,52 @@ def _refusal(code: grpc.StatusCode, why: str) -> grpc.RpcMethodHandler:
     def refuse(request_iterator: Any, context: grpc.ServicerContext) -> None:
         context.abort(code, why)
     return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+#: URI subject alternative name prefix naming a role in a client certificate (mutual TLS).
+CERT_ROLE_PREFIX = "paramserver-role:"
+
+
+def certificate_role(auth_context: dict[str, list[bytes]]) -> str | None:
+    """The role a verified client certificate names (``auth_context`` of the call): its one URI
+    SAN ``paramserver-role:ROLE``; None if it names none, an unknown role, or several."""
+    named = {uri.decode(errors="replace")[len(CERT_ROLE_PREFIX):]
+             for uri in auth_context.get("peer_uri", [])
+             if uri.startswith(CERT_ROLE_PREFIX.encode())}
+    if len(named) != 1:
+        return None
+    role = named.pop()
+    return role if role in ROLES else None
+
+
+def _by_certificate(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
+    """``handler`` (unary) behind a stream-request handler that finds the caller's role in its
+    client certificate and checks it before reading the request (the interceptor sees only the
+    metadata, the certificate is in the call's auth context)."""
+    inner = handler.unary_unary
+    if inner is None:
+        return None
+    allowed = METHOD_ROLES.get(method)
+
+    def behavior(requests: Any, context: grpc.ServicerContext) -> Any:
+        role = certificate_role(context.auth_context())
+        if role is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"no job token, and the client certificate names no role (one URI "
+                          f"subject alternative name {CERT_ROLE_PREFIX}ROLE, ROLE one of "
+                          f"{', '.join(ROLES)})")
+        if role != CONTROL and (allowed is None or role not in allowed):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          deny_message(method, role, allowed or _C))
+        request = next(requests)  # only now is the request received
+        reset = _CALLER.set(None if role == CONTROL else role)
+        try:
+            return inner(request, context)
+        finally:
+            _CALLER.reset(reset)
+    return grpc.stream_unary_rpc_method_handler(
+        behavior, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
 
 
 def _with_role(handler: grpc.RpcMethodHandler, role: str) -> grpc.RpcMethodHandler:
@@ -215,9 +264,14 @@ class Guard(grpc.ServerInterceptor):
     happen on the metadata, before the request is read: UNAUTHENTICATED for a missing or unknown
     token, PERMISSION_DENIED (naming the method, the role and the roles allowed) for a role not
     in the method's entry. The health service is open.
+
+    With ``certificate_roles`` (per-role credentials and mutual TLS), a call without a token takes
+    its role from the client certificate's URI SAN ``paramserver-role:ROLE``
+    (:func:`certificate_role`), checked before the request is read; a token, when given, wins.
     """
 
-    def __init__(self, token: str = "", job_secret: str = "") -> None:
+    def __init__(self, token: str = "", job_secret: str = "",
+                 certificate_roles: bool = False) -> None:
         self._expected: list[tuple[bytes, str | None]]
         if job_secret:
             self._expected = [(f"Bearer {derive_token(job_secret, r)}".encode(), r)
@@ -231,6 +285,7 @@ class Guard(grpc.ServerInterceptor):
                                  "metadata")
         self._wrong = _refusal(grpc.StatusCode.UNAUTHENTICATED, "wrong job token")
         self._handlers: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
+        self._certificate_roles = certificate_roles and bool(job_secret)
 
     def intercept_service(self, continuation, handler_call_details):
         """Continue to the method's handler (run under the caller's role), or refuse."""
@@ -243,7 +298,16 @@ class Guard(grpc.ServerInterceptor):
                 given = value.encode() if isinstance(value, str) else bytes(value)
                 break
         if given is None:
-            return self._missing
+            if not self._certificate_roles:
+                return self._missing
+            handler = self._handlers.get((method, ""))
+            if handler is None:
+                found_handler = continuation(handler_call_details)
+                if found_handler is None:
+                    return None
+                handler = _by_certificate(method, found_handler) or self._missing
+                self._handlers[(method, "")] = handler
+            return handler
         found, role = False, None
         for expected, name in self._expected:  # every one compared: no early exit to time
             if hmac.compare_digest(given, expected):

@@ -157,11 +157,14 @@ def make_server(threads: int, security: Security) -> grpc.Server:
 
     With a token in ``security``, every call but the health service's must carry it (else
     UNAUTHENTICATED); with a job secret, one of the role tokens derived from it, and the role
-    must be allowed the method (else PERMISSION_DENIED; see :mod:`paramserver.roles`). Both are
+    must be allowed the method (else PERMISSION_DENIED; see :mod:`paramserver.roles`); with a job
+    secret and mutual TLS, a call without a token may take its role from the client certificate
+    (URI SAN ``paramserver-role:ROLE``). All are
     refused on the metadata, before the request is read. Bind it with :func:`bind` and the same
     ``security``.
     """
-    interceptors = ([roles.Guard(security.token, security.job_secret)]
+    interceptors = ([roles.Guard(security.token, security.job_secret,
+                                 certificate_roles=security.tls_client_auth)]
                     if security.token or security.job_secret else [])
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
                                                   thread_name_prefix="ps-rpc"),

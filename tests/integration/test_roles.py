@@ -285,3 +285,46 @@ def test_the_token_command_derives_a_roles_token_for_manual_starts(secret_args, 
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "--job-secret-file" in done.stderr
     assert "--token-file" in done.stderr and SECRET not in done.stderr
+
+
+def test_with_mutual_tls_a_role_may_come_from_the_client_certificate(tmp_path, secret_args):
+    """Per-role credentials and mutual TLS: a worker whose certificate names
+    ``paramserver-role:worker`` needs no token and may do a worker's calls only; a certificate
+    naming no role, without a token, is refused as unauthenticated."""
+    from tests.integration.conftest import kill, start_node
+    from tests.integration.tls_certs import issue, make_ca
+
+    ca, ca_cert, ca_key = make_ca(tmp_path)
+    node = issue(tmp_path, "node", ca_cert, ca_key)
+    worker = issue(tmp_path, "worker", ca_cert, ca_key, uris=("paramserver-role:worker",))
+    nameless = issue(tmp_path, "nameless", ca_cert, ca_key)
+    tls = {"PARAMSERVER_TLS_CERT": str(node.cert), "PARAMSERVER_TLS_KEY": str(node.key),
+           "PARAMSERVER_TLS_CA": str(ca.cert), "PARAMSERVER_TOKEN": ""}
+    sched, info = start_node(["scheduler", "--port", "0", "--num-servers", "1",
+                              "--tls-client-auth", *secret_args], tmp_path / "s.json",
+                             tmp_path / "s.log", env=tls)
+    procs = [sched]
+    try:
+        assert "role from the certificate" in (tmp_path / "s.log").read_text()
+        server, sinfo = start_node(["server", "--scheduler", info["address"],
+                                    "--tls-client-auth", *secret_args], tmp_path / "v.json",
+                                   tmp_path / "v.log", env=tls)
+        procs.append(server)
+        with ps.connect(info["address"], token="", tls_ca=str(ca.cert),
+                        tls_cert=str(worker.cert), tls_key=str(worker.key),
+                        timeout=10.0) as client:
+            t = client.dense("w", (4,), ps.SGD(lr=1.0), init=np.arange(4.0))
+            t.push(np.ones(4, np.float32))
+            np.testing.assert_array_equal(t.pull(), np.arange(4.0) - 1)
+            with pytest.raises(ps.PermissionDeniedError,
+                               match="PrepareCut is not allowed to the worker role"):
+                client._pool.call(0, "PrepareCut", pb.PrepareCutRequest(cut=3, lease=1e9),
+                                  "attack")
+            t.push(np.ones(4, np.float32))  # the gates stayed open
+            np.testing.assert_array_equal(t.pull(), np.arange(4.0) - 2)
+        with pytest.raises(ps.AuthenticationError, match="certificate names no role"):
+            ps.connect(info["address"], token="", tls_ca=str(ca.cert),
+                       tls_cert=str(nameless.cert), tls_key=str(nameless.key), timeout=5.0)
+    finally:
+        for proc in procs:
+            kill(proc)

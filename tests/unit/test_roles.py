@@ -146,3 +146,16 @@ def test_launch_hands_the_secret_to_nodes_and_a_role_token_to_workers():
     assert worker_environment(shared, False)[TOKEN_ENV] == "tok"
     with pytest.raises(ValueError, match="not both"):
         LaunchConfig(command=["true"], token="tok", job_secret="s")
+
+
+def test_a_certificate_names_one_known_role_or_none():
+    def ctx(*uris: str) -> dict[str, list[bytes]]:
+        return {"peer_uri": [u.encode() for u in uris]}
+
+    assert roles.certificate_role(ctx("paramserver-role:reader")) == "reader"
+    assert roles.certificate_role(ctx("spiffe://x", "paramserver-role:worker")) == "worker"
+    assert roles.certificate_role(ctx()) is None
+    assert roles.certificate_role({}) is None
+    assert roles.certificate_role(ctx("paramserver-role:admin")) is None
+    assert roles.certificate_role(ctx("paramserver-role:worker",
+                                      "paramserver-role:control")) is None  # ambiguous
