@@ -19,6 +19,7 @@ from paramserver.errors import (
     InvalidRequestError,
     NodeUnavailableError,
     ParamServerError,
+    PermissionDeniedError,
     PSTimeoutError,
     ResourceExhaustedError,
     RoundClosedError,
@@ -38,6 +39,7 @@ __all__ = [
     "Scheduler", "Server", "SchedulerConfig", "ServerConfig", "ClientConfig", "Security",
     "ParamServerError", "InvalidRequestError", "NodeUnavailableError", "PSTimeoutError",
     "TableMismatchError", "TableNotFoundError", "CheckpointError", "AuthenticationError",
+    "PermissionDeniedError",
     "ResourceExhaustedError", "RoundClosedError", "load_model", "load_model_info", "EmbeddingLookup",
     "__version__",
 ]

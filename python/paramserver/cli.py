@@ -64,7 +64,9 @@ def _security(args: argparse.Namespace):
     """The node's Security from ``--token-file`` / ``--tls-*`` or their environment variables."""
     from paramserver.config import load_security
 
-    return load_security(token_file=args.token_file, tls_cert=args.tls_cert,
+    return load_security(token_file=args.token_file,
+                         job_secret_file=getattr(args, "job_secret_file", None),
+                         tls_cert=args.tls_cert,
                          tls_key=args.tls_key, tls_ca=args.tls_ca,
                          tls_client_auth=getattr(args, "tls_client_auth", False))
 
@@ -81,7 +83,7 @@ def _cmd_scheduler(args: argparse.Namespace) -> int:
                              **_cmd_scheduler_config(args))
     scheduler = Scheduler(config).start()
     print(f"scheduler listening on {scheduler.address} (expecting {config.num_servers} servers; "
-          f"{config.security})", flush=True)
+          f"protection: {config.security.protection})", flush=True)
     _write_ready(args.ready_file, address=scheduler.address)
     return _serve_until_signal(scheduler, "scheduler")
 
@@ -146,9 +148,23 @@ def _cmd_server(args: argparse.Namespace) -> int:
                           fault_drop_reply_every=args.fault_drop_reply_every,
                           transport=args.transport)
     server = Server(config).start()
-    print(f"server-{server.rank} serving on {server.address} ({config.security})", flush=True)
+    print(f"server-{server.rank} serving on {server.address} (protection: "
+          f"{config.security.protection})", flush=True)
     _write_ready(args.ready_file, address=server.address, rank=server.rank)
     return _serve_until_signal(server, f"server-{server.rank}")
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from paramserver.config import SECRET_ENV, load_security
+    from paramserver.roles import derive_token
+
+    path = args.job_secret_file or os.environ.get(SECRET_ENV, "")
+    if not path:
+        raise ValueError("no job secret: give --job-secret-file FILE (or set "
+                         f"{SECRET_ENV})")
+    security = load_security(job_secret_file=path, environ={})
+    print(derive_token(security.job_secret, args.role))
+    return 0
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
@@ -171,7 +187,9 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                           heartbeat_interval=args.heartbeat_interval,
                           heartbeat_timeout=args.heartbeat_timeout,
                           recover_grace=args.recover_grace,
-                          startup_timeout=args.startup_timeout, token=security.token,
+                          startup_timeout=args.startup_timeout,
+                          token="" if security.job_secret else security.token,
+                          job_secret=security.job_secret,
                           tls_cert=tls_path("tls_cert"), tls_key=tls_path("tls_key"),
                           tls_ca=tls_path("tls_ca"), tls_client_auth=args.tls_client_auth,
                           max_restarts=args.max_restarts, transport=args.transport,
@@ -274,8 +292,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def security_flags(p: argparse.ArgumentParser, serving: bool) -> None:
         p.add_argument("--token-file", metavar="FILE",
-                       help="file holding the job token (default: $PARAMSERVER_TOKEN; none: no "
-                            "authentication)")
+                       help="file holding this caller's token: one token for every node, or the "
+                            "token of a role (paramserver token) (default: $PARAMSERVER_TOKEN; "
+                            "none: no authentication)")
+        p.add_argument("--job-secret-file", metavar="FILE",
+                       help="file holding the job secret: control-plane nodes (scheduler, "
+                            "servers, the operator's commands) check callers' role tokens "
+                            "derived from it and call as the control role (default: the file "
+                            "named by $PARAMSERVER_JOB_SECRET_FILE; docs/operations.md)")
         p.add_argument("--tls-cert", metavar="PEM",
                        help=("this node's TLS certificate chain: serve TLS with it" if serving
                              else "client certificate, for mutual TLS") +
@@ -440,6 +464,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="how the servers' bundles are spread over nodes (default SPREAD)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the worker command, after --")
     p.set_defaults(fn=_cmd_launch)
+
+    p = sub.add_parser("token", help="print the token of a role, derived from the job secret",
+                       description="Print the token of ROLE in the job whose secret is in "
+                                   "--job-secret-file: give it to that role's processes as "
+                                   "PARAMSERVER_TOKEN or --token-file (docs/operations.md).")
+    p.add_argument("--role", required=True, choices=("control", "worker", "participant",
+                                                     "reader"),
+                   help="the role whose token to print")
+    p.add_argument("--job-secret-file", metavar="FILE",
+                   help="file holding the job secret (default: the file named by "
+                        "$PARAMSERVER_JOB_SECRET_FILE)")
+    p.set_defaults(fn=_cmd_token)
 
     p = sub.add_parser("status", help="show the nodes, tables and traffic of a job")
     p.add_argument("--scheduler", required=True, metavar="HOST:PORT")

@@ -514,16 +514,8 @@ class Client:
             delay = min(delay * 2, 0.2)
 
     def _abandon(self, name: str, error: Exception) -> None:
-        """Undo a failed initialization: drop the shards made and free the name at the
-        scheduler, so no half table stays behind (best effort: the error being raised matters
-        more)."""
-        try:
-            self._pool.on_servers({s.rank: None for s in self._pool.all()},
-                                  lambda rank, _: self._pool.call(
-                                      rank, "DropTable", pb.DropTableRequest(name=name),
-                                      f"drop table {name!r}"))
-        except ParamServerError:
-            pass
+        """Undo a failed initialization: the scheduler frees the name and drops the shards it
+        made (best effort: the error being raised matters more)."""
         try:
             self._membership.call("AbandonTable", pb.AbandonTableRequest(
                 name=name, node_id=self.node_id, reason=str(error)[:2000]),
@@ -532,26 +524,16 @@ class Client:
             pass
 
     def _initialize(self, placement: pb.TablePlacement, values: np.ndarray | None) -> None:
-        spec = placement.spec
-        if spec.kind == pb.TableSpec.EMBEDDING:  # a shard on every server; rows come on demand
-            self._pool.on_servers({s.rank: None for s in self._pool.all()},
-                                  lambda rank, _: self._pool.call(
-                                      rank, "CreateTable", pb.CreateTableRequest(spec=spec),
-                                      f"create table {spec.name!r}"))
+        # The scheduler created the shards before answering INITIALIZE (paramserver.tablectl);
+        # what is left is writing given initial values.
+        if values is None:
             return
+        spec = placement.spec
         layout = BlockLayout(int(np.prod(spec.shape)), spec.block_size,
                              tuple(placement.block_servers))
-        by_server = layout.blocks_by_server()
-
-        def create(rank: int, _: Any) -> None:
-            request = pb.CreateTableRequest(spec=spec, blocks=by_server.get(rank, []))
-            self._pool.call(rank, "CreateTable", request, f"create table {spec.name!r}")
-
-        self._pool.on_servers({rank: None for rank in by_server}, create)
-        if values is not None:
-            ref = DenseRef(spec.name, tuple(spec.shape), optimizer_from_spec(spec.optimizer),
-                           layout, by_server)
-            self._exchange(pb.ASSIGN, {spec.name: values}, {spec.name: ref}, "initialize")
+        ref = DenseRef(spec.name, tuple(spec.shape), optimizer_from_spec(spec.optimizer),
+                       layout, layout.blocks_by_server())
+        self._exchange(pb.ASSIGN, {spec.name: values}, {spec.name: ref}, "initialize")
 
     def table(self, name: str) -> DenseTable | EmbeddingTable:
         """The handle of any ready table of the job, whoever declared it (an evaluator or an

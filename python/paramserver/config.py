@@ -13,13 +13,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Security", "load_security", "TOKEN_ENV", "TLS_ENV", "SchedulerConfig", "ServerConfig",
+__all__ = ["Security", "load_security", "TOKEN_ENV", "SECRET_ENV",
+           "SECRET_VALUE_ENV", "TLS_ENV", "SchedulerConfig", "ServerConfig",
            "FederatedConfig",
            "ClientConfig", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "DEFAULT_MESSAGE_BYTES",
            "MAX_DIM", "MAX_BLOCK_SIZE", "MAX_TABLE_ELEMENTS", "MAX_NAME_BYTES"]
 
 #: The environment variable holding the job token (set by ``paramserver launch`` for its children).
 TOKEN_ENV = "PARAMSERVER_TOKEN"
+#: The environment variable holding the path of the job secret file (control-plane nodes only).
+SECRET_ENV = "PARAMSERVER_JOB_SECRET_FILE"
+#: The environment variable holding the job secret itself (set by ``paramserver launch`` for the
+#: scheduler and servers it starts; a file, :data:`SECRET_ENV`, is preferred by hand).
+SECRET_VALUE_ENV = "PARAMSERVER_JOB_SECRET"
 
 #: Largest default dense block: 256Ki float32 = 1 MiB, two to a ~2 MiB message.
 DEFAULT_BLOCK_SIZE = 256 * 1024
@@ -52,9 +58,14 @@ class Security:
     only receive it. Secrets never appear in ``repr``.
 
     Attributes:
-        token: the job token. Incoming calls must carry ``authorization: Bearer <token>`` (else
-            UNAUTHENTICATED; the health service stays open) and outgoing calls carry it. Empty:
-            no authentication. Printable ASCII without spaces (it travels as gRPC metadata).
+        token: the token this node's calls carry (``authorization: Bearer <token>``). Without
+            ``job_secret`` it is also the one token incoming calls must carry (else
+            UNAUTHENTICATED; the health service stays open), allowed every method. Empty: no
+            authentication. Printable ASCII without spaces (it travels as gRPC metadata).
+        job_secret: the job secret of a control-plane node (scheduler, server, the operator's
+            control commands): incoming calls must carry one of the four role tokens derived
+            from it and may call what their role allows (``paramserver.roles``); ``token``
+            defaults to the control token. Never sent anywhere.
         tls_cert: PEM certificate chain of this node. A scheduler or server serves TLS with it;
             as a caller, the node presents it when the peer asks for a client certificate.
         tls_key: PEM private key of ``tls_cert``.
@@ -66,6 +77,7 @@ class Security:
     """
 
     token: str = field(default="", repr=False)
+    job_secret: str = field(default="", repr=False)
     tls_cert: bytes = field(default=b"", repr=False)
     tls_key: bytes = field(default=b"", repr=False)
     tls_ca: bytes = field(default=b"", repr=False)
@@ -78,6 +90,11 @@ class Security:
         if bad is not None:  # never echo the token itself
             raise ValueError(f"the job token must be printable ASCII without spaces (it travels "
                              f"as gRPC metadata); character {bad} of {len(self.token)} is not")
+        if not isinstance(self.job_secret, str):
+            raise TypeError(f"job_secret must be a str, got {type(self.job_secret).__name__}")
+        if self.job_secret and not self.token:
+            from paramserver.roles import CONTROL, derive_token
+            object.__setattr__(self, "token", derive_token(self.job_secret, CONTROL))
         for name in ("tls_cert", "tls_key", "tls_ca"):
             if not isinstance(getattr(self, name), bytes):
                 raise TypeError(f"{name} must be PEM bytes, got "
@@ -95,8 +112,17 @@ class Security:
         """True if this node's outgoing calls use TLS (a CA or a certificate is set)."""
         return bool(self.tls_ca or self.tls_cert)
 
+    @property
+    def protection(self) -> str:
+        """How incoming calls are checked: ``none``, ``one token for all roles`` or ``per-role
+        credentials``, with ``+ TLS`` / ``+ mutual TLS`` (logged by every node at start)."""
+        from paramserver.roles import protection
+        return protection(self.token, self.job_secret, bool(self.tls_cert),
+                          self.tls_client_auth)
+
     def __str__(self) -> str:
-        parts = ["token" if self.token else "no token"]
+        parts = ["per-role credentials" if self.job_secret
+                 else "token" if self.token else "no token"]
         if self.tls_cert:
             parts.append("mutual TLS" if self.tls_client_auth else "TLS")
         elif self.tls_ca:
@@ -120,7 +146,19 @@ def _read_pem(path: str | os.PathLike[str], what: str) -> bytes:
     return data
 
 
+def _read_secret(path: str | os.PathLike[str], what: str) -> str:
+    try:
+        text = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {what} file {os.fspath(path)}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not text:
+        raise ValueError(f"{what} file {os.fspath(path)} is empty")
+    return text
+
+
 def load_security(*, token: str | None = None, token_file: str | os.PathLike[str] | None = None,
+                  job_secret_file: str | os.PathLike[str] | None = None,
                   tls_cert: str | os.PathLike[str] | None = None,
                   tls_key: str | os.PathLike[str] | None = None,
                   tls_ca: str | os.PathLike[str] | None = None, tls_client_auth: bool = False,
@@ -129,6 +167,10 @@ def load_security(*, token: str | None = None, token_file: str | os.PathLike[str
 
     The token is ``token`` if given, else the contents of ``token_file`` (surrounding whitespace
     stripped), else ``$PARAMSERVER_TOKEN`` from ``environ`` (default ``os.environ``), else none.
+    The job secret is the contents of ``job_secret_file``, else of the file named by
+    ``$PARAMSERVER_JOB_SECRET_FILE``, else ``$PARAMSERVER_JOB_SECRET``, else none; with a job secret the token is the control
+    token derived from it (``$PARAMSERVER_TOKEN`` is then ignored; an explicit token or token
+    file as well is an error).
     Each TLS file is the path given, else the path in ``$PARAMSERVER_TLS_CERT`` /
     ``$PARAMSERVER_TLS_KEY`` / ``$PARAMSERVER_TLS_CA``, else none; files are read here.
 
@@ -137,6 +179,18 @@ def load_security(*, token: str | None = None, token_file: str | os.PathLike[str
             ASCII; a certificate without its key (or the reverse).
     """
     environ = os.environ if environ is None else environ
+    secret = ""
+    secret_path = job_secret_file if job_secret_file is not None else environ.get(SECRET_ENV, "")
+    if secret_path:
+        secret = _read_secret(secret_path, "job secret")
+    elif job_secret_file is None:
+        secret = environ.get(SECRET_VALUE_ENV, "").strip()
+    if secret:
+        if token is not None or token_file is not None:
+            raise ValueError("give either the job secret (--job-secret-file) or a token "
+                             "(--token-file), not both: a node with the job secret derives its "
+                             "token")
+        token = ""
     if token is None and token_file is not None:
         try:
             token = Path(token_file).read_text().strip()
@@ -152,7 +206,7 @@ def load_security(*, token: str | None = None, token_file: str | os.PathLike[str
                               ("tls_key", tls_key, "TLS key"), ("tls_ca", tls_ca, "TLS CA")):
         paths[name] = given if given is not None else environ.get(TLS_ENV[name], "")
         pem[name] = _read_pem(paths[name], what) if paths[name] else b""
-    security = Security(token=token, tls_client_auth=tls_client_auth, **pem)
+    security = Security(token=token, job_secret=secret, tls_client_auth=tls_client_auth, **pem)
     # Check the files with Python's ssl now: gRPC reports a bad pair only at the first handshake.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:

@@ -18,6 +18,7 @@ __all__ = [
     "ResourceExhaustedError",
     "StepFailedError",
     "RoundClosedError",
+    "PermissionDeniedError",
 ]
 
 
@@ -59,6 +60,12 @@ class AuthenticationError(ParamServerError, PermissionError):
 
     Give the job's token with ``PARAMSERVER_TOKEN``, ``--token-file`` or ``connect(token=...)``.
     """
+
+
+class PermissionDeniedError(AuthenticationError):
+    """A scheduler or server refused a call its caller's role may not make (PERMISSION_DENIED):
+    the message names the method or operation, the caller's role and the roles allowed
+    (``paramserver.roles``). Nothing changed."""
 
 
 class ResourceExhaustedError(ParamServerError, MemoryError):

@@ -1,9 +1,13 @@
 """``paramserver launch``: a whole job on this machine — a scheduler, N servers and W workers.
 
 Each worker runs the user's command with ``PARAMSERVER_SCHEDULER``, ``PARAMSERVER_RANK`` and
-``PARAMSERVER_NUM_WORKERS`` in its environment. Every process gets the job token in
-``PARAMSERVER_TOKEN``: the one given, or a random one made for this job, so a local job is
-protected without any flag. TLS files are handed over by path in ``PARAMSERVER_TLS_CERT``,
+``PARAMSERVER_NUM_WORKERS`` in its environment. Every job is protected without any flag: by
+default the launcher makes a job secret for it (or takes ``--job-secret-file``'s), hands it to the
+scheduler and servers only (``PARAMSERVER_JOB_SECRET``), and gives each worker only the token of
+its role in ``PARAMSERVER_TOKEN`` (``worker``, or ``participant`` in a federated job; see
+:mod:`paramserver.roles`); the launcher's own calls (the final checkpoint) are control calls.
+With a token given instead (``--token-file`` / ``PARAMSERVER_TOKEN``), every process gets that
+one token, allowed everything (the mode before roles). TLS files are handed over by path in ``PARAMSERVER_TLS_CERT``,
 ``PARAMSERVER_TLS_KEY`` and ``PARAMSERVER_TLS_CA``: the scheduler and servers serve TLS with them,
 and every process verifies its peers with them. Every line a process prints is prefixed with its
 role and rank. The launcher exits with the first failing worker's exit code (0 when all succeed),
@@ -40,10 +44,20 @@ from pathlib import Path
 from typing import IO
 
 from paramserver import shm
-from paramserver.config import TLS_ENV, TOKEN_ENV, FederatedConfig, Security, load_security
+from paramserver import roles
+from paramserver.config import (
+    SECRET_ENV,
+    SECRET_VALUE_ENV,
+    TLS_ENV,
+    TOKEN_ENV,
+    FederatedConfig,
+    Security,
+    load_security,
+)
 from paramserver.rpc import MALLOC_ENV
 
 __all__ = ["LaunchConfig", "LaunchError", "launch", "run_job", "job_environment",
+           "worker_environment",
            "process_environment", "node_command", "line_writer"]
 
 
@@ -76,7 +90,10 @@ class LaunchConfig:
             checkpoint; a restarted scheduler continues from the state it keeps in the
             checkpoint directory (so restarting it needs ``checkpoint_dir``); a restarted worker
             runs the command again with its rank.
-        token: the job token handed to every process; empty: a random token made for this job.
+        token: one token handed to every process and allowed everything; empty: per-role
+            credentials derived from ``job_secret``.
+        job_secret: the job secret (control plane only); empty: a random one made for this job
+            (unless ``token`` is given).
         tls_cert / tls_key: paths of the PEM certificate and key the scheduler and servers serve
             TLS with (also presented by every process for mutual TLS); "" for none.
         tls_ca: path of the PEM CA certificates every process verifies its peers with.
@@ -111,6 +128,7 @@ class LaunchConfig:
     final_checkpoint_timeout: float = 120.0
     max_restarts: int = 0
     token: str = field(default="", repr=False)
+    job_secret: str = field(default="", repr=False)
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
@@ -139,6 +157,9 @@ class LaunchConfig:
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
         Security(token=self.token)  # raises ValueError on a token gRPC metadata cannot carry
+        if self.token and self.job_secret:
+            raise ValueError("give either a job token (one token for every process) or a job "
+                             "secret (per-role credentials), not both")
 
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -359,15 +380,34 @@ class _Proc:
 
 
 def job_environment(config: LaunchConfig) -> dict[str, str]:
-    """The variables every process of the job gets on top of its machine's environment:
-    ``config.env``, the job token (the one given, or a random one made here) and the TLS paths."""
+    """The variables the scheduler and servers get on top of their machine's environment:
+    ``config.env``, the TLS paths and the job's credential: the one token given
+    (``PARAMSERVER_TOKEN``), else the job secret (``PARAMSERVER_JOB_SECRET``: the one given, or a
+    random one made here). Workers get :func:`worker_environment` of it."""
     env = dict(config.env)
     if config.transport == "grpc":
         env["PARAMSERVER_TRANSPORT"] = "grpc"
-    # The token travels by environment, never on a command line (visible to every user in ps).
-    env[TOKEN_ENV] = config.token or secrets.token_urlsafe(32)
+    # Credentials travel by environment, never on a command line (visible to every user in ps).
+    # Set even when empty: they override what the launcher's own environment may hold.
+    env[SECRET_ENV] = ""
+    env[TOKEN_ENV] = config.token
+    env[SECRET_VALUE_ENV] = "" if config.token else (config.job_secret
+                                                      or secrets.token_urlsafe(32))
     for name, variable in TLS_ENV.items():
         env[variable] = getattr(config, name)
+    return env
+
+
+def worker_environment(job_env: dict[str, str], federated: bool) -> dict[str, str]:
+    """``job_env`` for a worker: without the job secret, with the token of its role
+    (``participant`` in a federated job, else ``worker``) in ``PARAMSERVER_TOKEN``. With one
+    token for the job, ``job_env`` as it is."""
+    env = dict(job_env)
+    secret = env.get(SECRET_VALUE_ENV, "")
+    env[SECRET_VALUE_ENV] = env[SECRET_ENV] = ""  # never to a worker
+    if secret:
+        env[TOKEN_ENV] = roles.derive_token(secret, roles.PARTICIPANT if federated
+                                            else roles.WORKER)
     return env
 
 
@@ -493,10 +533,11 @@ def run_job(config: LaunchConfig, spawner, say: Callable[[str], None]) -> int:
     process with ``spawner.stop`` before returning."""
     client_auth = ["--tls-client-auth"] if config.tls_client_auth else []
     job_env = job_environment(config)
-    # The launcher's own calls (the final checkpoint) carry the job's token and TLS settings.
-    security = load_security(token=job_env[TOKEN_ENV], tls_cert=config.tls_cert or None,
+    # The launcher's own calls (the final checkpoint) are control calls: the job's token or the
+    # control token of its secret, and its TLS settings.
+    security = load_security(tls_cert=config.tls_cert or None,
                              tls_key=config.tls_key or None, tls_ca=config.tls_ca or None,
-                             environ={})
+                             environ={k: job_env[k] for k in (TOKEN_ENV, SECRET_VALUE_ENV)})
     received: list[int] = []
 
     def interrupt(signum: int, frame: object) -> None:
@@ -613,7 +654,8 @@ class _Job:
 
     def start_worker(self, rank: int, restart: bool = False) -> None:
         """Run the worker command as ``rank`` (again, after it died, with ``restart``)."""
-        env = dict(self._env, PARAMSERVER_SCHEDULER=self.scheduler, PARAMSERVER_RANK=str(rank),
+        env = dict(worker_environment(self._env, self.config.federated is not None),
+                   PARAMSERVER_SCHEDULER=self.scheduler, PARAMSERVER_RANK=str(rank),
                    PARAMSERVER_NUM_WORKERS=str(self.config.num_workers))
         if restart:
             env["PARAMSERVER_REPLACE"] = "1"

@@ -27,6 +27,11 @@ Checkpoints across nodes: every server writes its files into the checkpoint dire
 scheduler its manifest, so ``checkpoint_dir`` must be storage that every node mounts at the same
 path (NFS, a cluster file system); so must TLS files given by path. A restarted server reads the
 checkpoint there, from whatever node it now runs on.
+
+Credentials are handed out as by ``paramserver launch`` (:func:`paramserver.launch.run_job`): the
+job secret travels (in the actor's call, then the process environment) to the scheduler's and
+servers' actors only; a worker's actor gets the token of its role (``worker``, or ``participant``
+in a federated job) and never the secret.
 """
 
 from __future__ import annotations
@@ -620,7 +625,7 @@ def launch(train_fn: Callable[..., Any], num_servers: int = 1, num_workers: int 
     ``num_servers`` servers on a Ray cluster; return the workers' return values by rank.
 
     Each worker is a process of its own, started by a Ray actor, with ``PARAMSERVER_SCHEDULER``,
-    ``PARAMSERVER_RANK``, ``PARAMSERVER_NUM_WORKERS`` and the job token set, so
+    ``PARAMSERVER_RANK``, ``PARAMSERVER_NUM_WORKERS`` and its role's token set, so
     ``paramserver.connect()`` in ``train_fn`` joins the job. ``train_fn``, its arguments and its
     return value travel with Ray's pickler (cloudpickle). Blocks until the job ends; output
     lines are written to ``out`` (default stdout) behind ``[worker N]``, ``[server N]``,
@@ -636,6 +641,7 @@ def launch(train_fn: Callable[..., Any], num_servers: int = 1, num_workers: int 
         launch_options: any other field of :class:`paramserver.launch.LaunchConfig`:
             ``checkpoint_dir`` (storage every node mounts), ``checkpoint_every``,
             ``max_restarts``, ``resume``, ``sync``, ``on_worker_failure``, ``token``,
+            ``job_secret``,
             ``heartbeat_interval``, ``heartbeat_timeout``, ``startup_timeout``, ``grace``...
 
     Raises:

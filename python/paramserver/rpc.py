@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
-import hmac
 import ipaddress
 import logging
 import os
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from paramserver import errors
+from paramserver import errors, roles
 from paramserver.config import Security
 from paramserver.errors import (
     AuthenticationError,
@@ -35,6 +34,7 @@ from paramserver.errors import (
     InvalidRequestError,
     NodeUnavailableError,
     ParamServerError,
+    PermissionDeniedError,
     PSTimeoutError,
     ResourceExhaustedError,
     TableMismatchError,
@@ -64,9 +64,6 @@ _SERVER_OPTIONS = _OPTIONS + [("grpc.so_reuseport", 0)]
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-
-#: Methods open without a token: load balancers and orchestrators probe health anonymously.
-_OPEN_PREFIX = "/grpc.health.v1.Health/"
 
 _MALLOC_TUNED = False
 
@@ -135,38 +132,6 @@ class _AttachToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return continuation(self._details(client_call_details), request)
 
 
-class _CheckToken(grpc.ServerInterceptor):
-    """Refuses every call but the health service's unless it carries the job token.
-
-    The comparison is constant-time (``hmac.compare_digest``), so timing does not reveal how much
-    of a guess was right.
-    """
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-        def refuse(why: str) -> grpc.RpcMethodHandler:
-            def handler(request: Any, context: grpc.ServicerContext) -> None:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-            return grpc.unary_unary_rpc_method_handler(handler)
-
-        self._missing = refuse("no job token: the call carried no 'authorization: Bearer' "
-                               "metadata")
-        self._wrong = refuse("wrong job token")
-
-    def intercept_service(self, continuation, handler_call_details):
-        """Continue to the method's handler if the token matches, else a refusing handler."""
-        if handler_call_details.method.startswith(_OPEN_PREFIX):
-            return continuation(handler_call_details)
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                if hmac.compare_digest(given, self._expected):
-                    return continuation(handler_call_details)
-                return self._wrong
-        return self._missing
-
-
 def make_channel(address: str, security: Security) -> grpc.Channel:
     """A channel to ``host:port`` with paramserver's message-size limits that attaches the job
     token of ``security`` (if any) to every call.
@@ -191,9 +156,16 @@ def make_server(threads: int, security: Security) -> grpc.Server:
     """A thread-pool gRPC server with paramserver's limits; ``threads`` concurrent handlers.
 
     With a token in ``security``, every call but the health service's must carry it (else
-    UNAUTHENTICATED). Bind it with :func:`bind` and the same ``security``.
+    UNAUTHENTICATED); with a job secret, one of the role tokens derived from it, and the role
+    must be allowed the method (else PERMISSION_DENIED; see :mod:`paramserver.roles`); with a job
+    secret and mutual TLS, a call without a token may take its role from the client certificate
+    (URI SAN ``paramserver-role:ROLE``). All are
+    refused on the metadata, before the request is read. Bind it with :func:`bind` and the same
+    ``security``.
     """
-    interceptors = [_CheckToken(security.token)] if security.token else []
+    interceptors = ([roles.Guard(security.token, security.job_secret,
+                                 certificate_roles=security.tls_client_auth)]
+                    if security.token or security.job_secret else [])
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
                                                   thread_name_prefix="ps-rpc"),
                        interceptors=interceptors, options=_SERVER_OPTIONS,
@@ -288,6 +260,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ParamServerError]] = {
     grpc.StatusCode.UNAVAILABLE: NodeUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: PSTimeoutError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
 }
 
@@ -346,6 +319,9 @@ def translate(error: grpc.RpcError, what: str, node: str, address: str) -> Param
         return cls(f"{what} on {node} at {address} failed: authentication failed ({details}); "
                    f"give the job's token with PARAMSERVER_TOKEN, --token-file or "
                    f"connect(token=...)")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return cls(f"{what} on {node} at {address} failed: permission denied ({details}); the "
+                   f"token given is of a role that may not do this (paramserver.roles)")
     return cls(f"{what} on {node} at {address} failed: {details}")
 
 
@@ -363,7 +339,8 @@ def abort_on(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
 
     ``ValueError``/``TypeError`` -> INVALID_ARGUMENT, ``IndexError`` -> OUT_OF_RANGE,
     :class:`TableNotFoundError` -> NOT_FOUND, :class:`TableMismatchError` -> ALREADY_EXISTS,
-    :class:`PSTimeoutError` -> DEADLINE_EXCEEDED, :class:`ResourceExhaustedError` ->
+    :class:`PSTimeoutError` -> DEADLINE_EXCEEDED, :class:`PermissionDeniedError` ->
+    PERMISSION_DENIED, :class:`ResourceExhaustedError` ->
     RESOURCE_EXHAUSTED, :class:`CheckpointError`, :class:`StepFailedError` and
     :class:`RoundClosedError` -> FAILED_PRECONDITION
     (named in the ``ps-error``
@@ -372,6 +349,8 @@ def abort_on(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
     """
     try:
         return fn()
+    except PermissionDeniedError as exc:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, bounded(str(exc)))
     except (CheckpointError, errors.StepFailedError, errors.RoundClosedError) as exc:
         context.set_trailing_metadata(((_ERROR_KEY, type(exc).__name__),))
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, bounded(str(exc)))

@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import json_format
 
 from paramserver import checkpoint as ckpt
-from paramserver import initial, nodestate, rpc
+from paramserver import initial, nodestate, roles, rpc, tablectl
 from paramserver.config import DEFAULT_BLOCK_SIZE, SchedulerConfig
 from paramserver.coordinator import CheckpointCoordinator
 from paramserver.errors import (
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Owner of a table being loaded from a checkpoint (not a node: never taken over).
 _RESTORE = "(checkpoint restore)"
+#: Owner of an abandoned table while its shards are dropped: a new declaration waits, so the drop
+#: cannot remove the shards of the next initialization of that name.
+_DROPPING = "(being dropped)"
 #: The scheduler's own state, kept in the checkpoint directory for --recover.
 _STATE_FILE = "scheduler-state.json"
 #: Refused before any placement work: 2^40 float32 with Adam state is 13 TB.
@@ -450,6 +453,10 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
 
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
         def run() -> pb.CheckpointReply:
+            if request.dir:  # servers write under a directory the caller picks: not a reader's
+                roles.require(roles.WRITERS, "a checkpoint into a directory of the caller's "
+                                             "choosing (a reader may checkpoint into the job's "
+                                             "own checkpoint directory only)")
             metadata = None
             if request.metadata_json:
                 try:
@@ -495,8 +502,10 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     def _register(self, request: pb.RegisterRequest) -> pb.RegisterReply:
         if request.role not in _ROLE_NAMES:
             raise ValueError(f"cannot register role {request.role}; expected SERVER or WORKER")
-        if request.role == pb.SERVER and not request.address:
-            raise ValueError("a server must register with the address it serves on")
+        if request.role == pb.SERVER:
+            roles.require(roles.CONTROL_ONLY, "registering as a server")
+            if not request.address:
+                raise ValueError("a server must register with the address it serves on")
         now = time.monotonic()
         with self._cond:
             if request.role == pb.WORKER and request.num_workers > 0:
@@ -656,9 +665,16 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             self._view_version += 1
             self._cond.notify_all()
 
+    @staticmethod
+    def _speaks_for(node: _Node | None, context: grpc.ServicerContext, what: str) -> None:
+        """Only the control plane speaks for a server (its heartbeats, its departure)."""
+        if node is not None and node.role == pb.SERVER:
+            rpc.abort_on(context, lambda: roles.require(roles.CONTROL_ONLY, what))
+
     def Deregister(self, request: pb.DeregisterRequest, context: grpc.ServicerContext) -> pb.DeregisterReply:
         with self._cond:
             node = self._nodes.get(request.node_id)
+            self._speaks_for(node, context, "deregistering a server")
             if node is not None and (not request.incarnation
                                      or request.incarnation == node.incarnation):
                 node.left = True
@@ -671,6 +687,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         with self._cond:
             node = self._nodes.get(request.node_id)
+            self._speaks_for(node, context, "a server's heartbeat")
             if node is not None and request.incarnation and request.incarnation != node.incarnation:
                 return pb.HeartbeatReply(known=True, superseded=True)  # fenced: changes nothing
             if node is None or node.left:
@@ -715,7 +732,18 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
     # -- tables --------------------------------------------------------------------------------
 
     def DeclareTable(self, request: pb.DeclareTableRequest, context: grpc.ServicerContext) -> pb.DeclareTableReply:
-        return rpc.abort_on(context, lambda: self._declare(request))
+        def run() -> pb.DeclareTableReply:
+            reply = self._declare(request)
+            if reply.action == pb.DeclareTableReply.INITIALIZE:
+                # The shards are created here, with the control credential (paramserver.tablectl).
+                try:
+                    tablectl.create_shards(self.checkpoints.on_servers, reply.placement,
+                                           self._live_servers())
+                except ParamServerError as exc:
+                    self._abandon(request.spec.name, request.node_id, str(exc))
+                    raise
+            return reply
+        return rpc.abort_on(context, run)
 
     @staticmethod
     def _check_spec(spec: pb.TableSpec) -> None:
@@ -783,7 +811,7 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
                 raise CheckpointError(f"table {spec.name!r}: {table.error}")
             if table.ready:
                 action = pb.DeclareTableReply.ATTACH
-            elif table.owner == _RESTORE:
+            elif table.owner in (_RESTORE, _DROPPING):
                 action = pb.DeclareTableReply.WAIT
             elif table.owner == request.node_id:
                 action = pb.DeclareTableReply.INITIALIZE
@@ -823,15 +851,27 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         return pb.TableReadyReply()
 
     def AbandonTable(self, request: pb.AbandonTableRequest, context: grpc.ServicerContext) -> pb.AbandonTableReply:
-        with self._cond:
-            table = self._tables.get(request.name)
-            if table is not None and not table.ready and table.owner == request.node_id:
-                del self._tables[request.name]
-                self._unload(table.placement)
-                log.warning("table %r abandoned by %s: %s", request.name, request.node_id,
-                            request.reason[:500])
-                self._cond.notify_all()
+        self._abandon(request.name, request.node_id, request.reason)
         return pb.AbandonTableReply()
+
+    def _abandon(self, name: str, node_id: str, reason: str) -> None:
+        """Forget a table whose initialization by ``node_id`` failed and drop its shards on the
+        servers (best effort: a failed drop is logged)."""
+        with self._cond:
+            table = self._tables.get(name)
+            if table is None or table.ready or table.owner != node_id:
+                return
+            table.owner = _DROPPING
+            log.warning("table %r abandoned by %s: %s", name, node_id, reason[:500])
+        try:
+            tablectl.drop_shards(self.checkpoints.on_servers, name, self._live_servers())
+        except ParamServerError as exc:
+            log.warning("dropping the shards of abandoned table %r: %s", name, exc)
+        finally:
+            with self._cond:
+                del self._tables[name]
+                self._unload(table.placement)
+                self._cond.notify_all()
 
     # -- barriers ------------------------------------------------------------------------------
 
@@ -953,6 +993,8 @@ class Scheduler:
         periodic checkpoints if configured."""
         self._server.start()
         self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)
+        log.info("scheduler serving on %s (protection: %s)", self.address,
+                 self.config.security.protection)
         if self.config.checkpoint_every > 0:
             self._service.checkpoints.start_periodic(self.config.checkpoint_every)
         if self._service.rounds is not None:

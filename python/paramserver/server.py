@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from paramserver import _core, rpc, shm
+from paramserver import _core, roles, rpc, shm
 from paramserver.checkpoint import CheckpointError
 from paramserver.config import (
     MAX_BLOCK_SIZE,
@@ -191,6 +191,9 @@ class _Shards:
         #: Asks the scheduler whether it placed a table here as requested (set once registered;
         #: None for a shard set without a scheduler, as in unit tests).
         self.placed: Callable[[pb.TableSpec, tuple[int, ...]], None] | None = None
+        #: ``ready(name)``: whether the scheduler lists table ``name`` as ready (set by Server).
+        self.ready: Callable[[str], bool] | None = None
+        self.seen_ready: set[str] = set()
         #: The steps of a synchronous job (None: asynchronous); set once registered.
         self.steps: StepEngine | None = None
         #: The federated rounds as this server sees them (used only in a federated job).
@@ -447,6 +450,8 @@ class _Shards:
         if self.restoring is not None:
             raise NodeUnavailableError(f"{self.node} is {self.restoring}")
         request = decode_request(message)
+        if request.op in roles.WRITE_OPS and roles.caller() is not None:
+            roles.check_data_op(request.op, lambda: self._any_ready(request))
         tag = request.op_tag
         if request.op not in (pb.PUSH, pb.PUSH_PULL, pb.ASSIGN) or tag is None or not tag.client:
             return self.handle(request, into)
@@ -469,6 +474,16 @@ class _Shards:
                 raise ReplyLost(f"{self.node}: reply of operation {tag.seq} part {request.part} "
                                 f"dropped after applying it (fault injection)")
         return reply
+
+    def _any_ready(self, request: pb.DataRequest | RequestView) -> bool:
+        """Whether a table the request writes is initialized (ready at the scheduler): a
+        participant may ASSIGN only to tables still being initialized. A table seen ready stays
+        so (remembered); one not yet ready is asked again at each such ASSIGN."""
+        names = {s.table for s in request.dense} | {s.table for s in request.sparse}
+        for name in names - self.seen_ready:
+            if self.ready is None or self.ready(name):
+                self.seen_ready.add(name)
+        return bool(names & self.seen_ready)
 
     def handle(self, request: pb.DataRequest | RequestView, into: memoryview | None = None
                ) -> bytes | int:
@@ -860,6 +875,7 @@ class Server:
             raise
         self._shards.placed = self._check_placed
         self._shards.gate.ask_gone = self._gone_clients
+        self._shards.ready = self._table_ready
         if self._membership.reply.restoring:
             self._shards.begin_restore()
         self.rank = self._membership.rank
@@ -878,7 +894,8 @@ class Server:
             engine.set_members(list(reply.sync_members), restarted=reply.restoring)
             self._shards.steps = engine
         self._health.set("", rpc.health_pb2.HealthCheckResponse.SERVING)
-        log.info("server-%d serving on %s", self.rank, self.address)
+        log.info("server-%d serving on %s (protection: %s)", self.rank, self.address,
+                 self.config.security.protection)
         return self
 
     def stats(self) -> pb.ServerStats:
@@ -911,6 +928,11 @@ class Server:
         for their missing messages; see paramserver.cut)."""
         assert self._membership is not None
         return gone_clients(self._membership.cluster(timeout=2.0), clients)
+    def _table_ready(self, name: str) -> bool:
+        """Whether the scheduler lists table ``name`` as ready (initialized)."""
+        assert self._membership is not None
+        return bool(self._membership.call("ListTables", pb.ListTablesRequest(name=name),
+                                          what=f"check table {name!r}").tables)
 
     def _superseded(self) -> None:
         # A newer incarnation holds this rank: stop serving (from another thread: this is called

@@ -1,8 +1,8 @@
 """The Kubernetes manifests of deploy/kubernetes, run: each pod (the scheduler, 2 servers, 2
 workers) is a process in a network namespace of its own, started as the kubelet starts its
 container: the manifest's command line with ``$(VAR)`` expanded from the container's environment
-(the pod IP, the StatefulSet ordinal and the Job completion index filled in, the token from the
-"Secret"), the scheduler's Service name resolving to the scheduler pod, and the claim's mount path
+(the pod IP, the StatefulSet ordinal and the Job completion index filled in, the job secret and
+the worker token from their "Secrets"), the scheduler's Service name resolving to the scheduler pod, and the claim's mount path
 mapped to one directory shared by the pods. No cluster is needed; what Kubernetes itself does
 (scheduling, probes, restarts) is not exercised.
 
@@ -24,13 +24,20 @@ from pathlib import Path
 
 import pytest
 
+from paramserver.roles import derive_token
 from tests import kubernetes as kube
 from tests.conftest import wait_for
 from tests.integration import netns
 
 pytest.importorskip("yaml", reason="PyYAML is part of the test extra")
 
-TOKEN = "kubernetes-test-token-1c9e"
+SECRET = "kubernetes-test-secret-1c9e"
+#: The worker role's token (what the paramserver-worker-token Secret holds); the operator's
+#: status and checkpoint calls below use it too (a worker may ask for both).
+TOKEN = derive_token(SECRET, "worker")
+#: The value of each Secret the manifests name.
+SECRETS = {("paramserver-job-secret", "secret"): SECRET,
+           ("paramserver-worker-token", "token"): TOKEN}
 #: A gRPC readiness probe, as the kubelet makes it: Health/Check of service "" at argv[1].
 PROBE = r"""
 import sys, grpc
@@ -75,8 +82,7 @@ class _Pods:
                 values[name] = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
             else:
                 ref = entry["valueFrom"]["secretKeyRef"]
-                assert (ref["name"], ref["key"]) == ("paramserver-token", "token")
-                values[name] = TOKEN
+                values[name] = SECRETS[(ref["name"], ref["key"])]
         argv = kube.argv(container, values)
         for mount in container.get("volumeMounts", []):
             argv = [a.replace(mount["mountPath"], str(self.volume)) for a in argv]

@@ -86,10 +86,11 @@ def _processes(match) -> list[psutil.Process]:
 
 
 def _job_processes(token: str) -> list[psutil.Process]:
-    """Processes of the job whose token is ``token`` (every process of a job has it in its
-    environment), and any actor's watchdog (its temporary directory is ``paramserver-ray-*``)."""
+    """Processes of the job whose token or job secret is ``token`` (every process of a job has
+    it in its environment), and any actor's watchdog (its temporary directory is ``paramserver-ray-*``)."""
     return _processes(lambda cmd, env: "paramserver-ray-" in cmd if env is None
-                      else env.get("PARAMSERVER_TOKEN") == token)
+                      else token in (env.get("PARAMSERVER_TOKEN"),
+                                     env.get("PARAMSERVER_JOB_SECRET")))
 
 
 def _assert_nothing_left(token: str) -> None:
@@ -220,6 +221,44 @@ def _exit_on_rank_1() -> None:
         if client.rank == 1:
             raise SystemExit(4)
         time.sleep(120)  # until the launcher stops the job
+
+
+def _roles_probe() -> dict:
+    import os
+
+    import numpy as np
+
+    import paramserver as ps
+    from paramserver.v1 import paramserver_pb2 as pb
+
+    with ps.connect(timeout=60) as client:
+        try:
+            client._pool.call(0, "PrepareCut", pb.PrepareCutRequest(cut=5, lease=1e9), "attack")
+            denied = ""
+        except ps.PermissionDeniedError as exc:
+            denied = str(exc)
+        table = client.dense("w", (2,), ps.SGD(lr=1.0))
+        table.push(np.ones(2, np.float32))
+        return {"token": os.environ.get("PARAMSERVER_TOKEN", ""),
+                "secret": os.environ.get("PARAMSERVER_JOB_SECRET", ""),
+                "secret_file": os.environ.get("PARAMSERVER_JOB_SECRET_FILE", ""),
+                "denied": denied, "values": table.pull().tolist()}
+
+
+def test_ray_gives_the_secret_to_the_control_plane_and_workers_their_role_token(cluster):
+    from paramserver.roles import derive_token
+
+    secret = "job-ray-secret-5e1f"
+    out = io.StringIO()
+    [result] = psray.launch(_roles_probe, 2, 1, options=SERVERS_APART, out=out,
+                            job_secret=secret, **FAST)
+    assert result["token"] == derive_token(secret, "worker")
+    assert result["secret"] == result["secret_file"] == ""
+    assert "PrepareCut is not allowed to the worker role (allowed: control)" in result["denied"]
+    assert result["values"] == [-1.0, -1.0]
+    assert "protection: per-role credentials (job secret)" in out.getvalue()
+    _assert_nothing_left(secret)
+    _assert_nothing_left(result["token"])
 
 
 def test_a_failing_worker_raises_from_python_naming_it(cluster):

@@ -53,9 +53,10 @@ def make_ca(directory: Path, name: str = "paramserver test CA") -> tuple[Pair, x
 
 
 def issue(directory: Path, stem: str, ca_cert: x509.Certificate,
-          ca_key: ec.EllipticCurvePrivateKey, ips: tuple[str, ...] = ("127.0.0.1",)) -> Pair:
+          ca_key: ec.EllipticCurvePrivateKey, ips: tuple[str, ...] = ("127.0.0.1",),
+          uris: tuple[str, ...] = ()) -> Pair:
     """A certificate for ``localhost`` and ``ips`` (127.0.0.1 by default), usable by a server and
-    as a client's."""
+    as a client's; ``uris`` are added as URI subject alternative names."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(_name(stem)).issuer_name(ca_cert.subject)
@@ -64,7 +65,8 @@ def issue(directory: Path, stem: str, ca_cert: x509.Certificate,
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName(
                 [x509.DNSName("localhost")]
-                + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), critical=False)
+                + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+                + [x509.UniformResourceIdentifier(uri) for uri in uris]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)

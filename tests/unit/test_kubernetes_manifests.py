@@ -1,7 +1,7 @@
 """The Kubernetes manifests (deploy/kubernetes) agree with the code and with each other: every
 flag parses with the real command line, every PARAMSERVER_ variable is one paramserver reads,
 ports and names line up between Services, pods and the addresses nodes dial, each rank comes
-from the pod's ordinal or completion index, the token from one Secret, and the checkpoint
+from the pod's ordinal or completion index, the credentials from a Secret per role, and the checkpoint
 directory is on the shared claim. (tests/integration/test_kubernetes.py runs them.)"""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tests import kubernetes as kube
 pytest.importorskip("yaml", reason="PyYAML is part of the test extra")
 
 from paramserver import cli  # noqa: E402
-from paramserver.config import TLS_ENV, TOKEN_ENV  # noqa: E402
+from paramserver.config import SECRET_VALUE_ENV, TLS_ENV, TOKEN_ENV  # noqa: E402
 
 DOCS = kube.load()
 SCHEDULER = kube.find(DOCS, "Deployment", "paramserver-scheduler")
@@ -63,7 +63,7 @@ def _parse(workload: dict):
 def _variables_read_by_paramserver() -> set[str]:
     """The PARAMSERVER_ variables the package reads: os.environ lookups and the token and TLS
     variables of paramserver.config."""
-    read = {TOKEN_ENV, *TLS_ENV.values()}
+    read = {TOKEN_ENV, SECRET_VALUE_ENV, *TLS_ENV.values()}
     pattern = re.compile(r"(?:environ\.get\(|environ\[|_env_int\()\s*\"(PARAMSERVER_[A-Z_]+)\"")
     for path in (kube.ROOT / "python" / "paramserver").glob("*.py"):
         read |= set(pattern.findall(path.read_text()))
@@ -159,14 +159,23 @@ def test_each_rank_comes_from_the_pods_ordinal_or_completion_index():
             == "metadata.annotations['batch.kubernetes.io/job-completion-index']")
 
 
-def test_the_token_comes_from_one_secret_everywhere():
-    for workload in (SCHEDULER, SERVERS, WORKERS):
+def test_the_control_plane_gets_the_job_secret_and_workers_only_their_role_token():
+    """Separate Secrets per role: the scheduler and servers read the job secret, the workers
+    the worker token derived from it, and neither sees the other's."""
+    for workload in (SCHEDULER, SERVERS):
         c = kube.container(workload)
-        token = kube.env(c)["PARAMSERVER_TOKEN"]
-        assert "value" not in token
-        assert token["valueFrom"] == {"secretKeyRef": {"name": "paramserver-token",
-                                                       "key": "token"}}
-        assert not any("--token-file" in a for a in c.get("args", []))
+        env = kube.env(c)
+        assert "PARAMSERVER_TOKEN" not in env
+        assert env[SECRET_VALUE_ENV]["valueFrom"] == {"secretKeyRef": {
+            "name": "paramserver-job-secret", "key": "secret"}}
+    c = kube.container(WORKERS)
+    env = kube.env(c)
+    assert SECRET_VALUE_ENV not in env and "PARAMSERVER_JOB_SECRET_FILE" not in env
+    assert env["PARAMSERVER_TOKEN"]["valueFrom"] == {"secretKeyRef": {
+        "name": "paramserver-worker-token", "key": "token"}}
+    for workload in (SCHEDULER, SERVERS, WORKERS):
+        assert not any("--token-file" in a or "secret" in a
+                       for a in kube.container(workload).get("args", []))
 
 
 def test_the_checkpoint_directory_is_on_the_shared_claim():
