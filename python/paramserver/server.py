@@ -42,6 +42,7 @@ from paramserver.errors import (
     TableNotFoundError,
 )
 from paramserver.membership import Membership
+from paramserver.memory import check_fits
 from paramserver.partition import server_of_ids
 from paramserver.shm import ShmRegistry, UnknownSegment
 from paramserver.snapshot import Snapshot, restore_dense, restore_embedding
@@ -244,7 +245,15 @@ class _Shards:
                 per_element = 4 * (1 + _core.num_slots(optimizer.to_config()))
                 self._check_budget(spec.name, elements * per_element,
                                    f"creating {len(blocks)} blocks ({elements} elements)")
-            self._install(self._new_shard(spec, blocks))
+                check_fits(spec.name, elements * per_element, self.node,
+                           f"{len(blocks)} blocks ({elements} elements, values and optimizer "
+                           f"state)")
+            try:
+                shard = self._new_shard(spec, blocks)
+            except MemoryError as exc:  # the core's own check, or the allocator
+                raise ResourceExhaustedError(f"table {_name(spec.name)} on {self.node}: {exc}") \
+                    from None
+            self._install(shard)
             return True
 
     @staticmethod
