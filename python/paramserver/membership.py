@@ -30,6 +30,11 @@ __all__ = ["Membership"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds between the log lines of a node still waiting for its scheduler to answer.
+REPORT_EVERY = 5.0
+
+_ROLE_NAMES = {pb.SERVER: "server", pb.WORKER: "worker"}
+
 
 class Membership:
     """Registers one node with the scheduler and keeps it alive with heartbeats.
@@ -83,6 +88,26 @@ class Membership:
         self._thread.start()
 
     def _register(self, request: pb.RegisterRequest) -> pb.RegisterReply:
+        """Register, retrying until the timeout; meanwhile say every few seconds what is awaited
+        (a wrong address or a scheduler not up yet is never a silent minute)."""
+        start = time.monotonic()
+        done = threading.Event()
+        role = _ROLE_NAMES.get(request.role, "node")
+
+        def report() -> None:
+            while not done.wait(REPORT_EVERY):
+                log.warning("%s: still waiting for the scheduler at %s to answer its "
+                            "registration: %.0f s so far, giving up after %.0f s (is the address "
+                            "right? --scheduler / PARAMSERVER_SCHEDULER)", role, self.scheduler,
+                            time.monotonic() - start, self._timeout)
+
+        threading.Thread(target=report, name="ps-register-wait", daemon=True).start()
+        try:
+            return self._register_until_timeout(request)
+        finally:
+            done.set()
+
+    def _register_until_timeout(self, request: pb.RegisterRequest) -> pb.RegisterReply:
         deadline = time.monotonic() + self._timeout
         delay = 0.05
         while True:
@@ -96,16 +121,10 @@ class Membership:
                     raise rpc.translate(error, "register", "scheduler", self.scheduler) from None
                 if time.monotonic() + delay >= deadline:
                     self._channel.close()
-                    # A TLS mismatch looks like an unreachable peer: gRPC retries the handshake.
-                    hint = ("; this node calls over TLS: is the scheduler serving TLS with a "
-                            "certificate signed by --tls-ca that names the host in its address "
-                            "(and, for mutual TLS, does it accept this node's certificate)?"
-                            if self._security.tls else
-                            "; this node calls in plaintext: if the scheduler serves TLS, give "
-                            "--tls-ca (PARAMSERVER_TLS_CA)")
                     raise NodeUnavailableError(
                         f"scheduler at {self.scheduler} unreachable: could not register within "
-                        f"{self._timeout:.1f} s ({error.details()}{hint})") from None
+                        f"{self._timeout:.1f} s ({error.details()}"
+                        f"{rpc.tls_hint(self._security)})") from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 

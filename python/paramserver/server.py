@@ -710,8 +710,9 @@ class _Shards:
 
 
 class _ParameterServerService(pb_grpc.ParameterServerServicer):
-    def __init__(self, shards: _Shards) -> None:
+    def __init__(self, shards: _Shards, scheduler: str = "") -> None:
         self._shards = shards
+        self._scheduler = scheduler
 
     def _data(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
         try:
@@ -755,7 +756,9 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
         return pb.ShmDetachReply()
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
-        return self._shards.stats()
+        reply = self._shards.stats()
+        reply.node, reply.scheduler = self._shards.node, self._scheduler
+        return reply
 
     def PrepareCut(self, request: pb.PrepareCutRequest, context: grpc.ServicerContext) -> pb.PrepareCutReply:
         return rpc.abort_on(context, lambda: self._shards.prepare_cut(request))
@@ -833,7 +836,7 @@ class Server:
                                config.max_memory)
         self._shards.shm.willing = config.transport != "grpc"
         self._janitor_stop = threading.Event()
-        _add_service(_ParameterServerService(self._shards), self._server)
+        _add_service(_ParameterServerService(self._shards, config.scheduler), self._server)
         self._health = rpc.serve_health(self._server)
         self._membership: Membership | None = None
         self.rank = -1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,11 +88,44 @@ def test_status_reports_nodes_tables_and_traffic(cluster):
         assert "layer.weight" in text and "blocks s0:4 s1:3" in text and "worker-0" in text
 
 
+def test_a_worker_waiting_for_a_wrong_scheduler_says_so_every_few_seconds():
+    """A wrong PARAMSERVER_SCHEDULER is not a silent minute: the address, the time so far and
+    the deadline are logged every 5 s until the worker gives up (membership.REPORT_EVERY)."""
+    code = "import paramserver as ps; ps.connect(timeout=7)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ, PARAMSERVER_SCHEDULER="127.0.0.1:1"))
+    assert result.returncode == 1 and "NodeUnavailableError" in result.stderr, result.stderr
+    waiting = [line for line in result.stderr.splitlines() if "still waiting" in line]
+    assert waiting, result.stderr  # at about 5 s
+    pattern = (r"worker: still waiting for the scheduler at 127\.0\.0\.1:1 to answer its "
+               r"registration: (\d+) s so far, giving up after 7 s \(is the address right\? "
+               r"--scheduler / PARAMSERVER_SCHEDULER\)")
+    so_far = [int(re.fullmatch(pattern, line).group(1)) for line in waiting]
+    assert 5 <= so_far[0] <= 7, so_far
+
+
 def test_status_of_unreachable_scheduler_is_an_error_not_a_hang():
     result = subprocess.run(PS + ["status", "--scheduler", "127.0.0.1:1", "--timeout", "2"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "scheduler at 127.0.0.1:1" in result.stderr
+
+
+def test_status_pointed_at_a_server_names_the_scheduler(cluster):
+    """Not "Method not found!": the address is a server, and its scheduler is named."""
+    server = cluster.server_addresses[0]
+    for command in (["status"], ["checkpoint", "--timeout", "5"]):
+        result = subprocess.run(PS + command + ["--scheduler", server], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 1, result
+        assert (f"{server} is a parameter server (server-0 at {server}), not the job's "
+                f"scheduler; its scheduler is at {cluster.scheduler}: give --scheduler "
+                f"{cluster.scheduler}") in result.stderr, result.stderr
+        assert "Method not found" not in result.stderr
+    with grpc.insecure_channel(server) as channel:  # the server keeps serving
+        assert health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
 
 
 def launch(*args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
