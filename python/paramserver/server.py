@@ -353,6 +353,9 @@ class _Shards:
                                    "newer than its newest checkpoint)")
             self.restoring = None
             self.restored = True
+        if request.tables:
+            log.warning("server-%d restored its part of %d tables (%d bytes) from checkpoint %d "
+                        "(%s)", rank, len(request.tables), total, request.version, request.dir)
         return pb.RestoreReply(bytes=total)
 
     def begin_restore(self) -> None:
