@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import paramserver as ps
+from paramserver.status import fetch_status
 from tests.conftest import wait_for
 
 torch = pytest.importorskip("torch")
@@ -310,7 +311,9 @@ def test_bsp_new_worker_enters_at_the_next_step(cluster_factory):
     early = _worker(cluster, 1, 2, 2, 2.0)
     code, early_lines = _lines(early)
     assert code == 0, early_lines
-    time.sleep(0.5)  # a few steps of worker 0 alone
+    # A few steps of worker 0 alone (waited for, not slept: a loaded machine is slower).
+    wait_for(lambda: fetch_status(cluster.scheduler)["servers"][0].get("sync", {}).get(
+        "step", 0) >= 4, 60, "worker 0 to take steps 3 and 4 alone (server-0's step >= 4)")
     joiner = _worker(cluster, 1, 2, 5, 3.0, barrier=False)
     code, joined = _lines(joiner)
     assert code == 0, joined
@@ -355,8 +358,8 @@ def test_ssp_fast_worker_blocks_and_staleness_stays_bounded(cluster_factory, sta
 def test_32_workers_waiting_in_a_bsp_step_hold_no_threads(cluster_factory):
     """31 of 32 workers wait in step 1 for the last one. The servers hold at most half their
     handler threads for waiting calls (the rest poll), so meanwhile heartbeats stay on time and
-    a 33rd worker reading another table with a 1 s timeout is served (were the 8 server threads
-    held by waiting calls, its read would queue past its timeout). The last push, and the 33rd
+    a 33rd worker reading another table with a 5 s timeout is served (were the 8 server threads
+    held by waiting calls, its read would queue until the step completes, past its timeout). The last push, and the 33rd
     worker leaving without pushing, complete the step for the 32, with the mean of their
     gradients."""
     n = 32
@@ -378,7 +381,7 @@ def test_32_workers_waiting_in_a_bsp_step_hold_no_threads(cluster_factory):
         threads = [threading.Thread(target=step, args=(k,)) for k in range(n - 1)]
         for t in threads:
             t.start()
-        with cluster.connect(rank=n, num_workers=n + 1, timeout=1.0) as reader:
+        with cluster.connect(rank=n, num_workers=n + 1, timeout=5.0) as reader:
             wait_for(lambda: clients[0].status()["servers"][0].get("sync", {}).get(
                 "waiting_for", "").endswith(f"worker-{n - 1}, worker-{n}"), 20,
                 "31 contributions to step 1")
