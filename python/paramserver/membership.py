@@ -11,12 +11,13 @@ was superseded (a newer incarnation took its rank) stops heartbeating and calls 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -34,6 +35,25 @@ log = logging.getLogger(__name__)
 REPORT_EVERY = 5.0
 
 _ROLE_NAMES = {pb.SERVER: "server", pb.WORKER: "worker"}
+
+
+@contextlib.contextmanager
+def waiting_for(who: str, what: str, timeout: float, hint: str = "") -> Iterator[None]:
+    """While the block runs, log every :data:`REPORT_EVERY` seconds that ``who`` is still
+    waiting for ``what``, for how long so far and when it gives up (``timeout`` seconds)."""
+    start = time.monotonic()
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(REPORT_EVERY):
+            log.warning("%s: still waiting for %s: %.0f s so far, giving up after %.0f s%s", who,
+                        what, time.monotonic() - start, timeout, hint)
+
+    threading.Thread(target=report, name="ps-waiting", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 class Membership:
@@ -90,22 +110,11 @@ class Membership:
     def _register(self, request: pb.RegisterRequest) -> pb.RegisterReply:
         """Register, retrying until the timeout; meanwhile say every few seconds what is awaited
         (a wrong address or a scheduler not up yet is never a silent minute)."""
-        start = time.monotonic()
-        done = threading.Event()
-        role = _ROLE_NAMES.get(request.role, "node")
-
-        def report() -> None:
-            while not done.wait(REPORT_EVERY):
-                log.warning("%s: still waiting for the scheduler at %s to answer its "
-                            "registration: %.0f s so far, giving up after %.0f s (is the address "
-                            "right? --scheduler / PARAMSERVER_SCHEDULER)", role, self.scheduler,
-                            time.monotonic() - start, self._timeout)
-
-        threading.Thread(target=report, name="ps-register-wait", daemon=True).start()
-        try:
+        with waiting_for(_ROLE_NAMES.get(request.role, "node"),
+                         f"the scheduler at {self.scheduler} to answer its registration",
+                         self._timeout, " (is the address right? --scheduler / "
+                                        "PARAMSERVER_SCHEDULER)"):
             return self._register_until_timeout(request)
-        finally:
-            done.set()
 
     def _register_until_timeout(self, request: pb.RegisterRequest) -> pb.RegisterReply:
         deadline = time.monotonic() + self._timeout
@@ -196,9 +205,13 @@ class Membership:
         """The scheduler's view of the job; optionally wait until every server has registered."""
         timeout = self._timeout if timeout is None else timeout
         try:
-            return self.stub.GetCluster(
-                pb.ClusterRequest(wait_for_servers=wait_for_servers, timeout=timeout),
-                timeout=timeout + 5.0)
+            if not wait_for_servers:
+                return self.stub.GetCluster(pb.ClusterRequest(), timeout=timeout + 5.0)
+            with waiting_for(self.node_id, f"the job's servers to register with the scheduler "
+                             f"at {self.scheduler}", timeout):
+                return self.stub.GetCluster(
+                    pb.ClusterRequest(wait_for_servers=True, timeout=timeout),
+                    timeout=timeout + 5.0)
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise PSTimeoutError(f"waiting for servers at scheduler {self.scheduler}: "

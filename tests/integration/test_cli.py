@@ -104,6 +104,27 @@ def test_a_worker_waiting_for_a_wrong_scheduler_says_so_every_few_seconds():
     assert 5 <= so_far[0] <= 7, so_far
 
 
+def test_a_worker_waiting_for_servers_says_so_every_few_seconds(tmp_path):
+    """A scheduler whose servers never come: the worker says what it waits for, not silence."""
+    sched, info = start_node(["scheduler", "--port", "0", "--num-servers", "1"],
+                             tmp_path / "s.json", tmp_path / "s.log")
+    try:
+        code = "import paramserver as ps; ps.connect(timeout=7)"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                timeout=60,
+                                env=dict(os.environ, PARAMSERVER_SCHEDULER=info["address"]))
+    finally:
+        sched.kill()
+        sched.wait(10)
+    assert result.returncode == 1 and "PSTimeoutError" in result.stderr, result.stderr
+    assert "only 0 of 1 servers registered" in result.stderr
+    waiting = [line for line in result.stderr.splitlines() if "still waiting" in line]
+    assert waiting and re.fullmatch(
+        rf"worker-0: still waiting for the job's servers to register with the scheduler at "
+        rf"{re.escape(info['address'])}: \d+ s so far, giving up after 7 s", waiting[0]), \
+        result.stderr
+
+
 def test_status_of_unreachable_scheduler_is_an_error_not_a_hang():
     result = subprocess.run(PS + ["status", "--scheduler", "127.0.0.1:1", "--timeout", "2"],
                             capture_output=True, text=True, timeout=60)
