@@ -34,9 +34,10 @@ or as the single-process numpy reference of the same model and optimizer (no ser
     python examples/mlp.py --local
 
 Rank 0 ends with one machine-readable line, ``RESULT {...}``: strict JSON, a number that is
-not finite (a diverged loss) written as ``null`` (``examples/results.py``). With ``--target-accuracy A``
-it exits with code 2 when the test accuracy is below ``A``, so ``paramserver launch`` (which exits
-with the first failing worker's code) says whether training worked.
+not finite (a diverged loss) written as ``null`` (``examples/results.py``). With
+``--target-accuracy A`` it exits with code 2 when the test accuracy is below ``A``, so
+``paramserver launch`` (which exits with the first failing worker's code) says whether training
+worked.
 
 Data: ``fashion-mnist`` (default) needs ``apt-get install -y dataset-fashion-mnist``; ``digits``
 ships with scikit-learn. See ``examples/datasets.py``.

@@ -56,7 +56,8 @@ void DenseTable::check_fits_in_memory(std::size_t floats, std::size_t blocks, st
                                       int slots) const {
   const std::size_t machine = physical_memory();
   // The arena, the block table (one pointer per block of the table) and each held block's header.
-  const std::size_t pointers = blocks > SIZE_MAX / sizeof(void*) ? SIZE_MAX : blocks * sizeof(void*);
+  const std::size_t pointers =
+      blocks > SIZE_MAX / sizeof(void*) ? SIZE_MAX : blocks * sizeof(void*);
   std::size_t needed = floats * sizeof(float);
   needed = needed > SIZE_MAX - pointers ? SIZE_MAX : needed + pointers;
   const std::size_t headers = held > SIZE_MAX / sizeof(Block) ? SIZE_MAX : held * sizeof(Block);

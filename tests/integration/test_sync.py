@@ -369,9 +369,9 @@ def test_32_workers_waiting_in_a_bsp_step_hold_no_threads(cluster_factory):
     """31 of 32 workers wait in step 1 for the last one. The servers hold at most half their
     handler threads for waiting calls (the rest poll), so meanwhile heartbeats stay on time and
     a 33rd worker reading another table with a 5 s timeout is served (were the 8 server threads
-    held by waiting calls, its read would queue until the step completes, past its timeout). The last push, and the 33rd
-    worker leaving without pushing, complete the step for the 32, with the mean of their
-    gradients."""
+    held by waiting calls, its read would queue until the step completes, past its timeout).
+    The last push, and the 33rd worker leaving without pushing, complete the step for the 32,
+    with the mean of their gradients."""
     n = 32
     cluster = cluster_factory(1, n + 1, scheduler_args=("--sync", "bsp"),
                               server_args=("--threads", "8"))

@@ -13,9 +13,9 @@ import pytest
 import paramserver as ps
 from paramserver import _core, optim
 from paramserver.memory import check_fits, format_bytes, machine_memory
-from paramserver.wire import optimizer_to_spec
 from paramserver.server import _Shards
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.wire import optimizer_to_spec
 
 HUGE = 2**40  # elements: 4 TiB of float32 values, more than any test machine has
 PHYSICAL = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
