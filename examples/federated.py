@@ -24,7 +24,6 @@ is not installed (``apt-get install -y dataset-fashion-mnist``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # datasets.py, mlp.py sit here
 from datasets import Dataset, DatasetUnavailable, load  # noqa: E402
 from mlp import evaluate, init_params, loss_and_grads  # noqa: E402
+from results import result_line  # noqa: E402
 
 EXIT_BELOW_TARGET = 2
 EXIT_NO_DATA = 3
@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     shards = split_non_iid(data.y_train)
     with ps.connect() as client:
         rank, workers = client.rank, max(1, client.num_workers)
+        if client.restored_version:  # the global model holds the checkpoint's values
+            print(f"rank {rank}: resumed from checkpoint {client.restored_version} (metadata "
+                  f"{client.restored_metadata}): the rounds continue from its model", flush=True)
         names = sorted(initial_model())
         if rank == 0:
             optimizer = server_optimizer(args.server_opt, args.server_lr, args.tau)
@@ -179,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
                   "rounds": status["rounds_applied"], "server_opt": args.server_opt,
                   "local_epochs": args.local_epochs, "wall_s": round(time.time() - started, 2),
                   "per_round": log}
-        print("RESULT " + json.dumps(result), flush=True)
+        print(result_line(result), flush=True)
         return 0 if acc >= args.target_accuracy else EXIT_BELOW_TARGET
 
 

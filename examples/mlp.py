@@ -33,9 +33,11 @@ or as the single-process numpy reference of the same model and optimizer (no ser
 
     python examples/mlp.py --local
 
-Rank 0 ends with one machine-readable line, ``RESULT {...}`` (JSON). With ``--target-accuracy A``
-it exits with code 2 when the test accuracy is below ``A``, so ``paramserver launch`` (which exits
-with the first failing worker's code) says whether training worked.
+Rank 0 ends with one machine-readable line, ``RESULT {...}``: strict JSON, a number that is
+not finite (a diverged loss) written as ``null`` (``examples/results.py``). With
+``--target-accuracy A`` it exits with code 2 when the test accuracy is below ``A``, so
+``paramserver launch`` (which exits with the first failing worker's code) says whether training
+worked.
 
 Data: ``fashion-mnist`` (default) needs ``apt-get install -y dataset-fashion-mnist``; ``digits``
 ships with scikit-learn. See ``examples/datasets.py``.
@@ -44,7 +46,6 @@ ships with scikit-learn. See ``examples/datasets.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -55,6 +56,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # datasets.py sits next to this file
 from datasets import Dataset, DatasetUnavailable, load  # noqa: E402
+from results import result_line  # noqa: E402
 
 #: Exit code when the final test accuracy is below --target-accuracy.
 EXIT_BELOW_TARGET = 2
@@ -252,8 +254,11 @@ def run_distributed(data: Dataset, args: argparse.Namespace) -> tuple[Params | N
 
         # A resumed job continues after the epoch its checkpoint saved (0: a fresh job).
         done = int(client.restored_metadata.get("epoch", 0))
-        if done:
-            say(f"resumed from checkpoint {client.restored_version} after epoch {done}")
+        if client.restored_version:
+            where = (f"after epoch {done}: continuing at epoch {done + 1} of {args.epochs}"
+                     if done else f"which saved no epoch (--checkpoint-epochs saves them): "
+                     f"training epochs 1-{args.epochs} from its weights")
+            say(f"resumed from checkpoint {client.restored_version} {where}")
 
         def on_epoch(epoch: int, p: Params) -> str:
             if rank != 0:
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples_per_second": round(stats["samples_per_second"], 1),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    print(result_line(result), flush=True)
     if args.target_accuracy is not None and accuracy < args.target_accuracy:
         print(f"{prefix}test accuracy {accuracy:.4f} is below the target "
               f"{args.target_accuracy:.4f}", file=sys.stderr, flush=True)

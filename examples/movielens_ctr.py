@@ -39,7 +39,6 @@ worker's failing code on); 3 when the data is not installed (``pip install --no-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -52,6 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # movielens_data.py sits next to this file
 from movielens_data import FIELDS, SPLITS, Dataset, DatasetMissingError, Field, auc, load  # noqa: E402
+from results import result_line  # noqa: E402
 
 DENSE_TABLES = ("bias", "mlp.w1", "mlp.b1", "mlp.w2")
 #: Exit code when the test AUC is below --target-auc.
@@ -429,6 +429,10 @@ def run(args: argparse.Namespace, cfg: Config, data: Dataset) -> dict[str, Any] 
     with client:
         rank, workers = client.rank, max(1, client.num_workers)
         tag = "local" if args.local else f"rank {rank}/{workers}"
+        if getattr(client, "restored_version", 0):  # the tables hold the checkpoint's values
+            print(f"[{tag}] resumed from checkpoint {client.restored_version} (metadata "
+                  f"{client.restored_metadata}): training epochs 1-{cfg.epochs} from its "
+                  f"weights", flush=True)
         model = DeepFM(client, api, cfg)
         shard = data.train[rank::workers]
         steps_per_epoch = -(-shard.size // cfg.batch_size)
@@ -489,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_seconds"] = round(time.perf_counter() - t0, 2)
     print(f"test AUC {result['test_auc']:.4f}  log-loss {result['test_logloss']:.4f}  "
           f"train {result['train_seconds']:.1f} s  rows {result['total_rows']}", flush=True)
-    print("RESULT " + json.dumps(result, sort_keys=True), flush=True)
+    print(result_line(result, sort_keys=True), flush=True)
     if args.target_auc is not None and result["test_auc"] < args.target_auc:
         print(f"test AUC {result['test_auc']:.4f} is below the target {args.target_auc}",
               file=sys.stderr)

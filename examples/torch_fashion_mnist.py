@@ -36,7 +36,6 @@ workers and two servers, more threads only make them compete.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # datasets.py sits next to this file
 from datasets import DatasetUnavailable, load_fashion_mnist  # noqa: E402
+from results import result_line  # noqa: E402
 
 #: Exit code when the final test accuracy is below --target-accuracy.
 EXIT_BELOW_TARGET = 2
@@ -193,6 +193,9 @@ def run_distributed(data: Images, args: argparse.Namespace
         model = build_model(args)
         optimizer = DistributedOptimizer(client, model, ps.Adam(lr=args.lr))
         x, y = data.x_train[rank::workers], data.y_train[rank::workers]
+        if client.restored_version:  # the tables hold the checkpoint's values
+            say(f"resumed from checkpoint {client.restored_version} (metadata "
+                f"{client.restored_metadata}): training epochs 1-{args.epochs} from its weights")
         say(f"{len(y)} training examples (shard {rank} of {workers}), {client.num_servers} "
             f"servers, {sum(p.numel() for p in model.parameters()):,} parameters in "
             f"{len(optimizer.params)} tables, {client.sync}")
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_time_fraction": round(stats["step_time_fraction"], 3),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    print(result_line(result), flush=True)
     if args.target_accuracy is not None and accuracy < args.target_accuracy:
         print(f"{prefix}test accuracy {accuracy:.4f} is below the target "
               f"{args.target_accuracy:.4f}", file=sys.stderr, flush=True)

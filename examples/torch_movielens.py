@@ -40,7 +40,6 @@ status: 0; 2 when ``--target-auc`` is given and not reached; 3 when the data is 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -54,6 +53,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # movielens_data.py sits next to this file
 from movielens_data import FIELDS, SPLITS, Dataset, DatasetMissingError, auc, load  # noqa: E402
+from results import result_line  # noqa: E402
 
 #: Exit code when the test AUC is below --target-auc.
 EXIT_BELOW_TARGET = 2
@@ -303,6 +303,10 @@ def run(args: argparse.Namespace, cfg: Config, data: Dataset) -> dict[str, Any] 
         with ps.connect(timeout=args.timeout) as client:
             rank, workers = client.rank, max(1, client.num_workers)
             tag = f"rank {rank}/{workers}"
+            if client.restored_version:  # the tables hold the checkpoint's values
+                print(f"[{tag}] resumed from checkpoint {client.restored_version} (metadata "
+                      f"{client.restored_metadata}): training epochs 1-{cfg.epochs} from its "
+                      f"weights", flush=True)
             model, optimizer = build_distributed(client, cfg, encoder.multi)
             shard = train_rows[rank::workers]
             print(f"[{tag}] {shard.size} training examples, {-(-shard.size // cfg.batch_size)} "
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_seconds"] = round(time.perf_counter() - t0, 2)
     print(f"test AUC {result['test_auc']:.4f}  log-loss {result['test_logloss']:.4f}  "
           f"train {result['train_seconds']:.1f} s  rows {result['total_rows']}", flush=True)
-    print("RESULT " + json.dumps(result, sort_keys=True), flush=True)
+    print(result_line(result, sort_keys=True), flush=True)
     if args.target_auc is not None and result["test_auc"] < args.target_auc:
         print(f"test AUC {result['test_auc']:.4f} is below the target {args.target_auc}",
               file=sys.stderr)

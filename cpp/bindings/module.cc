@@ -3,6 +3,7 @@
 // python/paramserver/. One file per concept: optimizer config here, tables in their own files.
 #include <pybind11/pybind11.h>
 
+#include "paramserver/dense_table.h"
 #include "paramserver/optimizer.h"
 
 namespace py = pybind11;
@@ -45,6 +46,17 @@ PYBIND11_MODULE(_core, m) {
   m.def("num_slots", &paramserver::num_slots, py::arg("config"));
   m.def("kernel_isa", &paramserver::kernel_isa);
   m.def("set_kernel_isa", &paramserver::set_kernel_isa, py::arg("name"));
+
+  // A table larger than the machine's memory, refused before allocating: the package's
+  // ResourceExhaustedError (a MemoryError), with the core's message.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const paramserver::TableTooLarge& e) {
+      py::object error = py::module_::import("paramserver.errors").attr("ResourceExhaustedError");
+      PyErr_SetString(error.ptr(), e.what());
+    }
+  });
 
   paramserver::bindings::bind_dense(m);
   paramserver::bindings::bind_embedding(m);

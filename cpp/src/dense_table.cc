@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include <unistd.h>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -35,7 +37,39 @@ float* allocate_arena(std::size_t bytes) {
   return static_cast<float*>(p);
 }
 
+// Physical memory of this machine in bytes (0: unknown).
+std::size_t physical_memory() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) {
+    const auto p = static_cast<std::size_t>(pages), s = static_cast<std::size_t>(page);
+    return p > SIZE_MAX / s ? SIZE_MAX : p * s;
+  }
+#endif
+  return 0;
+}
+
 }  // namespace
+
+void DenseTable::check_fits_in_memory(std::size_t floats, std::size_t blocks, std::size_t held,
+                                      int slots) const {
+  const std::size_t machine = physical_memory();
+  // The arena, the block table (one pointer per block of the table) and each held block's header.
+  const std::size_t pointers =
+      blocks > SIZE_MAX / sizeof(void*) ? SIZE_MAX : blocks * sizeof(void*);
+  std::size_t needed = floats * sizeof(float);
+  needed = needed > SIZE_MAX - pointers ? SIZE_MAX : needed + pointers;
+  const std::size_t headers = held > SIZE_MAX / sizeof(Block) ? SIZE_MAX : held * sizeof(Block);
+  needed = needed > SIZE_MAX - headers ? SIZE_MAX : needed + headers;
+  if (machine == 0 || needed <= machine) return;
+  throw TableTooLarge("a dense table of " + std::to_string(num_elements_) + " elements (" +
+                 std::to_string(held) + " of its " + std::to_string(blocks) +
+                 " blocks held here, values and " + std::to_string(slots) +
+                 " optimizer state arrays) needs " + std::to_string(needed) +
+                 " bytes, but this machine has " + std::to_string(machine) +
+                 " bytes of memory; nothing was allocated");
+}
 
 DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
                        const OptimizerConfig& optimizer, const std::vector<std::int64_t>& held)
@@ -47,35 +81,40 @@ DenseTable::DenseTable(std::size_t num_elements, std::size_t block_size,
   const std::size_t blocks = num_elements / block_size + (num_elements % block_size != 0 ? 1 : 0);
   if (blocks > static_cast<std::size_t>(INT64_MAX)) throw std::bad_alloc();
   num_blocks_ = static_cast<std::int64_t>(blocks);
-  blocks_.resize(static_cast<std::size_t>(num_blocks_));
   const int slots = num_slots(optimizer);
   constexpr std::size_t kAlignFloats = kAlignment / sizeof(float);
 
-  std::vector<std::int64_t> ids = held;
-  if (ids.empty()) {
-    ids.resize(static_cast<std::size_t>(num_blocks_));
-    for (std::int64_t b = 0; b < num_blocks_; ++b) ids[static_cast<std::size_t>(b)] = b;
-  }
+  // Everything the table needs is sized (and checked against the machine's memory) before any of
+  // it is allocated: a table that cannot fit fails at once with a message saying so, instead of
+  // with a bare std::bad_alloc or, past overcommit, the OOM killer while the arena is zero-filled.
+  const std::size_t count = held.empty() ? blocks : held.size();
   std::size_t total = 0;  // floats in the arena
-  for (std::int64_t b : ids) {
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::int64_t b = held.empty() ? static_cast<std::int64_t>(i) : held[i];
     if (b < 0 || b >= num_blocks_) {
       throw std::invalid_argument("block " + std::to_string(b) + " out of range [0, " +
                                   std::to_string(num_blocks_) + ")");
     }
+    const std::size_t length = block_length(b);
+    // Checked so that an absurd size fails as MemoryError instead of wrapping to a small arena.
+    if (length > kMaxFloats) throw std::bad_alloc();
+    const std::size_t stride = round_up(length, kAlignFloats);
+    const std::size_t floats = stride * static_cast<std::size_t>(1 + slots);
+    if (stride > kMaxFloats / static_cast<std::size_t>(1 + slots) || floats > kMaxFloats - total) {
+      throw std::bad_alloc();
+    }
+    total += floats;
+  }
+  check_fits_in_memory(total, blocks, count, slots);
+  blocks_.resize(static_cast<std::size_t>(num_blocks_));
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::int64_t b = held.empty() ? static_cast<std::int64_t>(i) : held[i];
     auto& block = blocks_[static_cast<std::size_t>(b)];
     if (block) throw std::invalid_argument("block " + std::to_string(b) + " listed twice");
     block = std::make_unique<Block>();
     block->length = block_length(b);
-    // Checked so that an absurd size fails as MemoryError instead of wrapping to a small arena.
-    if (block->length > kMaxFloats) throw std::bad_alloc();
     block->stride = round_up(block->length, kAlignFloats);
     block->num_slots = slots;
-    const std::size_t floats = block->stride * static_cast<std::size_t>(1 + slots);
-    if (block->stride > kMaxFloats / static_cast<std::size_t>(1 + slots) ||
-        floats > kMaxFloats - total) {
-      throw std::bad_alloc();
-    }
-    total += floats;
   }
   arena_.reset(allocate_arena(total * sizeof(float)));
   // Blocks in ascending id order, so a batched call over consecutive ids walks memory forward.

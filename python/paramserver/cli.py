@@ -287,7 +287,8 @@ def _parser() -> argparse.ArgumentParser:
                                      description="A parameter server for distributed training.")
     parser.add_argument("--version", action="version", version=f"paramserver {__version__}")
     parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="least severe log messages shown, on stderr (default %(default)s)")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def security_flags(p: argparse.ArgumentParser, serving: bool) -> None:
@@ -355,14 +356,16 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--selection-seed", type=int, metavar="SEED",
                        help="seed of the fair participant selection (default 0)")
         g.add_argument("--dp-clip", type=float, metavar="C",
-                       help="DP-FedAvg: clip each update's L2 norm (all tables) to C")
+                       help="DP-FedAvg: clip each update's L2 norm (all tables) to C "
+                            "(default: no clipping)")
         g.add_argument("--dp-noise", type=float, metavar="SIGMA",
                        help="DP-FedAvg: add Gaussian noise of std SIGMA*C/n to the mean of the "
-                            "n counted updates (needs --dp-clip)")
+                            "n counted updates (needs --dp-clip; default: no noise)")
 
     def checkpoint_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint-dir", metavar="DIR",
-                       help="directory of the job's checkpoints (created if missing)")
+                       help="directory of the job's checkpoints (created if missing; default: "
+                            "none, no checkpoints)")
         p.add_argument("--checkpoint-every", type=float, default=0.0, metavar="SECONDS",
                        help="take a checkpoint every SECONDS (default: only on request)")
         p.add_argument("--keep", type=int, default=3, metavar="K",
@@ -371,9 +374,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="start from the newest complete checkpoint in --checkpoint-dir")
 
     p = sub.add_parser("scheduler", help="run the scheduler of a job")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9090, help="0 picks a free port")
-    p.add_argument("--num-servers", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=9090,
+                   help="port to serve on; 0 picks a free port (default %(default)s)")
+    p.add_argument("--num-servers", type=int, required=True,
+                   help="servers the job has; it starts once all registered")
     p.add_argument("--num-workers", type=int, default=0,
                    help="workers the job expects (default: as the workers say)")
     heartbeat_flags(p)
@@ -387,46 +393,58 @@ def _parser() -> argparse.ArgumentParser:
                    help="--recover when --checkpoint-dir holds a scheduler's state, else start "
                         "the job: for a supervisor that restarts the scheduler with the same "
                         "command (a Kubernetes Deployment)")
-    p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
+    p.add_argument("--ready-file",
+                   help="write {address, pid} as JSON here once serving (default: none)")
     security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_scheduler)
 
     p = sub.add_parser("server", help="run a parameter server")
-    p.add_argument("--scheduler", required=True, metavar="HOST:PORT")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--scheduler", required=True, metavar="HOST:PORT",
+                   help="address of the job's scheduler")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=0, help="0 (default) picks a free port")
     p.add_argument("--advertise", metavar="HOST:PORT",
-                   help="address workers should use, if not host:port")
-    p.add_argument("--rank", type=int, default=-1, help="rank to ask for (default: any free)")
-    p.add_argument("--threads", type=int, default=16, help="concurrent request handlers")
+                   help="address workers should use, if not host:port (default: host:port)")
+    p.add_argument("--rank", type=int, default=-1,
+                   help="rank to ask for (default -1: any free rank)")
+    p.add_argument("--threads", type=int, default=16,
+                   help="concurrent request handlers (default %(default)s)")
     p.add_argument("--apply-threads", type=int, default=2,
-                   help="core threads used within one large request")
+                   help="core threads used within one large request (default %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds to wait for the scheduler")
+                   help="seconds to wait for the scheduler at start and on each control call "
+                        "(default %(default)g)")
     p.add_argument("--replace", action="store_true",
                    help="take --rank over even if its holder still looks alive (a restart)")
     p.add_argument("--fault-drop-reply-every", type=int, default=0, metavar="N",
-                   help="TESTING ONLY: drop the reply of every N-th applied write")
+                   help="TESTING ONLY: drop the reply of every N-th applied write (default 0: "
+                        "never)")
     p.add_argument("--max-memory", type=_size, default=0, metavar="SIZE",
                    help="memory budget for table values and optimizer state, e.g. 8G; requests "
                         "that would pass it are refused with RESOURCE_EXHAUSTED (default: none)")
     p.add_argument("--transport", choices=("auto", "grpc"), default="auto",
                    help="auto (default): accept shared memory from workers on this host; "
                         "grpc: gRPC only")
-    p.add_argument("--ready-file", help="write {address, rank, pid} as JSON here once serving")
+    p.add_argument("--ready-file",
+                   help="write {address, rank, pid} as JSON here once serving (default: none)")
     security_flags(p, serving=True)
     p.set_defaults(fn=_cmd_server)
 
     p = sub.add_parser("launch", help="run a whole job on this machine or a Ray cluster",
                        usage="paramserver launch [options] [--ray [ADDRESS]] -- CMD [ARGS...]")
-    p.add_argument("--num-servers", type=int, default=1)
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-servers", type=int, default=1,
+                   help="parameter servers to start (default %(default)s)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="copies of the worker command to start, ranks 0..N-1 (default "
+                        "%(default)s)")
     p.add_argument("--host", default=None,
                    help="interface every node binds (default 127.0.0.1; not with --ray)")
     p.add_argument("--port", type=int, default=0, help="scheduler port (default: any free)")
     heartbeat_flags(p)
     p.add_argument("--startup-timeout", type=float, default=60.0,
-                   help="seconds allowed for the scheduler and servers to start")
+                   help="seconds allowed for the scheduler and servers to start (default "
+                        "%(default)g)")
     checkpoint_flags(p)
     sync_flags(p)
     federated_flags(p)
@@ -442,7 +460,7 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="run the scheduler, servers and workers as actors on the Ray cluster "
                           "at ADDRESS (HOST:PORT of its head, or auto; none: "
-                          "$RAY_ADDRESS or a new local Ray)")
+                          "$RAY_ADDRESS or a new local Ray; default: not on Ray)")
     ray.add_argument("--ray-scheduler-cpus", type=float, default=0.0, metavar="N",
                      help="CPUs the scheduler asks for (default 0; it runs on this node)")
     ray.add_argument("--ray-scheduler-memory", type=_size, default=0, metavar="SIZE",
@@ -452,13 +470,15 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray-server-memory", type=_size, default=0, metavar="SIZE",
                      help="memory of each server's bundle, e.g. 8G (default: none)")
     ray.add_argument("--ray-server-resources", metavar="JSON",
-                     help="custom resources of each server's bundle, e.g. '{\"ps\": 1}'")
+                     help="custom resources of each server's bundle, e.g. '{\"ps\": 1}' "
+                          "(default: none)")
     ray.add_argument("--ray-worker-cpus", type=float, default=1.0, metavar="N",
                      help="CPUs each worker asks for (default 1)")
     ray.add_argument("--ray-worker-memory", type=_size, default=0, metavar="SIZE",
                      help="memory each worker asks for (default: none)")
     ray.add_argument("--ray-worker-resources", metavar="JSON",
-                     help="custom resources each worker asks for, e.g. '{\"GPU\": 1}'")
+                     help="custom resources each worker asks for, e.g. '{\"GPU\": 1}' "
+                          "(default: none)")
     ray.add_argument("--ray-placement-strategy", default="SPREAD",
                      choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                      help="how the servers' bundles are spread over nodes (default SPREAD)")
@@ -478,30 +498,39 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_token)
 
     p = sub.add_parser("status", help="show the nodes, tables and traffic of a job")
-    p.add_argument("--scheduler", required=True, metavar="HOST:PORT")
+    p.add_argument("--scheduler", required=True, metavar="HOST:PORT",
+                   help="address of the job's scheduler")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the answer (default %(default)g)")
     security_flags(p, serving=False)
     p.set_defaults(fn=_cmd_status)
 
     p = sub.add_parser("checkpoint", help="take a checkpoint of a running job now")
-    p.add_argument("--scheduler", required=True, metavar="HOST:PORT")
-    p.add_argument("--metadata", metavar="JSON", help="a JSON object saved with the checkpoint")
+    p.add_argument("--scheduler", required=True, metavar="HOST:PORT",
+                   help="address of the job's scheduler")
+    p.add_argument("--metadata", metavar="JSON",
+                   help="a JSON object saved with the checkpoint (default: {})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds the checkpoint may take (default %(default)g)")
     security_flags(p, serving=False)
     p.set_defaults(fn=_cmd_checkpoint)
 
     p = sub.add_parser("export", help="write a model file (safetensors) for serving")
-    p.add_argument("--scheduler", metavar="HOST:PORT", help="export a running job")
+    p.add_argument("--scheduler", metavar="HOST:PORT",
+                   help="export a running job (default: none; give this or --checkpoint)")
     p.add_argument("--checkpoint", metavar="PATH",
-                   help="export a checkpoint: its directory, or a checkpoint directory (newest)")
-    p.add_argument("--version", type=int, help="with --checkpoint DIR: this version")
-    p.add_argument("--out", required=True, metavar="FILE")
+                   help="export a checkpoint: its directory, or a checkpoint directory (newest)"
+                        " (default: none; give this or --scheduler)")
+    p.add_argument("--version", type=int,
+                   help="with --checkpoint DIR: this version (default: the newest complete)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the safetensors file to write")
     p.add_argument("--with-optimizer-state", action="store_true",
                    help="include optimizer state (moments, step counts)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds the export may take (default %(default)g)")
     security_flags(p, serving=False)
     p.set_defaults(fn=_cmd_export)
     return parser

@@ -69,8 +69,10 @@ class PermissionDeniedError(AuthenticationError):
 
 
 class ResourceExhaustedError(ParamServerError, MemoryError):
-    """A server refused a request that would pass its memory budget (``--max-memory``) or the
-    message size limit (RESOURCE_EXHAUSTED); the message names the table. Nothing changed."""
+    """A server refused a request that would pass its memory budget (``--max-memory``), the
+    memory the machine has (a table larger than it, even with no budget: the message names the
+    bytes asked and the machine's memory) or the message size limit (RESOURCE_EXHAUSTED); the
+    message names the table. Nothing changed, and nothing was allocated."""
 
 
 class StepFailedError(ParamServerError):

@@ -11,12 +11,13 @@ was superseded (a newer incarnation took its rank) stops heartbeating and calls 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -29,6 +30,30 @@ from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 __all__ = ["Membership"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between the log lines of a node still waiting for its scheduler to answer.
+REPORT_EVERY = 5.0
+
+_ROLE_NAMES = {pb.SERVER: "server", pb.WORKER: "worker"}
+
+
+@contextlib.contextmanager
+def waiting_for(who: str, what: str, timeout: float, hint: str = "") -> Iterator[None]:
+    """While the block runs, log every :data:`REPORT_EVERY` seconds that ``who`` is still
+    waiting for ``what``, for how long so far and when it gives up (``timeout`` seconds)."""
+    start = time.monotonic()
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(REPORT_EVERY):
+            log.warning("%s: still waiting for %s: %.0f s so far, giving up after %.0f s%s", who,
+                        what, time.monotonic() - start, timeout, hint)
+
+    threading.Thread(target=report, name="ps-waiting", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 class Membership:
@@ -83,6 +108,15 @@ class Membership:
         self._thread.start()
 
     def _register(self, request: pb.RegisterRequest) -> pb.RegisterReply:
+        """Register, retrying until the timeout; meanwhile say every few seconds what is awaited
+        (a wrong address or a scheduler not up yet is never a silent minute)."""
+        with waiting_for(_ROLE_NAMES.get(request.role, "node"),
+                         f"the scheduler at {self.scheduler} to answer its registration",
+                         self._timeout, " (is the address right? --scheduler / "
+                                        "PARAMSERVER_SCHEDULER)"):
+            return self._register_until_timeout(request)
+
+    def _register_until_timeout(self, request: pb.RegisterRequest) -> pb.RegisterReply:
         deadline = time.monotonic() + self._timeout
         delay = 0.05
         while True:
@@ -96,16 +130,10 @@ class Membership:
                     raise rpc.translate(error, "register", "scheduler", self.scheduler) from None
                 if time.monotonic() + delay >= deadline:
                     self._channel.close()
-                    # A TLS mismatch looks like an unreachable peer: gRPC retries the handshake.
-                    hint = ("; this node calls over TLS: is the scheduler serving TLS with a "
-                            "certificate signed by --tls-ca that names the host in its address "
-                            "(and, for mutual TLS, does it accept this node's certificate)?"
-                            if self._security.tls else
-                            "; this node calls in plaintext: if the scheduler serves TLS, give "
-                            "--tls-ca (PARAMSERVER_TLS_CA)")
                     raise NodeUnavailableError(
                         f"scheduler at {self.scheduler} unreachable: could not register within "
-                        f"{self._timeout:.1f} s ({error.details()}{hint})") from None
+                        f"{self._timeout:.1f} s ({error.details()}"
+                        f"{rpc.tls_hint(self._security)})") from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -177,9 +205,13 @@ class Membership:
         """The scheduler's view of the job; optionally wait until every server has registered."""
         timeout = self._timeout if timeout is None else timeout
         try:
-            return self.stub.GetCluster(
-                pb.ClusterRequest(wait_for_servers=wait_for_servers, timeout=timeout),
-                timeout=timeout + 5.0)
+            if not wait_for_servers:
+                return self.stub.GetCluster(pb.ClusterRequest(), timeout=timeout + 5.0)
+            with waiting_for(self.node_id, f"the job's servers to register with the scheduler "
+                             f"at {self.scheduler}", timeout):
+                return self.stub.GetCluster(
+                    pb.ClusterRequest(wait_for_servers=True, timeout=timeout),
+                    timeout=timeout + 5.0)
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise PSTimeoutError(f"waiting for servers at scheduler {self.scheduler}: "

@@ -43,7 +43,7 @@ from paramserver.errors import (
 
 __all__ = ["MAX_MESSAGE_BYTES", "MAX_ERROR_CHARS", "bounded", "tune_malloc", "MALLOC_ENV",
            "make_channel", "make_server", "bind", "is_loopback", "serve_health", "call",
-           "translate", "abort_on"]
+           "translate", "abort_on", "tls_hint"]
 
 #: Hard cap on one message. Requests are cut into ~2 MB messages, so this is only a safety margin.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -150,6 +150,17 @@ def make_channel(address: str, security: Security) -> grpc.Channel:
     if security.token:
         channel = grpc.intercept_channel(channel, _AttachToken(security.token))
     return channel
+
+
+def tls_hint(security: Security, peer: str = "scheduler") -> str:
+    """What to check when ``peer`` seems unreachable, as a suffix of the error: a TLS mismatch
+    looks like an unreachable peer (gRPC retries the handshake, or reports "Socket closed")."""
+    if security.tls:
+        return (f"; this node calls over TLS: is the {peer} serving TLS with a certificate "
+                f"signed by --tls-ca that names the host in its address (and, for mutual TLS, "
+                f"does it accept this node's certificate)?")
+    return (f"; this node calls in plaintext: if the {peer} serves TLS, give --tls-ca "
+            f"(PARAMSERVER_TLS_CA)")
 
 
 def make_server(threads: int, security: Security) -> grpc.Server:

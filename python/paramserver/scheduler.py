@@ -290,8 +290,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
             return
         if notes:
             log.warning("resume: falling back to checkpoint %d", manifest.version)
-        log.info("resuming from checkpoint %d (%s): %d tables", manifest.version, manifest.path,
-                 len(manifest.tables))
+        log.warning("resuming from checkpoint %d (%s): %d tables", manifest.version,
+                    manifest.path, len(manifest.tables))
         self.checkpoints.restored_version = manifest.version
         self.checkpoints.floor = manifest.version
         self._restored_metadata = json.dumps(manifest.metadata)
@@ -314,7 +314,8 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
         error = ""
         try:
             self.checkpoints.restore(manifest, placements, servers)
-            log.info("restored %d tables from checkpoint %d", len(placements), manifest.version)
+            log.warning("restored %d tables from checkpoint %d", len(placements),
+                        manifest.version)
         except ParamServerError as exc:
             error = f"restoring checkpoint {manifest.version} failed: {exc}"
             log.error("%s", error)

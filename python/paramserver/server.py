@@ -42,6 +42,7 @@ from paramserver.errors import (
     TableNotFoundError,
 )
 from paramserver.membership import Membership
+from paramserver.memory import check_fits
 from paramserver.partition import server_of_ids
 from paramserver.shm import ShmRegistry, UnknownSegment
 from paramserver.snapshot import Snapshot, new_table, restore_dense, restore_embedding
@@ -246,7 +247,15 @@ class _Shards:
                 per_element = 4 * (1 + _core.num_slots(optimizer.to_config()))
                 self._check_budget(spec.name, elements * per_element,
                                    f"creating {len(blocks)} blocks ({elements} elements)")
-            self._install(self._new_shard(spec, blocks))
+                check_fits(spec.name, elements * per_element, self.node,
+                           f"{len(blocks)} blocks ({elements} elements, values and optimizer "
+                           f"state)")
+            try:
+                shard = self._new_shard(spec, blocks)
+            except MemoryError as exc:  # the core's own check, or the allocator
+                raise ResourceExhaustedError(f"table {_name(spec.name)} on {self.node}: {exc}") \
+                    from None
+            self._install(shard)
             return True
 
     @staticmethod
@@ -358,6 +367,9 @@ class _Shards:
                                    "job has no --checkpoint-dir)")
             self.restoring = None
             self.restored = True
+        if request.tables:
+            log.warning("server-%d restored its part of %d tables (%d bytes) from checkpoint %d "
+                        "(%s)", rank, len(request.tables), total, request.version, request.dir)
         return pb.RestoreReply(bytes=total)
 
     def begin_restore(self) -> None:
@@ -727,8 +739,9 @@ class _Shards:
 
 
 class _ParameterServerService(pb_grpc.ParameterServerServicer):
-    def __init__(self, shards: _Shards) -> None:
+    def __init__(self, shards: _Shards, scheduler: str = "") -> None:
         self._shards = shards
+        self._scheduler = scheduler
 
     def _data(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
         try:
@@ -772,7 +785,9 @@ class _ParameterServerService(pb_grpc.ParameterServerServicer):
         return pb.ShmDetachReply()
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.ServerStats:
-        return self._shards.stats()
+        reply = self._shards.stats()
+        reply.node, reply.scheduler = self._shards.node, self._scheduler
+        return reply
 
     def PrepareCut(self, request: pb.PrepareCutRequest, context: grpc.ServicerContext) -> pb.PrepareCutReply:
         return rpc.abort_on(context, lambda: self._shards.prepare_cut(request))
@@ -850,7 +865,7 @@ class Server:
                                config.max_memory)
         self._shards.shm.willing = config.transport != "grpc"
         self._janitor_stop = threading.Event()
-        _add_service(_ParameterServerService(self._shards), self._server)
+        _add_service(_ParameterServerService(self._shards, config.scheduler), self._server)
         self._health = rpc.serve_health(self._server)
         self._membership: Membership | None = None
         self.rank = -1

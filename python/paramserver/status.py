@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
+
 from paramserver import rpc
 from paramserver.config import Security
+from paramserver.errors import InvalidRequestError
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.wire import spec_to_dict
@@ -24,13 +27,38 @@ def call_scheduler(scheduler: str, method: str, request: Any, *, timeout: float,
                    security: Security | None = None) -> Any:
     """One call of Scheduler RPC ``method`` to ``host:port`` on a channel of its own, with the job
     token (and TLS) of ``security``; errors name the scheduler (NodeUnavailableError if it is
-    down, AuthenticationError if it refuses the token)."""
-    channel = rpc.make_channel(scheduler, security or Security())
+    down, with what to check about TLS; AuthenticationError if it refuses the token;
+    InvalidRequestError if the address is not a scheduler, naming a server's scheduler)."""
+    security = security or Security()
+    channel = rpc.make_channel(scheduler, security)
     try:
-        return rpc.call(getattr(pb_grpc.SchedulerStub(channel), method), request,
-                        timeout=timeout, what=what, node="scheduler", address=scheduler)
+        return getattr(pb_grpc.SchedulerStub(channel), method)(request, timeout=timeout)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED:  # "Method not found!": not a scheduler
+            raise _not_a_scheduler(channel, scheduler, method, min(timeout, 10.0)) from None
+        exc = rpc.translate(error, what, "scheduler", scheduler)
+        if error.code() == grpc.StatusCode.UNAVAILABLE and not getattr(exc, "answered", False):
+            # Plaintext against TLS is "Socket closed", TLS against plaintext a failed handshake.
+            exc = type(exc)(f"{exc}{rpc.tls_hint(security)}")
+        raise exc from None
     finally:
         channel.close()
+
+
+def _not_a_scheduler(channel: grpc.Channel, address: str, method: str,
+                     timeout: float) -> InvalidRequestError:
+    """The error for an address that does not serve the Scheduler service: a parameter server
+    says which scheduler it belongs to (its Stats reply), anything else is named as such."""
+    try:
+        stats = pb_grpc.ParameterServerStub(channel).Stats(pb.StatsRequest(), timeout=timeout)
+    except grpc.RpcError:
+        return InvalidRequestError(
+            f"{address} is not a paramserver scheduler (it does not serve Scheduler.{method}); "
+            f"give the address the scheduler printed, or PARAMSERVER_SCHEDULER of the job")
+    where = f"its scheduler is at {stats.scheduler}: give --scheduler {stats.scheduler}" \
+        if stats.scheduler else "its scheduler's address is unknown"
+    return InvalidRequestError(f"{address} is a parameter server ({stats.node or 'a server'}), "
+                               f"not the job's scheduler; {where}")
 
 
 def fetch_status(scheduler: str, timeout: float = 10.0,

@@ -242,9 +242,15 @@ def launch_example(script: Path, *args: str, timeout: float) -> subprocess.Compl
 
 
 def example_result(proc: subprocess.CompletedProcess[str]) -> dict:
-    """The JSON of the one ``RESULT {...}`` line an example prints (on rank 0)."""
+    """The JSON of the one ``RESULT {...}`` line an example prints (on rank 0), parsed as strict
+    JSON (no NaN or Infinity)."""
     results = [line.split("RESULT ", 1)[1] for line in proc.stdout.splitlines()
                if "RESULT {" in line]
     assert len(results) == 1, (f"expected one RESULT line (rank 0), found {len(results)}:\n"
                                f"{proc.stdout}\n{proc.stderr}")
-    return json.loads(results[0])
+    return json.loads(results[0], parse_constant=_not_json)
+
+
+def _not_json(constant: str) -> None:
+    """json.loads accepts NaN and Infinity, which are not JSON: a RESULT line must not hold them."""
+    raise AssertionError(f"the RESULT line holds {constant}, which is not JSON")

@@ -228,3 +228,20 @@ def test_create_table_refuses_tables_the_scheduler_did_not_place(cluster):
 def _placed_spec(client, name: str) -> pb.TableSpec:
     reply = client._membership.call("ListTables", pb.ListTablesRequest(name=name))
     return reply.tables[0].spec
+
+
+def test_a_table_larger_than_the_machine_is_refused_by_name_and_the_server_keeps_serving(cluster):
+    """No --max-memory: a 2^40-element table is refused as ResourceExhaustedError naming the
+    table, the bytes asked and the memory the machine has, not a bare std::bad_alloc."""
+    with cluster.connect() as client:
+        with pytest.raises(ps.ResourceExhaustedError) as info:
+            client.dense("huge", shape=(2**40,), optimizer=ps.SGD())
+        message = str(info.value)
+        share = 2**42 // len(cluster.servers)  # each server is asked for its part of 4 TiB
+        assert "table 'huge'" in message and f"{share} bytes" in message, message
+        assert "this machine has" in message and "refused before allocating" in message, message
+        assert "huge" not in client.tables()
+        assert all(proc.poll() is None for proc in cluster.servers)
+        table = client.dense("after", shape=(1000,), optimizer=ps.SGD(lr=1.0))
+        table.push(-np.ones(1000, np.float32))
+        np.testing.assert_array_equal(table.pull(), np.ones(1000, np.float32))

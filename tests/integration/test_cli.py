@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,11 +88,65 @@ def test_status_reports_nodes_tables_and_traffic(cluster):
         assert "layer.weight" in text and "blocks s0:4 s1:3" in text and "worker-0" in text
 
 
+def test_a_worker_waiting_for_a_wrong_scheduler_says_so_every_few_seconds():
+    """A wrong PARAMSERVER_SCHEDULER is not a silent minute: the address, the time so far and
+    the deadline are logged every 5 s until the worker gives up (membership.REPORT_EVERY)."""
+    code = "import paramserver as ps; ps.connect(timeout=7)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ, PARAMSERVER_SCHEDULER="127.0.0.1:1"))
+    assert result.returncode == 1 and "NodeUnavailableError" in result.stderr, result.stderr
+    waiting = [line for line in result.stderr.splitlines() if "still waiting" in line]
+    assert waiting, result.stderr  # at about 5 s
+    pattern = (r"worker: still waiting for the scheduler at 127\.0\.0\.1:1 to answer its "
+               r"registration: (\d+) s so far, giving up after 7 s \(is the address right\? "
+               r"--scheduler / PARAMSERVER_SCHEDULER\)")
+    so_far = [int(re.fullmatch(pattern, line).group(1)) for line in waiting]
+    assert 5 <= so_far[0] <= 7, so_far
+
+
+def test_a_worker_waiting_for_servers_says_so_every_few_seconds(tmp_path):
+    """A scheduler whose servers never come: the worker says what it waits for, not silence."""
+    sched, info = start_node(["scheduler", "--port", "0", "--num-servers", "1"],
+                             tmp_path / "s.json", tmp_path / "s.log")
+    try:
+        code = "import paramserver as ps; ps.connect(timeout=7)"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                timeout=60,
+                                env=dict(os.environ, PARAMSERVER_SCHEDULER=info["address"]))
+    finally:
+        sched.kill()
+        sched.wait(10)
+    assert result.returncode == 1 and "PSTimeoutError" in result.stderr, result.stderr
+    assert "only 0 of 1 servers registered" in result.stderr
+    waiting = [line for line in result.stderr.splitlines() if "still waiting" in line]
+    assert waiting and re.fullmatch(
+        rf"worker-0: still waiting for the job's servers to register with the scheduler at "
+        rf"{re.escape(info['address'])}: \d+ s so far, giving up after 7 s", waiting[0]), \
+        result.stderr
+
+
 def test_status_of_unreachable_scheduler_is_an_error_not_a_hang():
     result = subprocess.run(PS + ["status", "--scheduler", "127.0.0.1:1", "--timeout", "2"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "scheduler at 127.0.0.1:1" in result.stderr
+
+
+def test_status_pointed_at_a_server_names_the_scheduler(cluster):
+    """Not "Method not found!": the address is a server, and its scheduler is named."""
+    server = cluster.server_addresses[0]
+    for command in (["status"], ["checkpoint", "--timeout", "5"]):
+        result = subprocess.run(PS + command + ["--scheduler", server], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 1, result
+        assert (f"{server} is a parameter server (server-0 at {server}), not the job's "
+                f"scheduler; its scheduler is at {cluster.scheduler}: give --scheduler "
+                f"{cluster.scheduler}") in result.stderr, result.stderr
+        assert "Method not found" not in result.stderr
+    with grpc.insecure_channel(server) as channel:  # the server keeps serving
+        assert health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
 
 
 def launch(*args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
@@ -117,9 +172,34 @@ def test_launch_runs_workers_with_their_environment_and_prefixed_output():
     assert "[launch] all 3 workers finished" in result.stdout
 
 
-def test_launch_exits_with_the_first_failing_workers_code():
-    code = "import os, sys, time; r = int(os.environ['PARAMSERVER_RANK']); time.sleep(0.5 * r); sys.exit(0 if r == 0 else 3 + r)"
-    result = launch("--num-servers", "1", "--num-workers", "3", "--", sys.executable, "-c", code)
+#: Rank 0 succeeds, rank 1 fails with 4, rank 2 fails with 5 only once rank 1 has exited (not
+#: after a fixed sleep, which a loaded machine can outlast), so rank 1 is the first to fail.
+_FAIL_IN_ORDER = """
+import os, sys, time
+rank, pid_file = int(os.environ["PARAMSERVER_RANK"]), sys.argv[1]
+if rank == 1:
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(pid_file + ".tmp", pid_file)
+    sys.exit(4)
+if rank == 2:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(int(open(pid_file).read()), 0)  # rank 1 still there (or not started yet)
+        except FileNotFoundError:
+            pass
+        except ProcessLookupError:
+            sys.exit(5)
+        time.sleep(0.02)
+    print("rank 2: waited 60 s for rank 1 to exit", flush=True)
+    sys.exit(99)
+"""
+
+
+def test_launch_exits_with_the_first_failing_workers_code(tmp_path):
+    result = launch("--num-servers", "1", "--num-workers", "3", "--", sys.executable, "-c",
+                    _FAIL_IN_ORDER, str(tmp_path / "rank1.pid"))
     assert result.returncode == 4, result.stdout
     assert "[launch] worker 1 failed with exit code 4" in result.stdout
 
@@ -187,26 +267,52 @@ def _is_watchdog(process: psutil.Process) -> bool:
         return False
 
 
+_SLEEPER = "import time; time.sleep(60)"
+
+
+def _launched_job(launcher: subprocess.Popen, nodes: int,
+                  grandchildren: int) -> tuple[list, list, psutil.Process] | None:
+    """(the launcher's children but the watchdog, the workers' children, the watchdog) once the
+    launcher has ``nodes`` such children and the watchdog, every one of them past its exec, and
+    the workers' ``grandchildren`` children run their own command; else None. Taken from the
+    process tree, not by counting descendants: a process between fork and exec still shows its
+    parent's command line, and a busy machine makes that window long."""
+    try:
+        parent = psutil.Process(launcher.pid)
+        own = parent.cmdline()
+        direct = parent.children()
+        if any(_cmdline(k) in ([], own) for k in direct):
+            return None  # not past its exec yet
+        watchdogs = [k for k in direct if _is_watchdog(k)]
+        children = [k for k in direct if not _is_watchdog(k)]
+        below = [g for k in children for g in k.children()]
+        if (len(watchdogs), len(children), len(below)) != (1, nodes, grandchildren) or any(
+                _cmdline(g)[-1:] != [_SLEEPER] for g in below):
+            return None
+        return children, below, watchdogs[0]
+    except psutil.NoSuchProcess:
+        return None
+
+
 @pytest.mark.parametrize("watchdog_too", [False, True])
 def test_kill_9_of_the_launcher_leaves_no_process_behind(tmp_path, watchdog_too):
     # Workers that would run for a minute, each with a child of its own.
     worker = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
-              "'import time; time.sleep(60)']); print('up', flush=True); time.sleep(60)")
+              f"{_SLEEPER!r}]); print('up', flush=True); time.sleep(60)")
     proc = subprocess.Popen(PS + ["launch", "--num-servers", "2", "--num-workers", "2", "--",
                                   sys.executable, "-c", worker],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, TMPDIR=str(tmp_path)), start_new_session=True)
     kids: list[psutil.Process] = []
     try:
-        # scheduler + 2 servers + 2 workers + 2 grandchildren + the watchdog
-        kids = _descendants_after(proc, 8)
+        # The launcher's own children (scheduler, 2 servers, 2 workers), each worker's child and
+        # the watchdog, all running their own commands.
+        direct, below, watchdog = wait_for(
+            lambda: _launched_job(proc, 5, 2), 120, "the scheduler, 2 servers, 2 workers, the "
+            "workers' 2 children and the watchdog under the launcher, each past its exec")
+        kids = direct + below + [watchdog]
         assert len(list(tmp_path.glob("paramserver-launch-*"))) == 1
-        # The launcher's own children: all but the watchdog and the workers' children.
-        direct = [k for k in kids if not _is_watchdog(k)
-                  and _cmdline(k)[-1:] != ["import time; time.sleep(60)"]]
-        assert len(direct) == 5
         if watchdog_too:  # the kernel alone (PR_SET_PDEATHSIG) must stop the direct children
-            watchdog = next(k for k in kids if _is_watchdog(k))
             watchdog.kill()
             wait_for(lambda: _dead(watchdog), 30, "the watchdog to die")
         proc.kill()

@@ -216,12 +216,14 @@ def test_bsp_equals_one_process_on_the_concatenated_batch(cluster_factory, combi
 
 #: A worker process: pushes ``grad`` (all ones times its value) for ``steps`` steps, reporting the
 #: value after each step, then leaves (close) -- or, with ``die_after``, SIGKILLs itself after
-#: that many steps.
+#: that many steps. With ``hold``: ``(file, i)`` waits before step i+1 until ``file`` exists (at
+#: most 60 s); ``(file, None)`` creates ``file`` just before its first step.
 _WORKER = """
 import json, os, signal, sys, time
 import numpy as np
 import paramserver as ps
 steps, grad, die_after, pause = {steps}, {grad}, {die_after}, {pause}
+hold_file, hold_at = {hold}
 client = ps.connect(timeout=30)
 w = client.dense("w", (4,), ps.SGD(lr=1.0))
 client.barrier("start") if {barrier} else None
@@ -229,6 +231,14 @@ try:
     for i in range(steps):
         if die_after is not None and i == die_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        if hold_file and hold_at is None and i == 0:
+            open(hold_file, "w").close()
+        if hold_file and hold_at == i:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(hold_file):
+                if time.monotonic() > deadline:
+                    raise ps.PSTimeoutError(f"waited 60 s before step {{i + 1}} for {{hold_file}}")
+                time.sleep(0.01)
         value = w.push_pull(np.full(4, grad, np.float32))
         print(json.dumps({{"clock": client.clock, "value": float(value[0])}}), flush=True)
         time.sleep(pause)
@@ -241,10 +251,11 @@ finally:
 
 
 def _worker(cluster, rank: int, num_workers: int, steps: int, grad: float,
-            die_after: int | None = None, pause: float = 0.0, barrier: bool = True):
+            die_after: int | None = None, pause: float = 0.0, barrier: bool = True,
+            hold: tuple[str, int | None] = ("", None)):
     from tests.integration.conftest import spawn_worker
     code = _WORKER.format(steps=steps, grad=grad, die_after=die_after, pause=pause,
-                          barrier=barrier)
+                          barrier=barrier, hold=tuple(hold))
     return spawn_worker(cluster, code, rank, num_workers)
 
 
@@ -302,16 +313,18 @@ def test_bsp_dead_worker_with_shrink_the_others_go_on(cluster_factory):
     assert "worker-1" in log and "goes on without it" in log, log
 
 
-def test_bsp_new_worker_enters_at_the_next_step(cluster_factory):
+def test_bsp_new_worker_enters_at_the_next_step(cluster_factory, tmp_path):
     """A worker connecting to a running BSP job (the rank another worker freed) joins at a step
     no server has started: from that step on every step combines it, before it none does."""
     cluster = cluster_factory(2, 2, scheduler_args=("--sync", "bsp"))
-    steady = _worker(cluster, 0, 2, 40, 1.0, pause=0.05)
+    # Worker 0 takes steps 3 and 4 alone, then waits for the joiner to be about to step (no
+    # fixed sleep: a loaded machine starts the joiner slower than worker 0 takes its 40 steps).
+    joining = str(tmp_path / "joining")
+    steady = _worker(cluster, 0, 2, 40, 1.0, pause=0.05, hold=(joining, 4))
     early = _worker(cluster, 1, 2, 2, 2.0)
     code, early_lines = _lines(early)
     assert code == 0, early_lines
-    time.sleep(0.5)  # a few steps of worker 0 alone
-    joiner = _worker(cluster, 1, 2, 5, 3.0, barrier=False)
+    joiner = _worker(cluster, 1, 2, 5, 3.0, barrier=False, hold=(joining, None))
     code, joined = _lines(joiner)
     assert code == 0, joined
     code, lines = _lines(steady)
@@ -355,10 +368,10 @@ def test_ssp_fast_worker_blocks_and_staleness_stays_bounded(cluster_factory, sta
 def test_32_workers_waiting_in_a_bsp_step_hold_no_threads(cluster_factory):
     """31 of 32 workers wait in step 1 for the last one. The servers hold at most half their
     handler threads for waiting calls (the rest poll), so meanwhile heartbeats stay on time and
-    a 33rd worker reading another table with a 1 s timeout is served (were the 8 server threads
-    held by waiting calls, its read would queue past its timeout). The last push, and the 33rd
-    worker leaving without pushing, complete the step for the 32, with the mean of their
-    gradients."""
+    a 33rd worker reading another table with a 5 s timeout is served (were the 8 server threads
+    held by waiting calls, its read would queue until the step completes, past its timeout).
+    The last push, and the 33rd worker leaving without pushing, complete the step for the 32,
+    with the mean of their gradients."""
     n = 32
     cluster = cluster_factory(1, n + 1, scheduler_args=("--sync", "bsp"),
                               server_args=("--threads", "8"))
@@ -378,7 +391,7 @@ def test_32_workers_waiting_in_a_bsp_step_hold_no_threads(cluster_factory):
         threads = [threading.Thread(target=step, args=(k,)) for k in range(n - 1)]
         for t in threads:
             t.start()
-        with cluster.connect(rank=n, num_workers=n + 1, timeout=1.0) as reader:
+        with cluster.connect(rank=n, num_workers=n + 1, timeout=5.0) as reader:
             wait_for(lambda: clients[0].status()["servers"][0].get("sync", {}).get(
                 "waiting_for", "").endswith(f"worker-{n - 1}, worker-{n}"), 20,
                 "31 contributions to step 1")

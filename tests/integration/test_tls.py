@@ -96,6 +96,26 @@ def test_server_authentication(tls_job, pki, monkeypatch):
     assert '"role": "server"' in status.stdout
 
 
+@pytest.mark.parametrize("tls_job", [False], indirect=True)
+def test_the_cli_without_tls_against_a_tls_job_says_to_give_the_ca(tls_job, pki):
+    """Not "Socket closed": the hint the Python client gives (rpc.tls_hint), on one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARAMSERVER_TLS_")}
+    for command in (["status"], ["checkpoint", "--timeout", "5"]):
+        result = subprocess.run(PS + command + ["--scheduler", tls_job.scheduler],
+                                env=dict(env, PARAMSERVER_TOKEN=TOKEN), capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 1, result
+        assert tls_job.scheduler in result.stderr, result.stderr
+        assert ("this node calls in plaintext: if the scheduler serves TLS, give --tls-ca "
+                "(PARAMSERVER_TLS_CA)") in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # Trusting another CA: the other hint.
+    result = subprocess.run(PS + ["status", "--scheduler", tls_job.scheduler, "--tls-ca",
+                                  str(pki.other_ca)], env=dict(env, PARAMSERVER_TOKEN=TOKEN),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "this node calls over TLS" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("tls_job", [True], indirect=True)
 def test_mutual_tls_needs_a_client_certificate_from_the_ca(tls_job, pki, monkeypatch):
     for variable in ("PARAMSERVER_TLS_CA", "PARAMSERVER_TLS_CERT", "PARAMSERVER_TLS_KEY"):

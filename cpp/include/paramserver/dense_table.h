@@ -11,17 +11,34 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "paramserver/optimizer.h"
 
 namespace paramserver {
 
+// A table that needs more memory than the machine has, refused before anything was allocated.
+// A std::bad_alloc (MemoryError to Python) whose message names the bytes needed and the memory
+// the machine has; the bindings raise it as paramserver.errors.ResourceExhaustedError.
+class TableTooLarge : public std::bad_alloc {
+ public:
+  explicit TableTooLarge(std::string message) : message_(std::move(message)) {}
+  const char* what() const noexcept override { return message_.c_str(); }
+
+ private:
+  std::string message_;
+};
+
 class DenseTable {
  public:
   // num_elements > 0, block_size > 0. `held` lists the global block ids this table stores (empty:
   // all of them). Values start at zero. Throws std::invalid_argument on a bad size, optimizer or
-  // block id.
+  // block id, and std::bad_alloc (with a message naming the bytes needed and the machine's
+  // memory) before allocating anything when the table needs more than the machine's physical
+  // memory.
   DenseTable(std::size_t num_elements, std::size_t block_size, const OptimizerConfig& optimizer,
              const std::vector<std::int64_t>& held = {});
 
@@ -57,6 +74,10 @@ class DenseTable {
                      std::int64_t step);
 
  private:
+  // Throws std::bad_alloc naming both sizes if `floats` arena floats plus the block table of
+  // `blocks` entries and `held` block headers need more than the machine's physical memory.
+  void check_fits_in_memory(std::size_t floats, std::size_t blocks, std::size_t held,
+                            int slots) const;
   // A held block's state lives in the table's arena: the values, then each slot, each array
   // starting on a 64-byte boundary so that vector loads and stores never straddle a cache line.
   struct Block {
