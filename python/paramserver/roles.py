@@ -40,7 +40,7 @@ from paramserver.errors import PermissionDeniedError
 
 __all__ = ["CONTROL", "WORKER", "PARTICIPANT", "READER", "ROLES", "METHOD_ROLES", "WRITE_OPS",
            "derive_token", "caller", "require", "check_data_op", "Guard", "protection",
-           "deny_message", "OPEN_PREFIX", "CONTROL_ONLY", "WRITERS",
+           "deny_message", "OPEN_PREFIX", "CONTROL_ONLY",
            "CERT_ROLE_PREFIX", "certificate_role"]
 
 CONTROL, WORKER, PARTICIPANT, READER = "control", "worker", "participant", "reader"
@@ -56,8 +56,6 @@ _C = frozenset({CONTROL})
 _CW = frozenset({CONTROL, WORKER})
 #: The roles of control-only operations (for :func:`require`).
 CONTROL_ONLY = _C
-#: The roles that may have the servers write where they say (a Checkpoint with a directory).
-WRITERS = _CW
 _CWP = frozenset({CONTROL, WORKER, PARTICIPANT})
 _CWR = frozenset({CONTROL, WORKER, READER})
 _ALL = frozenset(ROLES)

@@ -454,10 +454,10 @@ class _SchedulerService(pb_grpc.SchedulerServicer):
 
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
         def run() -> pb.CheckpointReply:
-            if request.dir:  # servers write under a directory the caller picks: not a reader's
-                roles.require(roles.WRITERS, "a checkpoint into a directory of the caller's "
-                                             "choosing (a reader may checkpoint into the job's "
-                                             "own checkpoint directory only)")
+            if request.dir:  # servers write files where the caller says: the control plane's
+                roles.require(roles.CONTROL_ONLY, "a checkpoint into a directory of the caller's "
+                                                  "choosing (other roles checkpoint into the "
+                                                  "job's own checkpoint directory only)")
             metadata = None
             if request.metadata_json:
                 try:

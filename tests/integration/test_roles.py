@@ -156,13 +156,15 @@ def test_a_reader_reads_but_cannot_write(roles_cluster, tmp_path):
                     assert "not allowed to the reader role" in exc.details()
     with roles_cluster.connect(token=_token("worker")) as client:
         np.testing.assert_array_equal(client.table("w").pull(), np.arange(6.0))
-    # A checkpoint into a directory of the caller's choosing: a worker's, not a reader's.
+    # A checkpoint into a directory of the caller's choosing (files written where the caller
+    # says, on every server's machine): the control plane's only.
     request = pb.CheckpointRequest(dir=str(tmp_path / "elsewhere"), timeout=60)
-    why = _denied(roles_cluster.scheduler, SCHEDULER + "Checkpoint", request, "reader")
-    assert "a checkpoint into a directory of the caller's choosing" in why
+    for role in ("reader", "worker"):
+        why = _denied(roles_cluster.scheduler, SCHEDULER + "Checkpoint", request, role)
+        assert "a checkpoint into a directory of the caller's choosing" in why
     assert not (tmp_path / "elsewhere").exists()
     reply = pb.CheckpointReply.FromString(_raw(roles_cluster.scheduler, SCHEDULER + "Checkpoint",
-                                               request, "worker", timeout=60))
+                                               request, "control", timeout=60))
     assert reply.version == 1 and (tmp_path / "elsewhere").is_dir()
 
 
