@@ -11,19 +11,23 @@ lower minimum lets pip install versions on which ``import paramserver`` fails (i
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import re
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-import paramserver.v1
 
 WINDOWED = ("protobuf", "grpcio", "grpcio-health-checking")
 
 
-def _generated(name: str) -> str:
-    return (Path(paramserver.v1.__file__).parent / name).read_text()
+def _generated(module: str) -> str:
+    """The source of a generated module, wherever the install put it (an editable install keeps
+    ``paramserver.v1``'s ``__init__`` in the checkout and the generated files elsewhere)."""
+    spec = importlib.util.find_spec(f"paramserver.v1.{module}")
+    assert spec is not None and spec.origin, f"paramserver.v1.{module} is not installed"
+    return Path(spec.origin).read_text()
 
 
 def _declared() -> dict[str, Requirement]:
@@ -45,10 +49,10 @@ def _minimum(req: Requirement) -> Version:
 
 
 def _gencode_versions() -> tuple[Version, Version]:
-    protobuf = re.search(r"^# Protobuf Python Version: (\S+)$", _generated("paramserver_pb2.py"),
+    protobuf = re.search(r"^# Protobuf Python Version: (\S+)$", _generated("paramserver_pb2"),
                          re.M)
     grpc = re.search(r"^GRPC_GENERATED_VERSION = '([^']+)'$",
-                     _generated("paramserver_pb2_grpc.py"), re.M)
+                     _generated("paramserver_pb2_grpc"), re.M)
     assert protobuf and grpc, "the generated modules do not name their generator's versions"
     return Version(protobuf.group(1)), Version(grpc.group(1))
 
