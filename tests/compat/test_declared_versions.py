@@ -1,11 +1,12 @@
 """The dependency window pyproject.toml declares is the one the generated code needs.
 
-The gRPC and protobuf modules of ``paramserver.v1`` are generated at build time, and each
-checks its runtime: the gRPC stubs refuse a grpcio older than the grpcio-tools that generated them,
-and protobuf code needs a protobuf runtime at least as new as the protoc that generated it. So the
-installed package's declared minimums must equal the versions written in its generated files: a
-lower minimum lets pip install versions on which ``import paramserver`` fails (issue: a protobuf
-6.x runtime beside code generated for 7.35.1), a higher one shuts out environments that work.
+The gRPC and protobuf modules of ``paramserver.v1`` are generated at build time, and each checks
+its runtime: the gRPC stubs warn about (from grpcio-tools 1.66 on: refuse) a grpcio older than the
+grpcio-tools that made them, and protobuf code needs a protobuf runtime at least as new as the
+protoc that generated it. So the installed package's declared minimums must equal the versions
+written in its generated files: a lower minimum lets pip install versions on which ``import
+paramserver`` fails (issue: a protobuf 6.x runtime beside code generated for 7.35.1), a higher one
+shuts out environments that work.
 """
 
 from __future__ import annotations
