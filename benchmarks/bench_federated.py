@@ -28,8 +28,9 @@ Prints a table on stderr and, with ``--json``, one JSON object on stdout ending 
 the last round's accuracy within 1 point of Flower's, and >= 1.5x Flower's rounds per second,
 for each server optimizer. ``--png`` draws accuracy against round for all four runs.
 
-Needs ``pip install flwr matplotlib`` (not in the package's extras: flwr 1.42 pins an older
-grpcio-health-checking than paramserver asks for; both work together in practice) and
+Needs ``pip install flwr matplotlib`` in paramserver's environment (not in the package's extras;
+pip resolves Flower's protobuf and gRPC pins and paramserver's together: see "Dependency window"
+in the README; ``.ci/compat flower`` runs this benchmark that way with ``--rounds 2``) and
 Fashion-MNIST (``apt-get install -y dataset-fashion-mnist``).
 
     python benchmarks/bench_federated.py --json --png docs/federated_accuracy.png
