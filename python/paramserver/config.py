@@ -192,13 +192,7 @@ def load_security(*, token: str | None = None, token_file: str | os.PathLike[str
                              "token")
         token = ""
     if token is None and token_file is not None:
-        try:
-            token = Path(token_file).read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read token file {os.fspath(token_file)}: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
-        if not token:
-            raise ValueError(f"token file {os.fspath(token_file)} is empty")
+        token = _read_secret(token_file, "token")
     if token is None:
         token = environ.get(TOKEN_ENV, "")
     pem, paths = {}, {}

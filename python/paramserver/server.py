@@ -464,6 +464,8 @@ class _Shards:
         request = decode_request(message)
         if request.op in roles.WRITE_OPS and roles.caller() is not None:
             roles.check_data_op(request.op, lambda: self._any_ready(request))
+        elif request.op == pb.PULL and roles.caller() == roles.READER:
+            request.op = pb.LOOKUP  # a reader's read never creates embedding rows (memory)
         tag = request.op_tag
         if request.op not in (pb.PUSH, pb.PUSH_PULL, pb.ASSIGN) or tag is None or not tag.client:
             return self.handle(request, into)

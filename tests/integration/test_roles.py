@@ -156,6 +156,23 @@ def test_a_reader_reads_but_cannot_write(roles_cluster, tmp_path):
                     assert "not allowed to the reader role" in exc.details()
     with roles_cluster.connect(token=_token("worker")) as client:
         np.testing.assert_array_equal(client.table("w").pull(), np.arange(6.0))
+        emb = client.embedding("e", 4, ps.SGD(lr=1.0))
+        expected = emb.pull(np.array([7], np.uint64))  # creates row 7 (a worker's pull)
+    # A reader's PULL of embedding rows reads as LOOKUP: unseen ids get their initial values and
+    # no row is created, so a reader cannot grow a server's memory.
+    from paramserver.partition import server_of_ids
+    from paramserver.wire import SparseItem, iter_requests
+    ids = np.arange(100, 164, dtype=np.uint64)
+    owner = server_of_ids(ids, len(roles_cluster.server_addresses))
+    for rank, address in enumerate(roles_cluster.server_addresses):
+        _, messages = iter_requests(pb.PULL, [SparseItem("e", ids[owner == rank], 4)], 1 << 20, "")
+        _raw(address, SERVER + "Exchange", bytes(next(iter(messages))), "reader")
+    rows = sum(t.rows for address in roles_cluster.server_addresses
+               for t in pb.ServerStats.FromString(_raw(address, SERVER + "Stats", pb.StatsRequest(),
+                                                       "reader")).tables if t.name == "e")
+    assert rows == 1, f"a reader's pull created {rows - 1} embedding rows"
+    with roles_cluster.connect(token=_token("worker")) as client:
+        np.testing.assert_array_equal(client.table("e").pull(np.array([7], np.uint64)), expected)
     # A checkpoint into a directory of the caller's choosing (files written where the caller
     # says, on every server's machine): the control plane's only.
     request = pb.CheckpointRequest(dir=str(tmp_path / "elsewhere"), timeout=60)
